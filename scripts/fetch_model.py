@@ -1,0 +1,83 @@
+"""Stage 0: the base model, written to <paths.base_model> (default models/base).
+
+Reads: `model.*`, `seed`, and for the offline `tiny-phi3` default the dataset at `data.path`
+(its text trains the tokenizer). Writes: models/base/ (config, safetensors, tokenizer),
+metrics/base.json (parameters, vocabulary, resolved revision).
+
+- model=tiny-phi3 (default): a random-init Phi3ForCausalLM built deterministically from `seed`,
+  with a byte-level BPE tokenizer carrying Phi-3's special tokens and chat template.
+- model=phi3-mini-4k / phi3.5-mini: downloaded from the Hugging Face Hub at the pinned
+  `model.revision` (HF_TOKEN from the environment if set).
+- model.path=/local/folder: copied from a local Hugging Face folder, any supported architecture.
+
+    python scripts/fetch_model.py model.tiny.hidden_size=128
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ortune import data, modeling, stage
+from ortune.artifacts import atomic_dir
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+
+
+def tokenizer_corpus(cfg: DictConfig) -> list[str]:
+    """Rendered training prompts and chat turns: the tokenizer learns the exact strings it will see."""
+    rows = data.read_records(cfg.data.path)
+    texts = []
+    for row in rows:
+        prompt = cfg.data.template.prompt.format_map(_Lenient(row))
+        completion = cfg.data.template.completion.format_map(_Lenient(row))
+        texts.append(prompt + completion)
+        texts.append(f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n{completion}<|end|>\n")
+    return texts
+
+
+class _Lenient(dict):
+    """Missing fields render empty here; prepare_data reports them properly."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def run(cfg: DictConfig) -> dict:
+    model_cfg = cfg.model
+    with atomic_dir(cfg.paths.base_model) as out_dir:
+        if model_cfg.path:
+            log.info("copying local model from %s", model_cfg.path)
+            info = modeling.copy_local_model(model_cfg.path, out_dir)
+        elif model_cfg.source == "tiny":
+            if model_cfg.tiny is None:
+                raise OrtuneError("model.tiny: missing; the tiny model needs its sizes (see conf/model/tiny-phi3.yaml)")
+            log.info("building tiny Phi-3 from seed %d", cfg.seed)
+            info = modeling.build_tiny_phi3(model_cfg.tiny, tokenizer_corpus(cfg), cfg.seed, out_dir)
+            info["resolved_revision"] = None
+        else:
+            if not model_cfg.hub_id:
+                raise OrtuneError(f"model={model_cfg.name}: set model.hub_id or model.path")
+            log.info("downloading %s@%s", model_cfg.hub_id, model_cfg.revision)
+            info = modeling.fetch_hub_model(model_cfg, out_dir)
+        info.setdefault("parameters", _count_parameters(out_dir))
+    return {"model": model_cfg.name, **info}
+
+
+def _count_parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="np") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+if __name__ == "__main__":
+    stage.main("fetch_model", run, "base.json")

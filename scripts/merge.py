@@ -1,0 +1,57 @@
+"""Stage 3: merge the LoRA adapter into the full-precision base (also after QLoRA).
+
+Reads: models/base/, models/adapter/, data/prepared/eval.jsonl (a few prompts for the check).
+Writes: models/merged/ (safetensors + tokenizer), metrics/merge.json (max |logit difference|
+between the merged model and base+adapter on those prompts).
+
+    python scripts/merge.py model.trust_remote_code=false
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ortune import data, modeling, stage
+from ortune.artifacts import atomic_dir
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+CHECK_PROMPTS = 8
+
+
+def run(cfg: DictConfig) -> dict:
+    import torch
+    from peft import PeftModel
+
+    trust = cfg.model.trust_remote_code
+    tokenizer = modeling.load_tokenizer(cfg.paths.adapter, trust)
+    # QLoRA trains against a 4-bit base, but the merge goes into full precision so nothing is lost twice.
+    base = modeling.load_causal_lm(cfg.paths.base_model, trust)
+    try:
+        model = PeftModel.from_pretrained(base, cfg.paths.adapter)
+    except RuntimeError as exc:
+        raise OrtuneError(
+            f"{cfg.paths.adapter}: adapter does not fit {cfg.paths.base_model} ({str(exc).splitlines()[0][:200]}); "
+            "retrain the adapter on this base (dvc repro train_qlora)"
+        ) from None
+    model.eval()
+    prompts = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        adapter_logits = model(**batch).logits
+        merged = model.merge_and_unload()
+        merged_logits = merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    max_diff = (adapter_logits - merged_logits).abs()[mask].max().item()
+    with atomic_dir(cfg.paths.merged) as out:
+        merged.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    log.info("merged; max |logit diff| vs adapter model = %.2e", max_diff)
+    return {"max_abs_logit_diff": max_diff, "check_prompts": len(prompts)}
+
+
+if __name__ == "__main__":
+    stage.main("merge", run, "merge.json")

@@ -1,0 +1,162 @@
+"""Base models: the offline tiny Phi-3, real hub models at a pinned revision, and loading them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+
+# Phi-3's special tokens and chat template, so the tiny model exercises the same formats as the real one.
+PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style): the one tokenizer kind that transformers and
+    onnxruntime-genai encode identically, special tokens included (see FIELD-NOTES)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=PHI3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        chat_template=PHI3_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_phi3(tiny: DictConfig, texts: list[str], seed: int, out_dir: Path) -> dict:
+    """Write a random-init Phi3ForCausalLM and its tokenizer to out_dir, deterministically from seed."""
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    tokenizer = train_tiny_tokenizer(texts, tiny.vocab_size)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_attention_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        # equal lengths select the builder's Phi-3 "4k" (no LongRoPE) export path
+        original_max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+
+
+def fetch_hub_model(model_cfg: DictConfig, out_dir: Path) -> dict:
+    """Download a hub model at its pinned revision (safetensors only) and copy it to out_dir."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(
+            model_cfg.hub_id,
+            revision=model_cfg.revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py"],
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise OrtuneError(
+            f"model.hub_id={model_cfg.hub_id}: cannot download revision {model_cfg.revision} "
+            f"({type(exc).__name__}); offline, set model.path=/path/to/a/local/copy"
+        ) from None
+    _copy_model_folder(Path(local), out_dir)
+    return {"resolved_revision": Path(local).name}
+
+
+def copy_local_model(path: str, out_dir: Path) -> dict:
+    source = Path(path)
+    if not (source / "config.json").is_file():
+        raise OrtuneError(f"model.path={path}: no config.json there; point it at a Hugging Face model folder")
+    if not list(source.glob("*.safetensors")):
+        raise OrtuneError(f"model.path={path}: no *.safetensors weights; ortune loads safetensors only")
+    _copy_model_folder(source, out_dir)
+    return {"resolved_revision": None}
+
+
+def _copy_model_folder(source: Path, out_dir: Path) -> None:
+    import shutil
+
+    for item in source.iterdir():
+        if item.is_file() and item.suffix in {".json", ".safetensors", ".model", ".jinja", ".txt", ".py"}:
+            shutil.copy2(item.resolve(), out_dir / item.name)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, quantize_4bit: bool = False):
+    """Full-precision (fp32) model, or 4-bit nf4 with double quantization for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def linear_module_names(model) -> set[str]:
+    """Leaf names of the model's Linear layers (what LoRA's target_modules can name)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return names

@@ -1,0 +1,98 @@
+"""Weights & Biases, optional: one run per stage, grouped by the DVC experiment name.
+
+The mode comes from WANDB_MODE when set, else from `wandb.mode`. `disabled` never imports wandb.
+`online` without credentials falls back to `offline` with a warning instead of prompting or hanging.
+Only the stage's own settings are logged as the run config; secrets never enter the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("ortune")
+
+
+class Tracker:
+    def __init__(self, run=None):
+        self._run = run
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self._run is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._run.log(numeric, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        if self._run is not None:
+            for key, value in metrics.items():
+                self._run.summary[key] = value
+
+
+def resolve_mode(configured: str) -> str:
+    mode = os.environ.get("WANDB_MODE") or configured
+    if mode == "dryrun":
+        mode = "offline"
+    if mode == "online" and not _has_credentials():
+        log.warning("wandb.mode=online but no WANDB_API_KEY or netrc login: logging offline instead")
+        mode = "offline"
+    return mode
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    with contextlib.suppress(FileNotFoundError, netrc.NetrcParseError, OSError):
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    return False
+
+
+def experiment_name() -> str:
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+@contextlib.contextmanager
+def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode == "disabled":
+        yield Tracker()
+        return
+    import wandb
+
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    run_dir = root / cfg.wandb.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    group = experiment_name()
+    run = wandb.init(
+        mode=mode,
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        dir=str(run_dir),
+        group=group,
+        job_type=stage,
+        name=f"{group}-{stage}",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        settings=wandb.Settings(console="off", silent=True, init_timeout=30),
+        reinit="create_new",
+    )
+    try:
+        yield Tracker(run)
+    finally:
+        run.finish()
+
+
+def wandb_run_active() -> bool:
+    """True inside open_run with W&B on: the trainer then reports loss and learning rate to that run."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    return wandb is not None and getattr(wandb, "run", None) is not None
