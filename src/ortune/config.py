@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ortune.errors import OrtuneError
@@ -25,106 +25,107 @@ PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 ALWAYS_VISIBLE = ("paths", "wandb")
 
 
+# The schema gives types only: every default lives in conf/, so there is one place to read and edit them.
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 512
-    vocab_size: int = 1024
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    max_position_embeddings: int = MISSING
+    vocab_size: int = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny-phi3"
-    source: str = "tiny"  # tiny | hub
-    hub_id: Optional[str] = None
-    revision: Optional[str] = None
-    path: Optional[str] = None
-    trust_remote_code: bool = False
+    name: str = MISSING
+    source: str = MISSING  # tiny | hub
+    hub_id: Optional[str] = MISSING
+    revision: Optional[str] = MISSING
+    path: Optional[str] = MISSING
+    trust_remote_code: bool = MISSING
     tiny: Optional[TinyModelConfig] = None
 
 
 @dataclass
 class TemplateConfig:
-    prompt: str = "### Text: {phrase}\n### The tone is:\n"
-    completion: str = "{tone}"
+    prompt: str = MISSING
+    completion: str = MISSING
 
 
 @dataclass
 class DataConfig:
-    path: str = "data/raw/tones.jsonl"
-    format: str = "text"
+    path: str = MISSING
+    format: str = MISSING
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    label_field: str = "tone"
-    eval_fraction: float = 0.3
+    label_field: str = MISSING
+    eval_fraction: float = MISSING
 
 
 @dataclass
 class LoraConfig:
-    r: int = 64
-    alpha: int = 64
-    dropout: float = 0.1
-    bias: str = "none"
-    target_modules: list[str] = field(default_factory=lambda: ["qkv_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    bias: str = MISSING
+    target_modules: list[str] = MISSING
+    modules_to_save: list[str] = MISSING
 
 
 @dataclass
 class TrainConfig:
-    method: str = "lora"  # lora | qlora
-    loss: str = "completion"  # completion | full
-    learning_rate: float = 1e-3
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.05
-    num_train_epochs: float = 12
-    max_steps: int = -1
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_length: int = 128
-    logging_steps: int = 5
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    method: str = MISSING  # lora | qlora
+    loss: str = MISSING  # completion | full
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_ratio: float = MISSING
+    num_train_epochs: float = MISSING
+    max_steps: int = MISSING
+    per_device_train_batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    max_length: int = MISSING
+    logging_steps: int = MISSING
+    bf16: bool = MISSING
+    gradient_checkpointing: bool = MISSING
 
 
 @dataclass
 class OnnxConfig:
-    execution_provider: str = "cpu"
-    block_size: int = 32
-    accuracy_level: int = 4
-    intra_op_num_threads: int = 0
+    execution_provider: str = MISSING
+    block_size: int = MISSING
+    accuracy_level: int = MISSING
+    intra_op_num_threads: int = MISSING
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 6
-    limit: int = 0
+    max_new_tokens: int = MISSING
+    limit: int = MISSING
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
-    project: str = "ortune"
-    entity: Optional[str] = None
-    dir: str = "."
+    mode: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    dir: str = MISSING
 
 
 @dataclass
 class PathsConfig:
-    base_model: str = "models/base"
-    prepared: str = "data/prepared"
-    adapter: str = "models/adapter"
-    merged: str = "models/merged"
-    onnx: str = "models/onnx"
-    metrics: str = "metrics"
-    plots: str = "plots"
+    base_model: str = MISSING
+    prepared: str = MISSING
+    adapter: str = MISSING
+    merged: str = MISSING
+    onnx: str = MISSING
+    metrics: str = MISSING
+    plots: str = MISSING
 
 
 @dataclass
 class Config:
-    seed: int = 42
-    precision: str = "int4"
+    seed: int = MISSING
+    precision: str = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +176,9 @@ def validate(raw: dict, source: str) -> DictConfig:
         key = getattr(exc, "full_key", None)
         where = f" at '{key}'" if key else ""
         raise OrtuneError(f"{source}: invalid setting{where}: {_one_line(exc)}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise OrtuneError(f"{source}: no value for {', '.join(missing)}; set it in conf/ (see conf/config.yaml)")
     problems = list(_range_problems(cfg))
     if problems:
         raise OrtuneError(f"{source}: " + "; ".join(problems))

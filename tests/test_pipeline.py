@@ -1,0 +1,108 @@
+"""End to end on the tiny default, through `make all` exactly as a user runs it, in a fresh clone.
+
+Slow (about two minutes on 2 cores); CI runs it as part of `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages DVC actually executed (`dvc status`/`--dry` list only the directly changed ones)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clone") / "ortune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+    # The working tree's current code, not just the last commit: this test checks what is being changed.
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / ".venv").symlink_to(REPO / ".venv")
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "WANDB_MODE": "offline",
+    }
+    env.pop("DVC_STAGE", None)
+    env.pop("DVC_ROOT", None)
+    subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "commit", "-qm", "test state", "--allow-empty"], cwd=root, env=env, check=True)
+    return root, env
+
+
+def make(project, *args: str) -> str:
+    root, env = project
+    # -o: the venv is the repo's own (symlinked), never reinstalled from the clone
+    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def read_metrics(root: Path, name: str) -> dict:
+    return json.loads((root / "metrics" / name).read_text())
+
+
+def test_make_all_runs_every_stage_and_beats_the_baseline(project):
+    root, _ = project
+    output = make(project, "all")
+    assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
+    evaluation = read_metrics(root, "eval.json")
+    data = read_metrics(root, "data.json")
+    assert evaluation["majority_baseline"] == pytest.approx(data["majority_baseline"])
+    assert evaluation["accuracy"] >= 0.7 > evaluation["majority_baseline"], evaluation
+    assert evaluation["n"] == data["eval_rows"] and evaluation["ms_per_token"] > 0
+    assert read_metrics(root, "merge.json")["max_abs_logit_diff"] < 1e-4
+    assert read_metrics(root, "onnx.json")["precision"] == "int4"
+    assert (root / "models/onnx/model.onnx").is_file() and (root / "plots/train_loss.csv").is_file()
+    genai = json.loads((root / "models/onnx/genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
+    # one offline W&B run per stage, in the repo's git-ignored wandb/ folder
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 6
+    assert "wandb/" not in subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+
+
+def test_second_make_all_reruns_nothing(project):
+    make(project, "all")
+    assert ran_stages(make(project, "all")) == set()
+
+
+def test_precision_change_reruns_only_export_and_eval(project):
+    root, _ = project
+    make(project, "all")
+    output = make(project, "all", "ARGS=precision=fp32")
+    assert ran_stages(output) == {"build_onnx", "eval"}
+    assert read_metrics(root, "onnx.json")["precision"] == "fp32"
+    assert read_metrics(root, "eval.json")["accuracy"] >= 0.7
+
+
+def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):
+    root, env = project
+    done = subprocess.run(
+        [str(root / ".venv/bin/python"), "scripts/prepare_data.py", "data.eval_fraction=0.5"],
+        cwd=root, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_metrics(root, "data.json")["eval_rows"] == 240
