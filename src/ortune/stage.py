@@ -11,7 +11,7 @@ from typing import Callable
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError
 
-from ortune import config
+from ortune import config, provenance
 from ortune.artifacts import write_json_atomic
 from ortune.errors import OrtuneError
 
@@ -32,6 +32,7 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
             metrics = run(cfg)
             tracker.log(metrics)
             tracker.summary(metrics)
+        metrics["environment"] = provenance.package_versions(config.project_root())
         write_json_atomic(Path(cfg.paths.metrics) / metrics_file, metrics)
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)

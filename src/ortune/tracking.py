@@ -68,10 +68,16 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
         return
     import wandb
 
+    from ortune import provenance
+
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    run_dir = root / cfg.wandb.dir
+    # a queued/temp experiment runs in a throwaway copy: ORTUNE_WANDB_DIR keeps its runs in the real repo
+    run_dir = Path(os.environ.get("ORTUNE_WANDB_DIR") or root / cfg.wandb.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     group = experiment_name()
+    commit = provenance.git_commit(root)
+    lock = provenance.dvc_lock_digest(root)
+    tags = [f"git:{commit[:12]}" if commit else "git:none", f"dvc.lock:{lock}" if lock else "dvc.lock:none"]
     run = wandb.init(
         mode=mode,
         project=cfg.wandb.project,
@@ -80,7 +86,8 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
         group=group,
         job_type=stage,
         name=f"{group}-{stage}",
-        config=OmegaConf.to_container(cfg, resolve=True),
+        tags=tags,
+        config={**OmegaConf.to_container(cfg, resolve=True), "environment": provenance.package_versions(root)},
         settings=wandb.Settings(console="off", silent=True, init_timeout=30),
         reinit="create_new",
     )

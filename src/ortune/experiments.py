@@ -1,0 +1,97 @@
+"""Reading DVC experiments (`dvc exp show --json`) and picking the best one under constraints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+
+from ortune.errors import OrtuneError
+
+EVAL_METRICS = "metrics/eval.json"
+
+
+@dataclass
+class Experiment:
+    rev: str
+    name: str
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # {"eval.json:accuracy": 0.8, ...} flattened per file
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    else:
+        out[prefix] = value
+
+
+def _experiment(entry: dict) -> Experiment | None:
+    data = entry.get("data") or {}
+    if entry.get("error") or data.get("status") in ("Failed", "Queued", "Running"):
+        return None
+    params: dict = {}
+    for file_params in (data.get("params") or {}).values():
+        _flatten("", file_params.get("data", {}), params)
+    metrics: dict = {}
+    for path, content in (data.get("metrics") or {}).items():
+        flat: dict = {}
+        _flatten("", content.get("data", {}), flat)
+        name = path.rsplit("/", 1)[-1].removesuffix(".json")
+        metrics.update({f"{name}.{k}": v for k, v in flat.items()})
+    return Experiment(rev=entry["rev"], name=entry.get("name") or entry["rev"][:7], params=params, metrics=metrics)
+
+
+def parse_exp_show(payload: list[dict]) -> list[Experiment]:
+    """Every finished experiment in `dvc exp show --json` output (baselines and workspace excluded)."""
+    found = []
+    for baseline in payload:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs", []):
+                experiment = _experiment(rev)
+                if experiment is not None:
+                    found.append(experiment)
+    return found
+
+
+def load(cwd: str | None = None) -> list[Experiment]:
+    done = subprocess.run(["dvc", "exp", "show", "--json", "-A"], cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OrtuneError(f"`dvc exp show` failed: {done.stderr.strip().splitlines()[-1:]}")
+    return parse_exp_show(json.loads(done.stdout or "[]"))
+
+
+def pick_best(
+    experiments: list[Experiment], metric: str, maximize: bool = True, limits: dict[str, float] | None = None
+) -> tuple[Experiment, list[str]]:
+    """The best experiment on `metric` among those within every upper limit in `limits`.
+
+    Returns the winner and one line per experiment saying why it won, lost or was excluded.
+    """
+    limits = limits or {}
+    if not experiments:
+        raise OrtuneError("no finished experiments: run `make all` or `make sweep` first")
+    reasons, eligible = [], []
+    for exp in experiments:
+        value = exp.metrics.get(metric)
+        if not isinstance(value, (int, float)):
+            reasons.append(f"{exp.name}: excluded, no numeric '{metric}'")
+            continue
+        broken = [
+            f"{key}={exp.metrics.get(key)} > {limit}"
+            for key, limit in limits.items()
+            if not isinstance(exp.metrics.get(key), (int, float)) or exp.metrics[key] > limit
+        ]
+        if broken:
+            reasons.append(f"{exp.name}: excluded, {', '.join(broken)}")
+        else:
+            eligible.append(exp)
+    if not eligible:
+        raise OrtuneError("no experiment meets the constraints: " + "; ".join(reasons))
+    eligible.sort(key=lambda e: e.metrics[metric], reverse=maximize)
+    best = eligible[0]
+    reasons.insert(0, f"{best.name}: best {metric}={best.metrics[metric]:.4g} among {len(eligible)} eligible")
+    for other in eligible[1:]:
+        reasons.append(f"{other.name}: eligible, {metric}={other.metrics[metric]:.4g}")
+    return best, reasons

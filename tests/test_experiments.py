@@ -1,0 +1,63 @@
+"""Choosing among experiments from `dvc exp show --json`, and recording what they ran on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ortune import experiments, provenance
+from ortune.errors import OrtuneError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def exp_entry(name, accuracy, ms, r=64, status="Success"):
+    return {
+        "rev": f"{name}-sha", "name": name, "error": None,
+        "data": {
+            "status": status,
+            "params": {"params.yaml": {"data": {"lora": {"r": r}, "precision": "int4"}}},
+            "metrics": {"metrics/eval.json": {"data": {"accuracy": accuracy, "ms_per_token": ms}}},
+        },
+    }
+
+
+def payload(*entries):
+    return [
+        {"rev": "workspace", "name": None, "data": {}, "experiments": []},
+        {"rev": "abc", "name": "main", "data": {}, "experiments": [{"revs": [e]} for e in entries]},
+    ]
+
+
+def test_parse_flattens_params_and_metrics_and_skips_unfinished():
+    parsed = experiments.parse_exp_show(
+        payload(exp_entry("a", 0.8, 1.0, r=8), exp_entry("q", 0.0, 0.0, status="Queued"))
+    )
+    assert [e.name for e in parsed] == ["a"]
+    assert parsed[0].params["lora.r"] == 8 and parsed[0].metrics["eval.accuracy"] == 0.8
+
+
+def test_best_respects_the_latency_limit_and_explains_itself():
+    parsed = experiments.parse_exp_show(
+        payload(exp_entry("fast", 0.75, 0.5), exp_entry("slow-but-best", 0.9, 3.0), exp_entry("mid", 0.8, 0.9))
+    )
+    best, reasons = experiments.pick_best(parsed, "eval.accuracy", limits={"eval.ms_per_token": 1.0})
+    assert best.name == "mid"
+    assert reasons[0].startswith("mid: best eval.accuracy=0.8")
+    assert any(r.startswith("slow-but-best: excluded, eval.ms_per_token=3.0 > 1.0") for r in reasons)
+    unconstrained, _ = experiments.pick_best(parsed, "eval.accuracy")
+    assert unconstrained.name == "slow-but-best"
+
+
+def test_no_eligible_experiment_is_a_clear_error():
+    parsed = experiments.parse_exp_show(payload(exp_entry("slow", 0.9, 3.0)))
+    with pytest.raises(OrtuneError, match="no experiment meets the constraints"):
+        experiments.pick_best(parsed, "eval.accuracy", limits={"eval.ms_per_token": 1.0})
+
+
+def test_environment_records_every_pinned_package():
+    versions = provenance.package_versions(REPO)
+    pinned = provenance.pinned_names(REPO / "requirements.txt")
+    assert set(pinned) <= set(versions) and versions["torch"].startswith("2.13.0")
+    assert "not installed" not in versions.values()
