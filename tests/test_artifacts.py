@@ -34,3 +34,11 @@ def test_json_is_written_whole(tmp_path):
     write_json_atomic(tmp_path / "m" / "eval.json", {"accuracy": 0.5})
     assert json.loads((tmp_path / "m" / "eval.json").read_text()) == {"accuracy": 0.5}
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["eval.json"]
+
+
+def test_leftovers_of_a_killed_run_are_cleared_by_the_next(tmp_path):
+    (tmp_path / ".model.tmp-dead").mkdir()
+    (tmp_path / ".model.tmp-dead" / "half").write_text("x")
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -16,6 +16,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `final`; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -30,6 +31,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Temp folders of an earlier run killed with SIGKILL (no cleanup ran) are garbage now."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in final.parent.glob(f".{final.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

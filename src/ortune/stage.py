@@ -1,9 +1,16 @@
-"""The thin entry point every stage script shares: config, seed, W&B, run, metrics file."""
+"""The thin entry point every stage script shares: config, seed, W&B, run, metrics file.
+
+It is also where failures become one line: a stage never ends in a library's stack trace
+(ORTUNE_DEBUG=1 shows it), and SIGTERM unwinds like an exception so temp outputs are removed.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,12 +23,22 @@ from ortune.artifacts import write_json_atomic
 from ortune.errors import OrtuneError
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so `finally` blocks clean up partial outputs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> None:
     """Run `run(cfg)` for `stage` and write its metrics to <paths.metrics>/<metrics_file>.
 
     Command-line arguments are Hydra overrides (only accepted outside DVC).
+    Exit status: 0 done, 2 bad input or config, 1 unexpected failure, 143 terminated.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = config.load(stage, sys.argv[1:])
         if "seed" in cfg:
@@ -35,10 +52,30 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
         metrics["environment"] = provenance.package_versions(config.project_root())
         write_json_atomic(Path(cfg.paths.metrics) / metrics_file, metrics)
     except OrtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {exc}", 2)
     except ConfigAttributeError as exc:
         # the stage read a setting it does not declare: DVC would not rerun it when that setting changes
-        print(f"error: stage {stage} reads '{exc.full_key}', which dvc.yaml does not list under "
-              f"stages.{stage}.params; add it there", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: stage {stage} reads '{exc.full_key}', which dvc.yaml does not list under "
+              f"stages.{stage}.params; add it there", 2)
+    except Terminated:
+        _fail(f"error: stage {stage} terminated (SIGTERM); its partial outputs were removed, rerun it", 143)
+    except KeyboardInterrupt:
+        _fail(f"error: stage {stage} interrupted; its partial outputs were removed, rerun it", 130)
+    except OSError as exc:
+        if os.environ.get("ORTUNE_DEBUG"):
+            raise
+        if exc.errno == errno.ENOSPC:
+            _fail(f"error: disk full while stage {stage} was writing {exc.filename or 'its outputs'}; "
+                  "free space (or move the DVC cache) and rerun", 1)
+        _fail(f"error: stage {stage}: {exc.strerror or exc} ({exc.filename or ''}); "
+              "set ORTUNE_DEBUG=1 for the traceback", 1)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against deep library tracebacks
+        if os.environ.get("ORTUNE_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())[:300]
+        _fail(f"error: stage {stage} failed: {type(exc).__name__}: {message} (set ORTUNE_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, status: int) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(status)
