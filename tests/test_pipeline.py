@@ -16,6 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+PLANTED_HF_TOKEN = "hf_plantedFakeToken0123456789"
+PLANTED_WANDB_KEY = "plantedfakewandbkey0123456789abcdef012345"
 
 
 def ran_stages(output: str) -> set[str]:
@@ -44,6 +46,9 @@ def project(tmp_path_factory):
         "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
         "WANDB_MODE": "offline",
+        # planted secrets: no output may ever contain them (see test_no_output_contains_a_secret)
+        "HF_TOKEN": PLANTED_HF_TOKEN,
+        "WANDB_API_KEY": PLANTED_WANDB_KEY,
     }
     env.pop("DVC_STAGE", None)
     env.pop("DVC_ROOT", None)
@@ -98,6 +103,84 @@ def test_precision_change_reruns_only_export_and_eval(project):
     assert read_metrics(root, "eval.json")["accuracy"] >= 0.7
 
 
+TRAIN_ONWARD = {"train_qlora", "merge", "build_onnx", "eval"}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("eval.max_new_tokens=5", {"eval"}), ("onnx.block_size=64", {"build_onnx", "eval"}), ("lora.dropout=0.05", TRAIN_ONWARD)],
+)
+def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, override, expected):
+    make(project, "all")
+    assert ran_stages(make(project, "all", f"ARGS={override}")) == expected
+
+
+def test_going_back_restores_outputs_from_the_run_cache(project):
+    root, _ = project
+    make(project, "all", "ARGS=precision=fp32")
+    output = make(project, "all")
+    assert ran_stages(output) == set(), output
+    assert read_metrics(root, "onnx.json")["precision"] == "int4"
+
+
+def test_changing_a_shared_module_reruns_only_its_users(project):
+    root, env = project
+    make(project, "all")
+    with open(root / "src/ortune/export.py", "a") as handle:
+        handle.write("\n# a harmless edit\n")
+    ran = ran_stages(make(project, "all"))
+    subprocess.run(["git", "checkout", "src/ortune/export.py"], cwd=root, env=env, check=True)
+    assert "build_onnx" in ran and ran <= {"build_onnx", "eval"}
+
+
+def test_changing_the_data_reruns_everything_from_it(project):
+    root, env = project
+    make(project, "all")
+    with open(root / "data/raw/tones.jsonl", "a") as handle:
+        handle.write('{"phrase": "My cat learned to open the fridge by herself!", "tone": "surprise"}\n')
+    ran = ran_stages(make(project, "all"))
+    subprocess.run(["git", "checkout", "data/raw/tones.jsonl"], cwd=root, env=env, check=True)
+    # the tiny base model's tokenizer is trained on the data, so it reruns too
+    assert ran == {"fetch_model", "prepare_data", *TRAIN_ONWARD}
+
+
+def test_sweep_then_best_applies_the_winner(project):
+    root, _ = project
+    make(project, "all")
+    make(project, "sweep", "SWEEP=eval.max_new_tokens=3,4")
+    table = make(project, "compare")
+    assert "eval.max_new_tokens" in table or "max_new_tokens" in table
+    picked = make(project, "best", "METRIC=accuracy", "MAX_MS_PER_TOKEN=1000")
+    assert ": best eval.accuracy=" in picked
+
+
+def test_shared_experiment_reproduces_in_a_colleagues_clone(project, tmp_path_factory):
+    root, env = project
+    origin = root.parent / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "remote", "set-url", "origin", str(origin)], cwd=root, env=env, check=True)
+    make(project, "all", "NAME=shared-exp")
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=root, env=env, check=True)
+    make(project, "push", "EXP=shared-exp")
+
+    colleague = root.parent / "colleague"  # a sibling, so the repo's relative DVC remote resolves to the same store
+    subprocess.run(["git", "clone", "-q", str(origin), str(colleague)], env=env, check=True)
+    (colleague / ".venv").symlink_to(REPO / ".venv")
+    theirs = (colleague, env)
+    make(theirs, "pull", "EXP=shared-exp")
+    assert ran_stages(make(theirs, "repro")) == set()
+    for name in ("data.json", "train.json", "eval.json"):
+        assert (colleague / "metrics" / name).read_bytes() == (root / "metrics" / name).read_bytes(), name
+    status = subprocess.run(["dvc", "status"], cwd=colleague, env={**env, "PATH": f"{REPO}/.venv/bin:{env['PATH']}"},
+                            capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    # and a deterministic stage recomputed there gives the very same bytes
+    subprocess.run(["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague,
+                   env={**env, "PATH": f"{REPO}/.venv/bin:{env['PATH']}"}, check=True, capture_output=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (colleague / "data/prepared" / name).read_bytes() == (root / "data/prepared" / name).read_bytes()
+
+
 def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):
     root, env = project
     done = subprocess.run(
@@ -106,3 +189,17 @@ def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_metrics(root, "data.json")["eval_rows"] == 240
+
+
+def test_no_output_contains_a_secret(project):
+    root, _ = project
+    make(project, "all")
+    leaked = []
+    for path in root.rglob("*"):
+        if ".git" in path.parts or ".venv" in path.parts or not path.is_file():
+            continue
+        content = path.read_bytes()
+        if PLANTED_HF_TOKEN.encode() in content or PLANTED_WANDB_KEY.encode() in content:
+            leaked.append(str(path.relative_to(root)))
+    assert not leaked, leaked
+    assert list((root / "wandb").glob("offline-run-*")), "the scan must cover real W&B run files"

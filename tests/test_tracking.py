@@ -65,3 +65,27 @@ def test_offline_run_is_grouped_by_experiment_and_holds_no_secret(tmp_path, monk
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "the offline run must land in <repo>/wandb/"
     assert not any(b"fake-secret-token-123" in p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
+
+
+def test_online_with_unreachable_server_falls_back_to_offline(tmp_path, monkeypatch):
+    import wandb
+    from omegaconf import OmegaConf
+
+    modes = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("no route to api.wandb.ai")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    cfg = OmegaConf.create({"wandb": {"mode": "online", "project": "p", "entity": None, "dir": "."}})
+    with tracking.open_run("eval", cfg) as tracker:
+        assert tracker.active
+    assert modes == ["online", "offline"]
+    assert tracking.ONLINE_INIT_TIMEOUT_S <= 30  # bounded: a dead server never hangs a stage

@@ -17,6 +17,8 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("ortune")
+# How long an online run may wait for the W&B server before ortune falls back to offline.
+ONLINE_INIT_TIMEOUT_S = 20
 
 
 class Tracker:
@@ -78,8 +80,7 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
     commit = provenance.git_commit(root)
     lock = provenance.dvc_lock_digest(root)
     tags = [f"git:{commit[:12]}" if commit else "git:none", f"dvc.lock:{lock}" if lock else "dvc.lock:none"]
-    run = wandb.init(
-        mode=mode,
+    init_args = dict(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         dir=str(run_dir),
@@ -88,9 +89,17 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
         name=f"{group}-{stage}",
         tags=tags,
         config={**OmegaConf.to_container(cfg, resolve=True), "environment": provenance.package_versions(root)},
-        settings=wandb.Settings(console="off", silent=True, init_timeout=30),
+        settings=wandb.Settings(console="off", silent=True, init_timeout=ONLINE_INIT_TIMEOUT_S),
         reinit="create_new",
     )
+    try:
+        run = wandb.init(mode=mode, **init_args)
+    except Exception as exc:  # noqa: BLE001 - wandb raises many types for an unreachable server
+        if mode != "online":
+            raise
+        # credentials but no reachable server: results matter more than the dashboard
+        log.warning("W&B online init failed (%s): logging offline instead", type(exc).__name__)
+        run = wandb.init(mode="offline", **init_args)
     try:
         yield Tracker(run)
     finally:
