@@ -4,13 +4,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
+# queued/temp experiments run in a copy of the repo that is deleted afterwards: keep W&B runs here
+export ORTUNE_WANDB_DIR := $(CURDIR)
 ARGS ?=
 NAME ?=
+SWEEP ?=
+METRIC ?= accuracy
+MAX_MS_PER_TOKEN ?=
+BRANCH ?=
+EXP ?=
+REVS ?=
 SET_ARGS := $(foreach a,$(ARGS),-S '$(a)')
 NAME_ARG := $(if $(NAME),-n $(NAME),)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast params all repro clean-outputs
+.PHONY: help setup test test-fast params all repro sweep compare best push pull clean-outputs bench plots predict chat
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,5 +47,43 @@ all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, 
 	@echo "Results: metrics/eval.json (accuracy, macro-F1, baseline), models/onnx/ (the shipped model)"
 	@dvc metrics show 2>/dev/null | head -20 || true
 
+plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS="HEAD exp-name" compares runs)
+	$(PY) scripts/report.py $(REVS)
+
 repro: params ## Compose params.yaml from conf/ + ARGS, then `dvc repro` (no experiment recorded)
 	dvc repro
+
+sweep: setup ## Queue and run a grid of experiments: make sweep SWEEP="lora.r=8,16 precision=int4,int8"
+	@test -n "$(SWEEP)" || { echo 'error: set SWEEP, e.g. make sweep SWEEP="lora.r=8,16,32 precision=int4,int8"'; exit 2; }
+	dvc exp run --queue $(foreach a,$(SWEEP),-S '$(a)')
+	dvc exp run --run-all --jobs 1
+
+compare: setup ## Table of every experiment's changed params and metrics, best accuracy first
+	dvc exp show -A --no-pager --only-changed --sort-by metrics/eval.json:$(METRIC) --sort-order desc \
+		--drop 'Created|State|Executor|environment|_counts|per_class|runtimes|deps:.*|paths\.'
+
+best: setup ## Apply (or BRANCH=name: branch) the best experiment on METRIC within MAX_MS_PER_TOKEN
+	python scripts/best.py --metric $(METRIC) $(if $(MAX_MS_PER_TOKEN),--max eval.ms_per_token=$(MAX_MS_PER_TOKEN)) \
+		$(if $(BRANCH),--branch $(BRANCH),--apply)
+
+push: setup ## Upload data and models to the DVC remote (EXP=name also pushes that experiment)
+	dvc push
+	$(if $(EXP),dvc exp push origin $(EXP))
+
+pull: setup ## Download data and models from the DVC remote (EXP=name pulls and applies that experiment)
+	$(if $(EXP),dvc exp pull origin $(EXP) && dvc exp apply $(EXP))
+	dvc pull
+
+QUICK ?=
+bench: setup ## Decode speed vs PyTorch and the bandwidth floor, pipeline overheads -> bench/results.{json,md} (QUICK=1: < 1 min)
+	$(PY) scripts/bench.py $(if $(filter-out 0 no false,$(QUICK)),--quick)
+
+TEXT ?=
+FILE ?=
+MODEL ?=
+MODEL_ARG = $(if $(MODEL),--model '$(MODEL)')
+predict: setup ## Label a phrase with the built model: make predict TEXT="cricket is a wonderful sport!" (or FILE=phrases.txt, or stdin)
+	@$(PY) scripts/predict.py $(MODEL_ARG) $(if $(FILE),--file '$(FILE)') $(if $(TEXT),'$(subst ','\'',$(TEXT))')
+
+chat: setup ## Chat with the built model through its chat template (/reset starts over, /quit leaves)
+	@$(PY) scripts/chat.py $(MODEL_ARG)

@@ -1,59 +1,171 @@
-"""Stage 4: the merged model -> an ONNX model for onnxruntime-genai, at `precision`.
+"""Stage 4: the fine-tuned model -> an ONNX model for onnxruntime-genai, at `precision`.
 
-Reads: models/merged/, `precision` (int4 default), `onnx.*` (execution provider, int4 block
-size and accuracy level, threads). Writes: models/onnx/ (model.onnx, weights, genai_config.json
-with intra-op threads set to the machine's cores, tokenizer), metrics/onnx.json.
-An invalid precision/provider pair fails before any work. The result is loaded and must generate.
+Reads: models/merged/ (or, with onnx.adapter=separate, models/base/ + models/adapter/ and any
+onnx.extra_adapters), data/prepared/, `precision`, `onnx.*`, `data.*` (prompt format, dataset hash),
+`model.*` (provenance). Writes: models/onnx/ (model.onnx + weights, genai_config.json with threads
+and greedy search, tokenizer, ortune.json for the apps, adapters/*.onnx_adapter, README.md model
+card), metrics/onnx.json (settings, size, parity with PyTorch).
+
+Invalid settings (precision/provider pair, unknown or deprecated builder option) fail before any
+stage runs. After the build: the graph is checked structurally (every provider), then its last-token
+logits and greedy labels are compared with the PyTorch model on the eval prompts (ortune.parity);
+a missed target fails the stage unless onnx.require_parity=false.
 
     python scripts/build_onnx.py precision=fp32
+    python scripts/build_onnx.py precision=int4 onnx.execution_provider=cuda onnx.block_size=128
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, export, stage
+from ortune import data, export, model_card, onnx_adapters, parity, stage
 from ortune.artifacts import atomic_dir
+from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
 
 
 def run(cfg: DictConfig) -> dict:
-    provider = cfg.onnx.execution_provider
-    export.check_precision_provider(cfg.precision, provider)
-    final = Path(cfg.paths.onnx)
+    o, final, prepared = cfg.onnx, Path(cfg.paths.onnx), Path(cfg.paths.prepared)
+    rows = data.read_jsonl(prepared / "eval.jsonl")
+    labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
     started = time.perf_counter()
     with atomic_dir(final) as out:
-        export.run_builder(
-            Path(cfg.paths.merged), out, cfg.precision, provider, export.builder_options(cfg),
-            log_file=final.parent / f"{final.name}.build.log",
-        )
-        threads = export.tune_genai_config(out, cfg.onnx.intra_op_num_threads)
-        smoke = _smoke_test(out, cfg) if provider == "cpu" else None
-    metrics = {
-        "precision": cfg.precision,
-        "execution_provider": provider,
-        "intra_op_num_threads": threads,
-        "build_seconds": time.perf_counter() - started,
-        "size_mb": export.folder_megabytes(final),
-    }
-    if smoke is not None:
-        metrics["smoke_new_tokens"] = smoke
+        # other adapters' builds; named so that the stage's leftover cleanup also removes it
+        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-scratch-", dir=final.parent))
+        try:
+            options, adapter_files = build(cfg, out, scratch, final.parent / f"{final.name}.build")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        graph = export.check_graph(out)
+        threads = export.tune_genai_config(out, o.intra_op_num_threads)
+        texts = [dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
+                 for r in rows + _rows_if_any(prepared / "train.jsonl")]
+        task = export.task_spec(cfg.data, labels, _max_new_tokens(cfg, texts), adapter_files)
+        (out / export.TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+        metrics = {"precision": cfg.precision, "execution_provider": o.execution_provider, "adapter": o.adapter,
+                   "adapters": sorted(adapter_files), "intra_op_num_threads": threads,
+                   "max_new_tokens": task["max_new_tokens"], "builder_options": export.describe_options(options),
+                   "logits_dtype": graph["logits_dtype"]}
+        metrics.update(check_parity(cfg, out, [t["prompt_text"] for t in texts[: len(rows)]], labels, task, adapter_files))
+        metrics.update(build_seconds=time.perf_counter() - started, size_mb=export.folder_megabytes(out))
+        (out / "README.md").write_text(card(cfg, metrics, task, options), encoding="utf-8")
+        failures = parity.summarize_failures({"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})})
+        if failures and o.require_parity:
+            raise OrtuneError("parity with PyTorch: " + "; ".join(failures) + "; retrain, quantize less (onnx.keep_float="
+                              "[lm_head], onnx.last_matmul_int8=true, precision=int8), or set onnx.require_parity=false "
+                              "to ship it anyway")
     return metrics
 
 
-def _smoke_test(out: Path, cfg: DictConfig) -> int:
-    """Load the fresh model and generate from one eval prompt: a build that cannot decode never ships."""
+def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict]:
+    """Run the builder; returns the builder options used and {adapter name: file} (adapter=separate)."""
+    o, precision, provider = cfg.onnx, cfg.precision, cfg.onnx.execution_provider
+    if o.adapter == "merged":
+        options = export.builder_options(precision, o)
+        export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"))
+        return options, {}
+    adapters = {export.PIPELINE_ADAPTER: Path(cfg.paths.adapter), **{k: Path(v) for k, v in o.extra_adapters.items()}}
+    configs = {name: onnx_adapters.adapter_config(d) for name, d in adapters.items()}
+    onnx_adapters.check_targets(configs, export.PIPELINE_ADAPTER)  # before any build: the graph has LoRA paths for these only
+    saved = {m for c in configs.values() for m in c.get("modules_to_save") or []}
+    base = Path(cfg.paths.base_model)
+    layers = json.loads((base / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    # adapter tensors must stay float to be graph inputs: the LoRA paths, and whatever modules_to_save replaces
+    keep = onnx_adapters.lora_node_names(layers)
+    keep += [node for module, node in export.SAVED_MODULE_NODES.items() if module in saved]
+    options = export.builder_options(precision, o, keep)
+    graphs = {}
+    for name, adapter_dir in adapters.items():
+        target = out if name == export.PIPELINE_ADAPTER else scratch / name
+        export.run_builder(base, target, precision, provider, options, log_file=Path(f"{logs}-{name}.log"), adapter_dir=adapter_dir)
+        graphs[name] = export.model_file(target)
+        if quantized := onnx_adapters.quantized_lora_nodes(graphs[name]):
+            raise OrtuneError(f"the builder quantized LoRA node {quantized[0]}, which ortune could not name up front; "
+                              "use onnx.adapter=merged for this model")
+    base_graph = None
+    if saved:  # restoring the base lm_head/embeddings for "no adapter" needs them as the base build has them
+        export.run_builder(base, scratch / "base", precision, provider, options, log_file=Path(f"{logs}-base.log"))
+        base_graph = export.model_file(scratch / "base")
+    tensors = {name: onnx_adapters.adapter_tensors(graph, base_graph) for name, graph in graphs.items()}
+    return options, onnx_adapters.make_switchable(out, tensors, base_graph)
+
+
+def check_parity(cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict) -> dict:
+    if cfg.onnx.parity_prompts:
+        prompts = prompts[: cfg.onnx.parity_prompts]
+    if why := parity.runnable_on_cpu(out):
+        log.warning("parity not measured: the %s graph does not run on the CPU provider here (%s)", cfg.precision, why)
+        return {"parity": {"skipped": f"no CPU kernel for this graph ({why[:160]})", "passed": None}}
     from ortune.generation import OnnxGenerator
 
-    prompt = data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[0]["prompt"]
-    result = OnnxGenerator(out).generate(prompt, max_new_tokens=4)
-    log.info("smoke test: %r -> %r", prompt[-40:], result.text)
-    return result.new_tokens
+    generator = OnnxGenerator(out, cpu=cfg.onnx.execution_provider != "cpu")
+    if cfg.data.format == "chat":
+        messages = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")]
+        parity.check_chat_template(generator, messages, Path(cfg.paths.merged))
+    trust, n = cfg.model.trust_remote_code, task["max_new_tokens"]
+    references = {None: (Path(cfg.paths.merged), None)}
+    if adapter_files:  # each adapter against PyTorch base + that adapter, and no adapter against the bare base
+        references = {name: (Path(cfg.paths.base_model), Path(cfg.paths.adapter) if name == export.PIPELINE_ADAPTER
+                             else Path(cfg.onnx.extra_adapters[name])) for name in adapter_files}
+        references[""] = (Path(cfg.paths.base_model), None)
+    results = {}
+    for name, (model_dir, adapter_dir) in references.items():
+        if name is not None:
+            generator.use_adapter(name or None)
+        result = parity.compare(parity.TorchReference(model_dir, adapter_dir, trust), generator, prompts, labels, n,
+                                cfg.precision, cfg.onnx.min_label_agreement)
+        log.info("parity %s: max |logit diff| %.2e, label agreement %.3f (%s: %s)", "model" if name is None else name or "no adapter",
+                 result["max_abs_logit_diff"], result["label_agreement"], result["target"], "ok" if result["passed"] else "MISSED")
+        results[name] = result
+    if not adapter_files:
+        return {"parity": results[None]}
+    base_result = results.pop("")
+    base_result["passed"] = None  # the bare base is reported, not judged: it was never trained for the task
+    return {"parity": results.pop(export.PIPELINE_ADAPTER), "adapter_parity": {**results, "(no adapter)": base_result}}
+
+
+def _max_new_tokens(cfg: DictConfig, texts: list[dict]) -> int:
+    from ortune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.paths.merged, cfg.model.trust_remote_code)
+    return export.max_new_tokens(texts, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
+
+
+def _rows_if_any(path: Path) -> list[dict]:
+    """The training split, when there is one (ortune's bench builds from an eval-only folder)."""
+    return data.read_jsonl(path) if path.is_file() else []
+
+
+def _content(completion) -> str:
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
+    prepared = Path(cfg.paths.prepared)
+    base_info = model_card.read_json(Path(cfg.paths.metrics) / "base.json") or {}
+    o = cfg.onnx
+    settings = {"precision": cfg.precision, "execution provider": o.execution_provider, "adapter": o.adapter,
+                "builder extra options": "; ".join(f"{k}={v}" for k, v in export.describe_options(options).items()) or "none",
+                "kept float": (", ".join(o.keep_float) or "none") if cfg.precision in export.QUANTIZED else "n/a (not quantized)",
+                "intra_op_num_threads": metrics["intra_op_num_threads"], "search": "greedy (do_sample=false, num_beams=1, top_k=1)",
+                "max new tokens": task["max_new_tokens"], "adapters": ", ".join(metrics["adapters"]) or "none (merged)"}
+    return model_card.render(
+        model={**dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),
+               "resolved_revision": base_info.get("resolved_revision")},
+        dataset={"path": cfg.data.path, "sha256": model_card.sha256(Path(cfg.data.path)),
+                 "train_sha256": model_card.sha256(prepared / "train.jsonl") if (prepared / "train.jsonl").is_file() else "none",
+                 "eval_sha256": model_card.sha256(prepared / "eval.jsonl"),
+                 "train_rows": len(_rows_if_any(prepared / "train.jsonl")), "eval_rows": len(data.read_jsonl(prepared / "eval.jsonl"))},
+        settings=settings, lora=model_card.read_json(Path(cfg.paths.adapter) / "adapter_config.json"), metrics=metrics, task=task)
 
 
 if __name__ == "__main__":

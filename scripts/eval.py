@@ -1,13 +1,18 @@
-"""Stage 5: judge the shipped ONNX model on the eval split with greedy generation.
+"""Stage 5: judge the shipped ONNX model on labelled rows, beside its baselines and PyTorch twins.
 
-Reads: models/onnx/, data/prepared/{train,eval}.jsonl, data/prepared/labels.json, `eval.*`.
-Writes: metrics/eval.json (accuracy, macro-F1, unparsed count, majority baseline,
-mean ms per generated token), metrics/eval_predictions.jsonl.
+Reads: models/onnx/ (+ models/base, adapter, merged for `eval.compare`), data/prepared/ (labels,
+training rows for the majority baseline), `eval.path` (default: the prepared eval split; any other
+labelled file is rendered with `data.template`), `eval.*`, `data.*`.
+Writes: metrics/eval.json (headline numbers of the shipped model at the top level, the baselines,
+the quantization loss, per-class scores and every runtime's scores and latency nested beside
+them), metrics/eval_predictions.jsonl, plots/confusion_matrix.png, plots/per_class_f1.csv;
+to W&B: those metrics, the confusion matrix and a (text, label, prediction) table.
 
 A generation becomes a label by ortune.metrics.parse_label: first non-empty line, stripped of
 whitespace and punctuation, lowercased, matched to a label exactly or by prefix; else unparsed.
 
-    python scripts/eval.py eval.limit=50
+    python scripts/eval.py eval.limit=50 eval.compare=[merged]
+    python scripts/eval.py eval.path=data/heldout.csv
 """
 
 from __future__ import annotations
@@ -18,47 +23,65 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, stage
+from ortune import data, evaluation, plots, stage, tracking
 from ortune.artifacts import write_text_atomic
-from ortune.generation import OnnxGenerator
-from ortune.metrics import classification_scores, majority_baseline, parse_label
+from ortune.metrics import UNPARSED
 
 log = logging.getLogger("ortune")
 
 
 def run(cfg: DictConfig) -> dict:
-    from tqdm import tqdm
-
-    prepared = Path(cfg.paths.prepared)
-    labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
-    rows = data.read_jsonl(prepared / "eval.jsonl")
-    if cfg.eval.limit:
-        rows = rows[: cfg.eval.limit]
-    train_labels = [r["label"] for r in data.read_jsonl(prepared / "train.jsonl")]
-    generator = OnnxGenerator(cfg.paths.onnx)
-    generator.generate(rows[0]["prompt"], cfg.eval.max_new_tokens)  # warm-up, not timed
-
-    predictions, tokens, seconds = [], 0, 0.0
-    for row in tqdm(rows, desc="eval", unit="row"):
-        result = generator.generate(row["prompt"], cfg.eval.max_new_tokens)
-        tokens += result.new_tokens
-        seconds += result.seconds
-        predictions.append({"prompt": row["prompt"], "label": row["label"], "generation": result.text,
-                            "prediction": parse_label(result.text, labels)})
-    scores = classification_scores([p["label"] for p in predictions], [p["prediction"] for p in predictions], labels)
+    rows, labels, train = evaluation.load_rows(cfg)
+    # chat rows hold messages: every runtime gets the string the shipped model's chat template makes of them
+    prompts = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in rows]
+    log.info("judging %d rows of %s", len(rows), cfg.eval.path)
+    results = {}
+    for kind in ["onnx", *cfg.eval.compare]:
+        results[kind] = evaluation.judge_in_fresh_process(evaluation.job(kind, cfg, prompts))
+        log.info("%-7s judged in %.1f s: %.2f ms/token, %.0f MB peak", kind, results[kind]["eval_seconds"],
+                 results[kind]["ms_per_token"], results[kind]["peak_memory_mb"])
+    metrics, predictions = evaluation.summarize(rows, labels, train, results)
+    lines = evaluation.prediction_rows(rows, prompts, results, predictions)
     write_text_atomic(
         Path(cfg.paths.metrics) / "eval_predictions.jsonl",
-        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
     )
-    metrics = {
-        **scores,
-        "majority_baseline": majority_baseline(train_labels, [p["label"] for p in predictions]),
-        "ms_per_token": 1000 * seconds / tokens if tokens else 0.0,
-        "generated_tokens": tokens,
-    }
-    log.info("accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, %.2f ms/token",
-             metrics["accuracy"], metrics["majority_baseline"], metrics["macro_f1"], metrics["ms_per_token"])
+    matrix = evaluation.shipped_confusion(rows, labels, predictions)
+    png = Path(cfg.paths.plots) / "confusion_matrix.png"
+    plots.write_confusion_png(
+        matrix, labels, png,
+        f"ONNX model on {len(rows)} rows: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
+    )
+    plots.write_per_class_csv(metrics["per_class"], Path(cfg.paths.plots) / "per_class_f1.csv")
+    _log_media(tracking.current(), lines, labels, png)
+    for kind, scores in metrics["runtimes"].items():
+        log.info("%-7s accuracy %.3f, macro-F1 %.3f, unparsed %d, agrees with ONNX on %.1f%%", kind,
+                 scores["accuracy"], scores["macro_f1"], scores["unparsed"], 100 * scores["agreement_with_onnx"])
+    log.info("shipped ONNX: accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, TTFT %.1f ms, %.2f ms/token",
+             metrics["accuracy"], metrics["majority_baseline"], metrics["macro_f1"], metrics["ttft_ms"],
+             metrics["ms_per_token"])
     return metrics
+
+
+def _log_media(tracker: tracking.Tracker, lines: list[dict], labels: list[str], png: Path) -> None:
+    """The W&B confusion matrix and predictions table (the numbers go through stage.main)."""
+    if not tracker.active:
+        return
+    import wandb
+
+    others = [kind for kind in lines[0]["predictions"] if kind != "onnx"] if lines else []
+    table = wandb.Table(columns=["text", "label", "prediction", "generation", *(f"prediction_{k}" for k in others)])
+    for line in lines:
+        table.add_data(line["prompt"], line["label"], line["prediction"] or UNPARSED, line["generation"],
+                       *(line["predictions"][k] or UNPARSED for k in others))
+    classes = [*labels, UNPARSED]
+    truth = [classes.index(line["label"]) for line in lines]
+    predicted = [classes.index(line["prediction"] or UNPARSED) for line in lines]
+    tracker.log_media({
+        "eval/predictions": table,
+        "eval/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted, class_names=classes),
+        "eval/confusion_matrix_png": wandb.Image(str(png)),
+    })
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def run(cfg: DictConfig) -> dict:
             "retrain the adapter on this base (dvc repro train_qlora)"
         ) from None
     model.eval()
-    prompts = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]]
+    rows = data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]
+    prompts = [data.prompt_text(r["prompt"], cfg.paths.adapter) for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         adapter_logits = model(**batch).logits

@@ -3,6 +3,8 @@
 Reads: `data.path` (JSONL / JSON / CSV / Parquet), `data.*`, `seed`.
 Writes: data/prepared/{train,eval}.jsonl (prompt, completion, label), data/prepared/labels.json,
 metrics/data.json (rows read, duplicates dropped, per-label counts, majority baseline, overlap).
+With data.format=chat, prompt and completion are user/assistant messages: the model's chat
+template renders them (ortune.data.prompt_text), in training and at inference alike.
 
     python scripts/prepare_data.py data.eval_fraction=0.2
 """
@@ -24,16 +26,14 @@ log = logging.getLogger("ortune")
 def run(cfg: DictConfig) -> dict:
     spec = cfg.data
     rows = data.read_records(spec.path)
-    input_fields = data.template_fields(spec.template.prompt)
-    data.check_fields(rows, [*input_fields, *data.template_fields(spec.template.completion), spec.label_field], spec.path)
+    input_fields, output_fields, setting = data.input_output_fields(spec)
+    data.check_fields(rows, [*input_fields, *output_fields], spec.path, setting)
+    data.check_fields(rows, [spec.label_field], spec.path, "data.label_field")
     unique, duplicates = data.drop_duplicates(rows, input_fields)
     train_rows, eval_rows = data.stratified_split(unique, spec.label_field, spec.eval_fraction, cfg.seed)
 
-    def rendered(part: list[dict]) -> list[dict]:
-        return [data.render(r, spec.template.prompt, spec.template.completion, spec.label_field) for r in part]
-
-    train, evaluation = rendered(train_rows), rendered(eval_rows)
-    overlap = len({r["prompt"] for r in train} & {r["prompt"] for r in evaluation})
+    train, evaluation = [data.render_row(r, spec) for r in train_rows], [data.render_row(r, spec) for r in eval_rows]
+    overlap = len({data.prompt_key(r["prompt"]) for r in train} & {data.prompt_key(r["prompt"]) for r in evaluation})
     labels = sorted({r["label"] for r in train + evaluation})
     with atomic_dir(cfg.paths.prepared) as out:
         data.write_jsonl(train, out / "train.jsonl")

@@ -1,135 +1,97 @@
 """Stage 2: (Q)LoRA fine-tuning with TRL's SFTTrainer on the prepared prompt/completion pairs.
 
-Reads: models/base/, data/prepared/train.jsonl, `lora.*`, `train.*`, `seed`.
-Writes: models/adapter/ (PEFT adapter + tokenizer), metrics/train.json (final loss, steps,
-tokens/s), plots/train_loss.csv (the loss curve, a dvc plot).
+Reads: models/base/, data/prepared/{train,eval}.jsonl, `lora.*`, `train.*`, `seed`,
+`model.trust_remote_code`. Writes: models/adapter/ (PEFT adapter + tokenizer), metrics/train.json
+(losses, steps, tokens/s, padding waste), plots/train_loss.csv (the loss curve, a dvc plot).
 
-`train.method=qlora` loads the base in 4-bit nf4 (double quantization; runs on CPU too);
-`train.loss=completion` (default) trains on the label tokens only, `full` on the whole text.
+- `train.method=qlora` trains against the base loaded in 4-bit (bitsandbytes nf4, double
+  quantization; CPU and CUDA); merge later folds the adapter into the full-precision base.
+- `train.loss=completion` (default) trains on the answer tokens only, `full` on the whole text.
+- Checkpoints every `train.save_steps` go to models/.checkpoints/adapter-<fingerprint>/, outside the
+  outs DVC deletes: a run killed mid-training (SIGTERM: checkpoint at the next step; SIGKILL: the
+  last one) resumes on the next run with the same settings and inputs, and ends with the same adapter.
+- `train.num_processes=N` runs N processes (DDP) through torchrun or accelerate (ortune.launch).
 
-    python scripts/train_qlora.py lora.r=8
+    python scripts/train_qlora.py lora.r=8 train.method=qlora
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, modeling, stage, tracking
-from ortune.artifacts import atomic_dir, write_text_atomic
-from ortune.errors import OrtuneError
+from ortune import data, launch, modeling, tracking
+from ortune.artifacts import write_text_atomic
+from ortune.stage import Terminated
 
 log = logging.getLogger("ortune")
 
 
-def lora_config(cfg: DictConfig, model):
-    from peft import LoraConfig
-
-    linear = modeling.linear_module_names(model)
-    missing = [name for name in cfg.lora.target_modules if name not in linear]
-    if missing:
-        raise OrtuneError(
-            f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules are: {', '.join(sorted(linear))}"
-        )
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        bias=cfg.lora.bias,
-        target_modules=list(cfg.lora.target_modules),
-        modules_to_save=list(cfg.lora.modules_to_save) or None,
-        task_type="CAUSAL_LM",
-    )
-
-
-def sft_config(cfg: DictConfig, output_dir: str):
-    import torch
-    from trl import SFTConfig
-
-    t = cfg.train
-    return SFTConfig(
-        output_dir=output_dir,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        max_length=t.max_length,
-        logging_steps=t.logging_steps,
-        bf16=t.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        completion_only_loss=t.loss == "completion",
-        save_strategy="no",
-        report_to=["wandb"] if tracking.wandb_run_active() else "none",
-        dataloader_num_workers=0,
-    )
-
-
 def run(cfg: DictConfig) -> dict:
-    from datasets import Dataset
-    from trl import SFTTrainer
+    from transformers import set_seed
 
-    base = Path(cfg.paths.base_model)
-    train_rows = data.read_jsonl(Path(cfg.paths.prepared) / "train.jsonl")
-    if cfg.train.loss == "completion":
-        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
-    else:
-        dataset = Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in train_rows])
+    from ortune import training
+
+    world_size = launch.check_world_size(cfg.train)
+    base, prepared, adapter = Path(cfg.paths.base_model), Path(cfg.paths.prepared), Path(cfg.paths.adapter)
+    train_rows = data.read_jsonl(prepared / "train.jsonl")
+    eval_rows = data.read_jsonl(prepared / "eval.jsonl") if cfg.train.eval_strategy != "no" else []
+    code = [Path(__file__), Path(training.__file__), Path(modeling.__file__)]
+    checkpoints = training.checkpoint_dir(
+        adapter, training.fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "eval.jsonl", *code])
+    )
+    resume = training.resumable_checkpoint(checkpoints, world_size, tidy=launch.rank() == 0)
+
+    # seeded before the LoRA weights are initialised (inside the trainer, before it seeds itself)
+    set_seed(training.train_seed(cfg))
     tokenizer = modeling.load_tokenizer(base, cfg.model.trust_remote_code)
-    model = modeling.load_causal_lm(base, cfg.model.trust_remote_code, quantize_4bit=cfg.train.method == "qlora")
-    if cfg.train.method == "qlora":
-        from peft import prepare_model_for_kbit_training
+    model = training.load_model(cfg, base)
+    trainer = training.Trainer(
+        model=model,
+        args=training.sft_config(cfg, checkpoints, has_eval=bool(eval_rows)),
+        train_dataset=training.sft_dataset(train_rows),
+        eval_dataset=training.sft_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=training.peft_config(cfg.lora, model),
+    )
+    training.keep_adapter_dtype(cfg, trainer)
+    stopper = training.StopOnSigterm(can_save=cfg.train.save_steps > 0)
+    trainer.add_callback(stopper)
+    if tracking.current().active:
+        trainer.add_callback(training.TrackerCallback(tracking.current()))
+    if resume:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stopper.close()
+    seconds = time.perf_counter() - started
+    if stopper.stopped_at is not None:
+        saved = f"checkpoint saved in {checkpoints}" if cfg.train.save_steps else "no checkpoint (train.save_steps=0)"
+        log.warning("stopped by SIGTERM at step %d; %s; the next run resumes there", stopper.stopped_at, saved)
+        raise Terminated()
+    metrics = training.summary(trainer, result, seconds, resumed_from=training.checkpoint_step(resume) if resume else 0)
+    metrics["method"] = cfg.train.method
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-
-    with tempfile.TemporaryDirectory(prefix="ortune-train-") as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(cfg, scratch),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(cfg, model),
-        )
-        started = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - started
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    epochs = trainer.state.epoch or 0.0
-    tokens = sum(lengths) * epochs
-    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-
-    with atomic_dir(cfg.paths.adapter) as out:
-        trainer.model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    write_text_atomic(Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *history]))
-    return {
-        "final_loss": history[-1][1] if history else result.training_loss,
-        "mean_train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "epochs": epochs,
-        "train_seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
-        "method": cfg.train.method,
-    }
+    training.save_adapter(trainer, checkpoints / "final", adapter)
+    if trainer.is_world_process_zero():
+        write_text_atomic(Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *training.loss_history(trainer)]))
+        training.remove_checkpoints(checkpoints)
+    log.info("trained %d steps in %.1f s; padding waste %.1f%%", metrics["steps"], seconds, 100 * metrics["padding_waste"])
+    return metrics
 
 
 def _csv(rows) -> str:
-    import io
-
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
 
 
 if __name__ == "__main__":
-    stage.main("train_qlora", run, "train.json")
+    launch.main("train_qlora", run, "train.json", script=__file__)

@@ -56,7 +56,9 @@ class TemplateConfig:
 @dataclass
 class DataConfig:
     path: str = MISSING
-    format: str = MISSING
+    format: str = MISSING  # text | chat
+    input_column: str = MISSING
+    output_column: str = MISSING
     template: TemplateConfig = field(default_factory=TemplateConfig)
     label_field: str = MISSING
     eval_fraction: float = MISSING
@@ -67,40 +69,89 @@ class LoraConfig:
     r: int = MISSING
     alpha: int = MISSING
     dropout: float = MISSING
-    bias: str = MISSING
+    bias: str = MISSING  # none | all | lora_only
     target_modules: list[str] = MISSING
     modules_to_save: list[str] = MISSING
 
 
 @dataclass
+class QloraConfig:
+    quant_type: str = MISSING  # nf4 | fp4
+    double_quant: bool = MISSING
+    compute_dtype: str = MISSING  # float32 | bfloat16 | float16
+    quant_storage: str = MISSING  # uint8 | bfloat16 | float16 | float32
+
+
+@dataclass
 class TrainConfig:
     method: str = MISSING  # lora | qlora
+    qlora: QloraConfig = field(default_factory=QloraConfig)
     loss: str = MISSING  # completion | full
+    seed: Optional[int] = MISSING
+    data_seed: Optional[int] = MISSING
     learning_rate: float = MISSING
     lr_scheduler_type: str = MISSING
     warmup_ratio: float = MISSING
+    warmup_steps: int = MISSING
     num_train_epochs: float = MISSING
     max_steps: int = MISSING
     per_device_train_batch_size: int = MISSING
+    per_device_eval_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
-    max_length: int = MISSING
-    logging_steps: int = MISSING
-    bf16: bool = MISSING
     gradient_checkpointing: bool = MISSING
+    max_length: int = MISSING
+    group_by_length: bool = MISSING
+    logging_steps: int = MISSING
+    eval_strategy: str = MISSING  # no | steps | epoch
+    eval_steps: int = MISSING
+    save_steps: int = MISSING
+    save_total_limit: int = MISSING
+    adam_beta2: float = MISSING
+    max_grad_norm: float = MISSING
+    bf16: bool = MISSING
+    num_processes: int = MISSING
+    num_nodes: int = MISSING
+    node_rank: int = MISSING
+    master_addr: str = MISSING
+    master_port: int = MISSING
+    launcher: str = MISSING  # torchrun | accelerate
+    accelerate_config: Optional[str] = MISSING
 
 
 @dataclass
 class OnnxConfig:
-    execution_provider: str = MISSING
+    execution_provider: str = MISSING  # cpu | cuda | dml | webgpu; valid pairs with precision: ortune.builder_spec
+    # weight-only quantization (int4, int8), passed to the builder as its extra options
     block_size: int = MISSING
     accuracy_level: int = MISSING
+    algorithm: str = MISSING  # default | rtn | k_quant
+    quantize_ops: list[str] = MISSING  # MatMul, Gather
+    keep_float: list[str] = MISSING  # lm_head, embeddings
+    last_matmul_int8: bool = MISSING
+    extra_options: dict[str, str] = MISSING
+    adapter: str = MISSING  # merged | separate
+    extra_adapters: dict[str, str] = MISSING
     intra_op_num_threads: int = MISSING
+    parity_prompts: int = MISSING
+    min_label_agreement: float = MISSING
+    require_parity: bool = MISSING
+
+
+@dataclass
+class EvalLatencyConfig:
+    new_tokens: int = MISSING
+    warmup: int = MISSING
+    repeats: int = MISSING
 
 
 @dataclass
 class EvalConfig:
+    path: str = MISSING
     max_new_tokens: int = MISSING
     limit: int = MISSING
+    compare: list[str] = MISSING  # base | adapter | merged
+    batch_size: int = MISSING
+    latency: EvalLatencyConfig = field(default_factory=EvalLatencyConfig)
 
 
 @dataclass
@@ -157,9 +208,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | None
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise OrtuneError(
-            f"conf/: {_one_line(exc)} (check the override's spelling against conf/, or `make help`)"
-        ) from None
+        hint = _renamed_hint(_one_line(exc)) or " (check the override's spelling against conf/, or `make help`)"
+        raise OrtuneError(f"conf/: {_one_line(exc)}{hint}") from None
     return OmegaConf.to_container(cfg)
 
 
@@ -175,7 +225,8 @@ def validate(raw: dict, source: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         where = f" at '{key}'" if key else ""
-        raise OrtuneError(f"{source}: invalid setting{where}: {_one_line(exc)}") from None
+        hint = _renamed_hint(str(key))
+        raise OrtuneError(f"{source}: invalid setting{where}: {_one_line(exc)}{hint}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise OrtuneError(f"{source}: no value for {', '.join(missing)}; set it in conf/ (see conf/config.yaml)")
@@ -189,24 +240,171 @@ def validate(raw: dict, source: str) -> DictConfig:
 def _range_problems(cfg: DictConfig):
     if cfg.precision not in PRECISIONS:
         yield f"precision={cfg.precision} is unknown; use one of {', '.join(PRECISIONS)}"
-    if cfg.lora.r < 1:
-        yield f"lora.r={cfg.lora.r} must be >= 1"
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        yield f"lora.dropout={cfg.lora.dropout} must be in [0, 1)"
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         yield f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)"
     if cfg.model.source not in ("tiny", "hub"):
         yield f"model.source={cfg.model.source} must be 'tiny' or 'hub'"
-    if cfg.train.method not in ("lora", "qlora"):
-        yield f"train.method={cfg.train.method} must be 'lora' or 'qlora'"
-    if cfg.train.loss not in ("completion", "full"):
-        yield f"train.loss={cfg.train.loss} must be 'completion' or 'full'"
-    if cfg.data.format not in ("text",):
-        yield f"data.format={cfg.data.format} is not supported; use 'text'"
+    if cfg.data.format not in ("text", "chat"):
+        yield f"data.format={cfg.data.format} is not supported; use 'text' or 'chat'"
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         yield f"wandb.mode={cfg.wandb.mode} must be offline, online or disabled"
-    if cfg.train.max_length < 8:
-        yield f"train.max_length={cfg.train.max_length} must be >= 8"
+    yield from _lora_problems(cfg.lora)
+    yield from _train_problems(cfg.train)
+    yield from _eval_problems(cfg.eval)
+    yield from _onnx_problems(cfg.precision, cfg.onnx)
+
+
+# Schedulers that need no extra arguments (the others of transformers' SchedulerType fail without them).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+# Names other tools use for our settings: the Olive/CookBook names are the likeliest typos.
+RENAMED = {
+    "lora.lora_alpha": "lora.alpha", "lora.lora_r": "lora.r", "lora.lora_dropout": "lora.dropout",
+    "lora.lora_target_modules": "lora.target_modules", "train.evaluation_strategy": "train.eval_strategy",
+    "train.max_seq_length": "train.max_length", "train.max_seq_len": "train.max_length",
+    "train.torch_dtype": "train.qlora.compute_dtype", "train.compute_dtype": "train.qlora.compute_dtype",
+    "train.double_quant": "train.qlora.double_quant", "train.quant_type": "train.qlora.quant_type",
+    "train.bnb_4bit_compute_dtype": "train.qlora.compute_dtype", "train.bnb_4bit_quant_type": "train.qlora.quant_type",
+    "train.bnb_4bit_use_double_quant": "train.qlora.double_quant", "train.lr": "train.learning_rate",
+    "train.epochs": "train.num_train_epochs", "train.nproc_per_node": "train.num_processes",
+    "train.warmup": "train.warmup_ratio", "train.batch_size": "train.per_device_train_batch_size",
+}
+
+
+def _renamed_hint(message: str) -> str:
+    import re
+
+    for old, new in RENAMED.items():
+        if re.search(rf"(?<![\w.]){re.escape(old)}(?!\w)", message):
+            return f" (ortune calls it {new})"
+    return ""
+
+
+def _choice(key: str, value, choices) -> str | None:
+    if value not in choices:
+        return f"{key}={value} must be one of {', '.join(map(str, choices))}"
+    return None
+
+
+def _lora_problems(lora: DictConfig):
+    if lora.r < 1:
+        yield f"lora.r={lora.r} must be >= 1"
+    if lora.alpha <= 0:
+        yield f"lora.alpha={lora.alpha} must be > 0"
+    if not 0.0 <= lora.dropout < 1.0:
+        yield f"lora.dropout={lora.dropout} must be in [0, 1)"
+    if problem := _choice("lora.bias", lora.bias, ("none", "all", "lora_only")):
+        yield problem
+    if not lora.target_modules:
+        yield "lora.target_modules is empty; name the linear layers to adapt, e.g. [qkv_proj, o_proj]"
+
+
+def _train_problems(t: DictConfig):
+    choices = {
+        "method": ("lora", "qlora"), "loss": ("completion", "full"), "lr_scheduler_type": LR_SCHEDULERS,
+        "eval_strategy": ("no", "steps", "epoch"), "launcher": ("torchrun", "accelerate"),
+    }
+    for key, allowed in choices.items():
+        if problem := _choice(f"train.{key}", t[key], allowed):
+            yield problem
+    dtypes = ("float32", "bfloat16", "float16")
+    for key, allowed in {"quant_type": ("nf4", "fp4"), "compute_dtype": dtypes, "quant_storage": ("uint8", *dtypes)}.items():
+        if problem := _choice(f"train.qlora.{key}", t.qlora[key], allowed):
+            yield problem
+    minimum = {
+        "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+        "max_length": 8, "logging_steps": 1, "eval_steps": 1, "save_steps": 0, "save_total_limit": 1,
+        "warmup_steps": 0, "num_processes": 1, "num_nodes": 1, "node_rank": 0, "master_port": 1,
+    }
+    for key, low in minimum.items():
+        if t[key] < low:
+            yield f"train.{key}={t[key]} must be >= {low}"
+    if not t.learning_rate > 0:
+        yield f"train.learning_rate={t.learning_rate} must be > 0"
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        yield f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)"
+    if t.warmup_ratio and t.warmup_steps:
+        yield "train.warmup_ratio and train.warmup_steps are both set; set one of them to 0"
+    if not 0.0 < t.adam_beta2 < 1.0:
+        yield f"train.adam_beta2={t.adam_beta2} must be in (0, 1)"
+    if not t.max_grad_norm > 0:
+        yield f"train.max_grad_norm={t.max_grad_norm} must be > 0"
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        yield "train.num_train_epochs must be > 0 unless train.max_steps is set (> 0)"
+    if t.max_steps == 0 or t.max_steps < -1:
+        yield f"train.max_steps={t.max_steps} must be -1 (use num_train_epochs) or > 0"
+    if t.node_rank >= t.num_nodes:
+        yield f"train.node_rank={t.node_rank} must be < train.num_nodes={t.num_nodes}"
+    if t.accelerate_config and t.launcher != "accelerate":
+        yield f"train.accelerate_config={t.accelerate_config} needs train.launcher=accelerate"
+    if t.seed is not None and t.seed < 0 or t.data_seed is not None and t.data_seed < 0:
+        yield "train.seed and train.data_seed must be >= 0 (or null)"
+
+
+EVAL_COMPARABLE = ("base", "adapter", "merged")
+
+
+def _eval_problems(e: DictConfig):
+    unknown = [name for name in e.compare if name not in EVAL_COMPARABLE]
+    if unknown:
+        yield f"eval.compare: {', '.join(unknown)} unknown; list any of {', '.join(EVAL_COMPARABLE)} (or [])"
+    if len(set(e.compare)) != len(e.compare):
+        yield f"eval.compare={list(e.compare)} names a model twice"
+    minimum = {"max_new_tokens": 1, "limit": 0, "batch_size": 1, "latency.new_tokens": 2, "latency.warmup": 0,
+               "latency.repeats": 1}
+    for key, low in minimum.items():
+        value = OmegaConf.select(e, key)
+        if value < low:
+            yield f"eval.{key}={value} must be >= {low}"
+    if not e.path.strip():
+        yield "eval.path is empty; leave it at its default (the prepared eval split) or name a labelled file"
+
+
+def _onnx_problems(precision: str, o: DictConfig):
+    """The export settings, checked against what the installed builder accepts (before any stage runs)."""
+    from ortune import builder_spec, export
+
+    if problem := _choice("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
+        yield problem
+    elif precision in PRECISIONS:
+        spec = builder_spec.read_spec()
+        if o.execution_provider not in spec.valid_pairs.get(precision, ()):
+            yield (f"precision={precision} with onnx.execution_provider={o.execution_provider} is not a pair the "
+                   f"builder supports; valid pairs: {builder_spec.valid_pairs_text(spec)}")
+        elif reason := export.BROKEN_PAIRS.get((precision, o.execution_provider)):
+            yield f"precision={precision} with onnx.execution_provider={o.execution_provider}: {reason}"
+    for key, allowed in {"block_size": export.BLOCK_SIZES, "accuracy_level": (0, 1, 2, 3, 4),
+                         "algorithm": export.ALGORITHMS, "adapter": ("merged", "separate")}.items():
+        if problem := _choice(f"onnx.{key}", o[key], allowed):
+            legacy = export.LEGACY_ALGORITHMS.get(o[key]) if key == "algorithm" else None
+            yield f"{problem} ({o[key]} is a deprecated builder alias; use {legacy})" if legacy else problem
+    for key, allowed in {"quantize_ops": export.QUANTIZABLE_OPS, "keep_float": tuple(export.KEEP_FLOAT_NODES)}.items():
+        unknown = [item for item in o[key] if item not in allowed]
+        if unknown:
+            yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
+    if not o.quantize_ops:
+        yield "onnx.quantize_ops is empty; list MatMul (and Gather to quantize the embeddings too)"
+    if "Gather" in o.quantize_ops and o.algorithm != "default":
+        yield (f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
+               f"leaves it float with {o.algorithm}: set onnx.algorithm=default or drop Gather")
+    if "Gather" in o.quantize_ops and precision == "int8":
+        yield "onnx.quantize_ops: Gather (the embeddings) quantizes to int4 only; the builder leaves it float at int8, drop it"
+    if "embeddings" in o.keep_float and "Gather" not in o.quantize_ops:
+        yield "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops; drop it"
+    if o.last_matmul_int8 and "lm_head" in o.keep_float:
+        yield "onnx.last_matmul_int8=true quantizes lm_head to int8 but onnx.keep_float keeps it float; choose one"
+    for name in o.extra_options:
+        if problem := export.extra_option_problem(name):
+            yield f"onnx.extra_options.{name}: {problem}"
+    if o.extra_adapters and o.adapter != "separate":
+        yield "onnx.extra_adapters needs onnx.adapter=separate (adapters switch at run time only on an unmerged base)"
+    for name in o.extra_adapters:
+        if not name.isidentifier() or name == export.PIPELINE_ADAPTER:
+            yield f"onnx.extra_adapters.{name}: adapter names are identifiers other than '{export.PIPELINE_ADAPTER}'"
+    if not 0.0 <= o.min_label_agreement <= 1.0:
+        yield f"onnx.min_label_agreement={o.min_label_agreement} must be in [0, 1]"
+    for key in ("intra_op_num_threads", "parity_prompts"):
+        if o[key] < 0:
+            yield f"onnx.{key}={o[key]} must be >= 0 (0 = {'all cores' if key.startswith('intra') else 'every eval prompt'})"
 
 
 def declared_params(stage: str, dvc_yaml: Path | None = None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import string
@@ -66,14 +67,14 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def check_fields(rows: list[dict], fields: list[str], source: str) -> None:
-    """Every field the template names must exist and be non-empty in every row."""
+def check_fields(rows: list[dict], fields: list[str], source: str, setting: str = "data.template") -> None:
+    """Every field the template (or `setting`) names must exist and be non-empty in every row."""
     for index, row in enumerate(rows, start=1):
         for name in fields:
             if name not in row:
                 raise OrtuneError(
-                    f"{source}: row {index} has no field '{name}' named by data.template "
-                    f"(its fields: {', '.join(sorted(row))}); fix data.template or the file"
+                    f"{source}: row {index} has no field '{name}' named by {setting} "
+                    f"(its fields: {', '.join(sorted(row))}); fix {setting} or the file"
                 )
             if row[name] is None or not str(row[name]).strip():
                 raise OrtuneError(f"{source}: row {index} has an empty '{name}'; fill it in or remove the row")
@@ -117,12 +118,61 @@ def stratified_split(rows: list[dict], label_field: str, eval_fraction: float, s
     return train, evaluation
 
 
+def input_output_fields(spec) -> tuple[list[str], list[str], str]:
+    """The fields a row's prompt and completion come from (per data.format), and the setting naming them."""
+    if spec.format == "chat":
+        return [spec.input_column], [spec.output_column], "data.input_column/data.output_column"
+    return template_fields(spec.template.prompt), template_fields(spec.template.completion), "data.template"
+
+
+def render_row(row: dict, spec) -> dict:
+    """One prepared row in the configured data.format (spec = the `data` settings)."""
+    if spec.format == "chat":
+        return render_chat(row, spec.input_column, spec.output_column, spec.label_field)
+    return render(row, spec.template.prompt, spec.template.completion, spec.label_field)
+
+
 def render(row: dict, prompt_template: str, completion_template: str, label_field: str) -> dict:
     return {
         "prompt": prompt_template.format(**row),
         "completion": completion_template.format(**row),
         "label": str(row[label_field]),
     }
+
+
+def render_chat(row: dict, input_column: str, output_column: str, label_field: str) -> dict:
+    """A conversational prompt/completion pair (TRL's format): the model's own chat template renders it
+    at training and at inference time, so both see the same string."""
+    return {
+        "prompt": [{"role": "user", "content": str(row[input_column])}],
+        "completion": [{"role": "assistant", "content": str(row[output_column])}],
+        "label": str(row[label_field]),
+    }
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A hashable identity for a text or chat prompt (for overlap checks)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def prompt_text(prompt: str | list[dict], model_dir: str | Path) -> str:
+    """The exact string a model is prompted with: a text prompt as it is; a chat prompt (messages) through
+    the chat template saved in `model_dir`, ending with the assistant's turn opening, as in training."""
+    if isinstance(prompt, str):
+        return prompt
+    return _chat_tokenizer(str(model_dir)).apply_chat_template(
+        list(prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise OrtuneError(f"{model_dir}: the tokenizer has no chat template; use data.format=text for this model")
+    return tokenizer
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

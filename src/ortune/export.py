@@ -1,4 +1,5 @@
-"""ONNX export with onnxruntime-genai's model builder, and tuning of its genai_config.json."""
+"""ONNX export with onnxruntime-genai's model builder: its options, running it, checking what it
+emitted, and the runtime settings written beside the model (genai_config.json, ortune.json)."""
 
 from __future__ import annotations
 
@@ -11,62 +12,189 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ortune import builder_spec
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
 
-# What the builder can emit for each precision (measured with onnxruntime-genai 0.18).
-VALID_PROVIDERS = {
-    "fp32": ("cpu", "cuda"),
-    "fp16": ("cuda", "dml"),
-    "bf16": ("cuda",),
-    "int8": ("cpu", "cuda", "webgpu"),
-    "int4": ("cpu", "cuda", "dml", "webgpu"),
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("default", "rtn", "k_quant")
+# The builder's compound algo_config aliases, deprecated in favour of a method + matmul_mixed_precision.
+LEGACY_ALGORITHMS = {"rtn_last": "onnx.algorithm=rtn onnx.last_matmul_int8=true",
+                     "k_quant_last": "onnx.algorithm=k_quant onnx.last_matmul_int8=true"}
+QUANTIZABLE_OPS = ("MatMul", "Gather")
+# onnx.keep_float names -> the builder's node names for them (builders/base.py: nodes_to_exclude checks)
+KEEP_FLOAT_NODES = {"lm_head": "/lm_head/MatMul", "embeddings": "/model/embed_tokens/Gather"}
+# PEFT modules_to_save names -> the same nodes (an adapter that saves them in full must keep them float)
+SAVED_MODULE_NODES = {"lm_head": KEEP_FLOAT_NODES["lm_head"], "embed_tokens": KEEP_FLOAT_NODES["embeddings"]}
+QUANTIZED = ("int4", "int8")
+# The name the pipeline's own adapter gets beside an adapter=separate model.
+PIPELINE_ADAPTER = "default"
+TASK_FILE = "ortune.json"
+
+# Pairs the builder lists as valid but whose output is broken (found by building them here).
+BROKEN_PAIRS = {
+    ("fp32", "cuda"): "the builder (onnxruntime-genai 0.18) emits an invalid graph for this pair (packed Attention "
+                      "with its present.* outputs left unconnected); use precision=fp16 or bf16 for cuda",
+}
+# Builder options ortune sets from typed settings: setting them again through extra_options would
+# leave two places that disagree.
+MANAGED_OPTIONS = {
+    "block_size": "onnx.block_size", "accuracy_level": "onnx.accuracy_level", "algo_config": "onnx.algorithm",
+    "op_types_to_quantize": "onnx.quantize_ops", "nodes_to_exclude": "onnx.keep_float",
+    "matmul_mixed_precision": "onnx.last_matmul_int8", "adapter_path": "onnx.adapter",
+}
+# Real builder options that break what ortune ships (a model genai decodes in model.onnx).
+REFUSED_OPTIONS = {
+    "exclude_lm_head": "it deletes lm_head from the graph (no logits to decode); onnx.keep_float=[lm_head] keeps it unquantized",
+    "exclude_embeds": "it deletes the embeddings from the graph (inputs_embeds instead of input_ids); "
+                      "onnx.keep_float=[embeddings] keeps them unquantized",
+    "filename": "ortune ships the model as model.onnx",
+    "config_only": "ortune ships a built model, not a config",
+    "hf_remote": "set model.trust_remote_code instead",
 }
 
 
-def check_precision_provider(precision: str, provider: str) -> None:
-    if provider not in VALID_PROVIDERS.get(precision, ()):
-        pairs = "; ".join(f"{p}: {', '.join(eps)}" for p, eps in VALID_PROVIDERS.items())
-        raise OrtuneError(
-            f"precision={precision} with onnx.execution_provider={provider} is not a valid pair; valid pairs: {pairs}"
-        )
+def extra_option_problem(name: str) -> str | None:
+    """Why `name` cannot go into onnx.extra_options, or None."""
+    if name in MANAGED_OPTIONS:
+        return f"set through {MANAGED_OPTIONS[name]}, not extra_options"
+    if name in REFUSED_OPTIONS:
+        return f"not allowed: {REFUSED_OPTIONS[name]}"
+    return builder_spec.option_name_problem(name)
 
 
-def builder_options(cfg: DictConfig) -> dict[str, str]:
-    """Extra options for the builder; only quantization settings apply, and only to int4."""
-    if cfg.precision != "int4":
-        return {}
-    return {"block_size": str(cfg.onnx.block_size), "accuracy_level": str(cfg.onnx.accuracy_level)}
+def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """The builder's --extra_options for these settings. Quantization options only apply to int4/int8;
+    `keep_float_nodes` are more node names to leave unquantized (the LoRA paths of a separate adapter)."""
+    options: dict[str, str] = {}
+    if precision in QUANTIZED:
+        options["block_size"] = str(onnx.block_size)
+        if onnx.accuracy_level:
+            options["accuracy_level"] = str(onnx.accuracy_level)
+        options["algo_config"] = onnx.algorithm
+        options["op_types_to_quantize"] = "/".join(onnx.quantize_ops)
+        excluded = [KEEP_FLOAT_NODES[name] for name in onnx.keep_float] + list(keep_float_nodes)
+        if excluded:
+            options["nodes_to_exclude"] = ",".join(excluded)
+        if onnx.last_matmul_int8:
+            options["matmul_mixed_precision"] = "last_matmul:int8"
+    options.update({str(k): str(v) for k, v in onnx.extra_options.items()})
+    spec = builder_spec.read_spec()
+    for name in options:
+        if name not in spec.options:
+            setting = MANAGED_OPTIONS.get(name, f"onnx.extra_options.{name}")
+            raise OrtuneError(f"{setting}: the installed builder ({spec.source}) has no option '{name}'; "
+                              "check the onnxruntime-genai version against requirements.txt")
+    return options
 
 
-def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, options: dict[str, str], log_file: Path) -> None:
-    cache = out_dir.parent / f".{out_dir.name}.cache"
+def describe_options(options: dict[str, str]) -> dict[str, str]:
+    """The options for metrics and the model card: a long node list (LoRA paths) shortened to a count."""
+    described = dict(options)
+    nodes = options.get("nodes_to_exclude", "").split(",")
+    if len(nodes) > 4:
+        described["nodes_to_exclude"] = f"{len(nodes)} nodes: {', '.join(nodes[:2])}, ..., {nodes[-1]}"
+    return described
+
+
+def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, options: dict[str, str],
+                log_file: Path, adapter_dir: Path | None = None) -> None:
+    """Run the builder (through ortune.builder_shim, which fixes its LM-head detection) into out_dir."""
+    import shutil
+
+    out_dir, log_file = Path(out_dir), Path(log_file)
+    # the builder's scratch space for external-data files: inside the (temporary) output folder, so a
+    # killed build leaves nothing behind that the stage's leftover cleanup does not remove
+    cache = out_dir / ".builder-cache"
+    if adapter_dir is not None:
+        options = {**options, "adapter_path": str(adapter_dir)}
     command = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "ortune.builder_shim",
         "-i", str(model_dir), "-o", str(out_dir), "-p", precision, "-e", provider, "-c", str(cache),
     ]
     if options:
         command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
-    log.info("building %s/%s ONNX model (builder log: %s)", precision, provider, log_file)
-    with open(log_file, "w", encoding="utf-8") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    log.info("building %s/%s ONNX model from %s (builder log: %s)", precision, provider, model_dir, log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(log_file, "w", encoding="utf-8") as handle:
+            handle.write(" ".join(command) + "\n")
+            handle.flush()
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0:
-        tail = Path(log_file).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         raise OrtuneError(f"onnxruntime-genai builder failed ({' '.join(tail)[:300]}); full log: {log_file}")
+
+
+def model_file(model_dir: Path) -> Path:
+    genai = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))
+    return Path(model_dir) / genai["model"]["decoder"].get("filename", "model.onnx")
+
+
+def check_graph(model_dir: Path) -> dict:
+    """Structural check of the emitted graph, for every provider (no hardware needed): every node input
+    and graph output must be produced by something. Returns op counts and I/O element types."""
+    import onnx
+
+    path = model_file(model_dir)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    produced = {v.name for v in graph.input} | {i.name for i in graph.initializer} | {""}
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        produced.update(node.output)
+    dangling = [f"{node.name} input {name}" for node in graph.node for name in node.input if name not in produced]
+    dangling += [f"graph output {o.name}" for o in graph.output if o.name not in produced]
+    if dangling:
+        raise OrtuneError(f"{path}: the builder emitted an invalid graph ({len(dangling)} unconnected, first: "
+                          f"{dangling[0]}); this precision/provider pair does not build correctly")
+    types = {o.name: onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type).lower() for o in graph.output}
+    return {"ops": dict(sorted(ops.items())), "logits_dtype": types.get("logits")}
 
 
 def tune_genai_config(out_dir: Path, threads: int) -> int:
     """Decode on every core (genai uses one by default) and search greedily, as classification wants."""
-    path = out_dir / "genai_config.json"
+    path = Path(out_dir) / "genai_config.json"
     genai = json.loads(path.read_text(encoding="utf-8"))
     threads = threads or os.cpu_count() or 1
     session = genai["model"]["decoder"].setdefault("session_options", {})
     session["intra_op_num_threads"] = threads
-    genai["search"].update({"do_sample": False, "num_beams": 1, "top_k": 1})
+    # greedy: the label is the single most likely continuation; top_k=1 keeps it greedy even for an app
+    # that turns sampling on without choosing its own top_k
+    genai["search"].update({"do_sample": False, "num_beams": 1, "top_k": 1, "top_p": 1.0})
     genai["search"]["max_length"] = min(genai["model"]["context_length"], genai["search"]["max_length"])
     path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
     return threads
+
+
+def max_new_tokens(rows: list[dict], encode) -> int:
+    """Tokens the longest completion takes right after its prompt, plus the end token.
+
+    genai_config.json has no "new tokens" field (search.max_length counts the prompt too), so this
+    goes into ortune.json and the apps add it to each prompt's length."""
+    longest = 0
+    for row in rows:
+        prompt, completion = row["prompt_text"], row["completion_text"]
+        longest = max(longest, len(encode(prompt + completion)) - len(encode(prompt)))
+    return longest + 1
+
+
+def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters: dict[str, str]) -> dict:
+    """What an app needs to classify with the built model exactly as it was trained (ortune.json)."""
+    from ortune import data
+
+    spec: dict = {"format": data_cfg.format, "labels": labels, "max_new_tokens": new_tokens,
+                  "label_rule": "first non-empty line, stripped, lowercased; exact label, else the label it "
+                                "starts with (ortune.metrics.parse_label)",
+                  "adapters": adapters, "active_adapter": PIPELINE_ADAPTER if adapters else None}
+    if data_cfg.format == "text":
+        fields = data.template_fields(data_cfg.template.prompt)
+        spec["prompt_template"] = data_cfg.template.prompt
+        spec["input_field"] = fields[0] if len(fields) == 1 else None
+    return spec
 
 
 def folder_megabytes(folder: Path) -> float:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+# The confusion matrix's last column: generations that name no label.
+UNPARSED = "(unparsed)"
+
 
 def parse_label(generation: str, labels: list[str]) -> str | None:
     """The label a generation names, or None.
@@ -22,29 +25,59 @@ def parse_label(generation: str, labels: list[str]) -> str | None:
     return None
 
 
+def majority_label(train_labels: list[str]) -> str:
+    """The most frequent training label; ties go to the alphabetically first, so reruns agree."""
+    counts = Counter(train_labels)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
 def majority_baseline(train_labels: list[str], eval_labels: list[str]) -> float:
     """Accuracy of always answering the most frequent training label on the eval labels."""
-    if not eval_labels:
+    if not eval_labels or not train_labels:
         return 0.0
-    majority = Counter(train_labels).most_common(1)[0][0]
+    majority = majority_label(train_labels)
     return sum(label == majority for label in eval_labels) / len(eval_labels)
 
 
-def classification_scores(truth: list[str], predicted: list[str | None], labels: list[str]) -> dict:
-    """Accuracy and macro-F1 over `labels`; an unparsed prediction (None) counts as wrong."""
-    total = len(truth)
-    correct = sum(t == p for t, p in zip(truth, predicted))
-    f1s = []
+def per_class_scores(truth: list[str], predicted: list[str | None], labels: list[str]) -> dict[str, dict]:
+    """Precision, recall, F1 and support of each label (0.0 where undefined, as scikit-learn's zero_division=0)."""
+    scores = {}
     for label in labels:
         tp = sum(t == label and p == label for t, p in zip(truth, predicted))
         fp = sum(t != label and p == label for t, p in zip(truth, predicted))
         fn = sum(t == label and p != label for t, p in zip(truth, predicted))
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
-        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    return scores
+
+
+def classification_scores(truth: list[str], predicted: list[str | None], labels: list[str]) -> dict:
+    """Accuracy and macro-F1 over `labels`; an unparsed prediction (None) counts as wrong."""
+    total = len(truth)
+    correct = sum(t == p for t, p in zip(truth, predicted))
+    f1s = [s["f1"] for s in per_class_scores(truth, predicted, labels).values()]
     return {
         "accuracy": correct / total if total else 0.0,
         "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
         "unparsed": sum(p is None for p in predicted),
         "n": total,
     }
+
+
+def confusion_matrix(truth: list[str], predicted: list[str | None], labels: list[str]) -> list[list[int]]:
+    """counts[i][j]: rows whose true label is labels[i] and prediction labels[j]; the extra last
+    column counts unparsed generations, so every row sums to that label's support."""
+    column = {label: j for j, label in enumerate(labels)}
+    counts = [[0] * (len(labels) + 1) for _ in labels]
+    for t, p in zip(truth, predicted):
+        counts[column[t]][column[p] if p is not None else len(labels)] += 1
+    return counts
+
+
+def agreement(first: list[str | None], second: list[str | None]) -> float:
+    """Share of rows on which two models give the same parsed label (both unparsed counts as the same)."""
+    if len(first) != len(second):
+        raise ValueError(f"cannot compare {len(first)} predictions with {len(second)}")
+    return sum(a == b for a, b in zip(first, second)) / len(first) if first else 0.0

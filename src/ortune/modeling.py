@@ -129,21 +129,28 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, quantize_4bit: bool = False):
-    """Full-precision (fp32) model, or 4-bit nf4 with double quantization for QLoRA."""
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, quantization: DictConfig | None = None):
+    """The base in full precision (fp32), or in 4-bit for QLoRA when `quantization` (train.qlora) is given.
+
+    bitsandbytes 4-bit runs forward and backward on CPU too; on CUDA each process holds its own copy
+    on its own GPU (DDP), so the model is placed on this process's device.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if quantize_4bit:
+    if quantization is not None:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+            bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage),
         )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 

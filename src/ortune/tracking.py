@@ -39,6 +39,14 @@ class Tracker:
             for key, value in metrics.items():
                 self._run.summary[key] = value
 
+    def log_media(self, items: dict) -> None:
+        """Tables, charts and images: anything wandb.log takes."""
+        if self._run is not None:
+            self._run.log(items)
+
+
+_current: Tracker | None = None
+
 
 def resolve_mode(configured: str) -> str:
     mode = os.environ.get("WANDB_MODE") or configured
@@ -100,15 +108,17 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
         # credentials but no reachable server: results matter more than the dashboard
         log.warning("W&B online init failed (%s): logging offline instead", type(exc).__name__)
         run = wandb.init(mode="offline", **init_args)
+    global _current
+    _current = Tracker(run)
     try:
-        yield Tracker(run)
+        yield _current
     finally:
+        _current = None
         run.finish()
 
 
-def wandb_run_active() -> bool:
-    """True inside open_run with W&B on: the trainer then reports loss and learning rate to that run."""
-    import sys
+def current() -> Tracker:
+    """The open run's tracker (inactive outside open_run or with W&B off): for media a stage logs
+    itself, like eval's predictions table. wandb.run is no help: reinit="create_new" leaves it None."""
+    return _current or Tracker()
 
-    wandb = sys.modules.get("wandb")
-    return wandb is not None and getattr(wandb, "run", None) is not None

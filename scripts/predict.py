@@ -1,0 +1,73 @@
+"""Classify phrases with the built ONNX model: one phrase, a file of phrases, or lines on stdin.
+
+    python scripts/predict.py "cricket is a wonderful sport!"      # prints the label
+    python scripts/predict.py --file phrases.txt                    # label<TAB>phrase per line
+    cat phrases.txt | python scripts/predict.py                     # the same, from stdin
+    make predict TEXT="cricket is a wonderful sport!"
+
+The prompt is rendered as in training (models/onnx/ortune.json), decoded greedily for at most the
+longest label plus the end token, and turned into a label by ortune.metrics.parse_label. A
+generation that names no label prints as `?` (`--show` prints what the model said). Exit status 2
+on bad input (missing model, empty file). No torch/transformers import: starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ortune.app import DEFAULT_MODEL, App
+from ortune.errors import OrtuneError
+
+UNPARSED = "?"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Classify phrases with the built ONNX model.")
+    parser.add_argument("text", nargs="*", help="phrase(s) to classify; none: read --file or stdin")
+    parser.add_argument("--file", type=Path, help="a UTF-8 text file, one phrase per line")
+    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help=f"model folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", default="auto",
+                        help="adapter to activate (onnx.adapter=separate builds); default: the pipeline's own; 'none': the bare base")
+    parser.add_argument("--show", action="store_true", help="also print the raw generation")
+    return parser.parse_args(argv)
+
+
+def phrases(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """The phrases to classify, and whether to print each beside its label (more than a single argument)."""
+    if args.text and args.file:
+        raise OrtuneError("give phrases as arguments or --file, not both")
+    if args.text:
+        return [" ".join(args.text)], False
+    if args.file:
+        if not args.file.is_file():
+            raise OrtuneError(f"--file {args.file}: no such file")
+        lines = args.file.read_text(encoding="utf-8").splitlines()
+    else:
+        if sys.stdin.isatty():
+            raise OrtuneError('nothing to classify: pass a phrase ("..."), --file FILE, or lines on stdin')
+        lines = sys.stdin.read().splitlines()
+    lines = [line.strip() for line in lines if line.strip()]
+    if not lines:
+        raise OrtuneError(f"{args.file or 'stdin'}: no phrases (one per line, blank lines skipped)")
+    return lines, True
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+        texts, tabular = phrases(args)
+        app = App(args.model, adapter=None if args.adapter == "none" else args.adapter)
+        for text in texts:
+            label, raw = app.classify(text)
+            fields = [label or UNPARSED] + ([repr(raw)] if args.show else []) + ([text] if tabular else [])
+            print("\t".join(fields), flush=True)
+    except OrtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

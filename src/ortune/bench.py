@@ -1,0 +1,663 @@
+"""`make bench`: decode speed of the shipped int4 model against PyTorch and the memory-bandwidth
+floor, and the pipeline's own overheads. Writes bench/results.json and bench/results.md.
+
+Decode: a random Phi-3-shaped bench model (hidden 1024, 16 layers, vocab 32064, ~271M parameters),
+built locally from a seed, exported by ortune's own build_onnx stage at int4 (ortune's defaults),
+int8 and fp32, and timed beside PyTorch fp32 and bf16 `generate`: batch 1, greedy, exactly 64 new
+tokens (the end token is suppressed), engines interleaved round-robin, warm-up rounds first, then
+the median of the repeats. ms/token is the steady decode step, (t_last - t_first) / 63: the prompt
+and the first token are not in it (first-token latency is in results.json).
+
+Floor: a decode step must read every weight it multiplies by once, plus the KV cache so far, so
+    floor ms/token = bytes read per token / copy bandwidth (measured in the same run).
+Bytes read per token are counted from the model itself: every ONNX initializer (PyTorch parameter)
+in full, except tables only indexed by the token or its position (the embedding Gather, the
+rotary cos/sin caches), of which one row is read; plus the mean KV cache read over the 64 steps.
+Activations, logits and KV writes (a few hundred KB) are left out, so the floor is a bound.
+
+Pipeline: `make all` on the tiny default from a clean throwaway clone of this working tree (wall
+time, imports included, and time per stage from the timestamps of DVC's "Running stage" lines), a
+no-op `dvc repro`, training tokens/s and padding waste (from the run's metrics/train.json), and
+the label agreement of the shipped int4 model with PyTorch on the eval split. QUICK skips it
+(`make test` runs the same pipeline end to end) and uses a smaller model and fewer repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / "bench" / ".cache"
+PROMPT = "### Text: I finally got the job offer I was hoping for!\n### The tone is:\n"
+NEW_TOKENS = 64
+REFERENCE = "torch fp32"
+GOALS = {"speedup_vs_torch_fp32": 7.0, "percent_of_floor": 85.0, "make_all_s": 90.0, "noop_repro_s": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    vocab_size: int = 32064
+    max_position_embeddings: int = 4096
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+FULL = BenchModel()
+QUICK = BenchModel(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    name: str
+    runtime: str  # genai | torch
+    precision: str  # int4 | int8 | fp32 | bf16
+    overrides: tuple[str, ...] = ()  # Hydra overrides for build_onnx (conf/onnx), genai only
+
+
+def default_engines(variants: list[str] = ()) -> list[Engine]:
+    """The five engines of the issue, plus one genai int4 engine per variant ("k=v k2=v2")."""
+    engines = [
+        Engine("genai int4", "genai", "int4"),
+        Engine("genai int8", "genai", "int8"),
+        Engine("genai fp32", "genai", "fp32"),
+        Engine("torch fp32", "torch", "fp32"),
+        Engine("torch bf16", "torch", "bf16"),
+    ]
+    for variant in variants:
+        overrides = tuple(variant.split())
+        engines.insert(1, Engine(f"genai int4 {' '.join(overrides)}", "genai", "int4", overrides))
+    return engines
+
+
+# ---------------------------------------------------------------- machine and memory bandwidth
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    except (OSError, AttributeError):
+        mem_kb = 0
+    import numpy
+    import onnxruntime
+    import onnxruntime_genai
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kb / 2**20, 1),
+        "gpu": "none used (CPU only; no GPU lent to this run)",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                     "onnxruntime_genai": onnxruntime_genai.__version__, "numpy": numpy.__version__},
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 9, threads: int | None = None) -> float:
+    """Median copy bandwidth in bytes/s, counting bytes read + bytes written (STREAM's convention),
+    of a large numpy copy split over `threads` threads (numpy releases the GIL while copying)."""
+    import numpy as np
+
+    threads = threads or os.cpu_count() or 1
+    size = megabytes * 2**20
+    source = np.ones(size, dtype=np.uint8)
+    target = np.zeros_like(source)
+    bounds = [size * i // threads for i in range(threads + 1)]
+    pairs = [(target[a:b], source[a:b]) for a, b in zip(bounds, bounds[1:])]
+    seconds = []
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=pair) for pair in pairs]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        seconds.append(time.perf_counter() - started)
+    return 2 * size / statistics.median(seconds)
+
+
+def floor_ms(bytes_per_token: float, bandwidth: float) -> float:
+    return 1000.0 * bytes_per_token / bandwidth
+
+
+# ---------------------------------------------------------------- bytes read per token
+
+# (op type, input index) of tables read one row per token: the token's embedding, its rotary angles.
+ROW_READS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3),
+             ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
+
+
+def onnx_weight_bytes(model_path: Path) -> dict:
+    """Bytes of the ONNX initializers a decode step reads: all in full, except those only row-gathered
+    (one row each). Shapes come from the graph; external weight data is never loaded."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    users: dict[str, set] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            users.setdefault(name, set()).add((node.op_type, index))
+    full = rows = stored = 0
+    for tensor in graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else \
+            8 * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        nbytes = count * bits // 8
+        stored += nbytes
+        if users.get(tensor.name) and users[tensor.name] <= ROW_READS and tensor.dims:
+            rows += nbytes // tensor.dims[0]
+        else:
+            full += nbytes
+    return {"stored": stored, "read_in_full": full, "rows_gathered": rows, "per_token": full + rows}
+
+
+def torch_weight_bytes(model) -> dict:
+    """As onnx_weight_bytes, for a transformers model: the input embedding is gathered (one row)."""
+    embedding = model.get_input_embeddings().weight
+    full = rows = stored = 0
+    for parameter in model.parameters():
+        nbytes = parameter.numel() * parameter.element_size()
+        stored += nbytes
+        if parameter is embedding:
+            rows += nbytes // parameter.shape[0]
+        else:
+            full += nbytes
+    return {"stored": stored, "read_in_full": full, "rows_gathered": rows, "per_token": full + rows}
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype_bytes: int, prompt_tokens: int,
+                       new_tokens: int = NEW_TOKENS) -> float:
+    """Mean KV cache bytes read by one decode step over the timed steps (keys and values of every
+    earlier position, every layer). Step i (1..new_tokens-1) attends over prompt_tokens + i positions."""
+    mean_positions = prompt_tokens + new_tokens / 2
+    return 2 * layers * kv_heads * head_size * dtype_bytes * mean_positions
+
+
+# ---------------------------------------------------------------- building the bench models
+
+
+def dataset_texts() -> list[str]:
+    from ortune import data
+
+    rows = data.read_records(REPO / "data/raw/tones.jsonl")
+    return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in rows]
+
+
+def build_hf_model(spec: BenchModel, out_dir: Path) -> Path:
+    """A random Phi3ForCausalLM of `spec`'s shape with the tiny byte-level tokenizer (the model's
+    vocab is larger than the tokenizer's, as in Phi-3 itself). Cached by the spec's hash."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    from ortune.artifacts import atomic_dir
+    from ortune.modeling import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(dataset_texts(), 1024)
+    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
+    config = Phi3Config(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
+        original_max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = Phi3ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+# What shapes the exported graph and its genai_config.json (a change rebuilds the cached bench models).
+BUILD_SOURCES = ("scripts/build_onnx.py", "src/ortune/export.py", "src/ortune/builder_shim.py", "src/ortune/builder_spec.py")
+
+
+def compose_build(precision: str, overrides: tuple[str, ...]) -> dict:
+    from ortune import config
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return config.compose([f"precision={precision}", *overrides])
+    finally:
+        os.chdir(cwd)
+
+
+def build_key(precision: str, overrides: tuple[str, ...]) -> str:
+    """What an ONNX build depends on: ortune's composed onnx settings and the code that applies them."""
+    import onnxruntime_genai
+
+    composed = compose_build(precision, overrides)
+    digest = hashlib.sha256(json.dumps([composed["precision"], composed["onnx"]], sort_keys=True).encode())
+    for source in BUILD_SOURCES:
+        if (REPO / source).is_file():
+            digest.update((REPO / source).read_bytes())
+    digest.update(onnxruntime_genai.__version__.encode())
+    return digest.hexdigest()[:10]
+
+
+def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...]]], log=print) -> None:
+    """Export every {out_dir: (precision, overrides)} not cached yet, concurrently (the builds are mostly
+    single-threaded Python), with ortune's own build_onnx stage: the bench measures exactly what ortune
+    ships (builder options and the runtime settings it writes). Paths are redirected to a one-prompt
+    prepared split; parity with PyTorch is reported but not required (a random model has no labels)."""
+    pending = {out: build for out, build in builds.items() if not (out / "genai_config.json").is_file()}
+    if not pending:
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="ortune-bench-build-"))
+    try:
+        prepared = scratch / "prepared"
+        prepared.mkdir()
+        row = json.dumps({"prompt": PROMPT, "completion": "joy", "label": "joy"}) + "\n"
+        for split in ("train", "eval"):
+            (prepared / f"{split}.jsonl").write_text(row, encoding="utf-8")
+        (prepared / "labels.json").write_text('["joy"]\n', encoding="utf-8")
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        env.pop("DVC_STAGE", None)
+        processes = {}
+        for index, (out, (precision, overrides)) in enumerate(pending.items()):
+            onnx_settings = compose_build(precision, overrides)["onnx"]
+            relaxed = [f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1))
+                       if k in onnx_settings]
+            paths = {"merged": hf_dir, "base_model": hf_dir, "onnx": out, "prepared": prepared,
+                     "metrics": scratch / f"metrics-{index}", "adapter": scratch / "adapter", "plots": scratch / "plots"}
+            command = [sys.executable, "scripts/build_onnx.py", f"precision={precision}", *relaxed, *overrides,
+                       *(f"paths.{key}={value}" for key, value in paths.items())]
+            log(f"  building {precision} {' '.join(overrides)} -> {out.name}")
+            processes[out] = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                              stderr=open(scratch / f"build-{index}.log", "w"))
+        failed = []
+        for index, (out, process) in enumerate(processes.items()):
+            if process.wait() != 0:
+                failed.append(f"{out.name}: {(scratch / f'build-{index}.log').read_text()[-2000:]}")
+        if failed:
+            raise RuntimeError("building the bench models failed:\n" + "\n".join(failed))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class GenaiRunner:
+    def __init__(self, model_dir: Path):
+        from ortune.generation import OnnxGenerator
+
+        self.dir = model_dir
+        self.generator = OnnxGenerator(model_dir)
+        genai = json.loads((model_dir / "genai_config.json").read_text())
+        decoder = genai["model"]["decoder"]
+        self.settings = {"session_options": {k: v for k, v in decoder.get("session_options", {}).items()
+                                             if k not in ("log_id", "provider_options")}}
+        self.settings.update(_quantization_attributes(model_dir / decoder.get("filename", "model.onnx")))
+        self.weights = onnx_weight_bytes(model_dir / decoder.get("filename", "model.onnx"))
+        self.kv = dict(layers=decoder["num_hidden_layers"], kv_heads=decoder["num_key_value_heads"],
+                       head_size=decoder["head_size"], dtype_bytes=4)  # CPU genai models keep an fp32 KV cache
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.generator.encode(prompt))
+
+    def token_times(self, prompt: str, new_tokens: int) -> list[float]:
+        return self.generator.token_times(prompt, new_tokens)
+
+
+class TorchRunner:
+    def __init__(self, hf_dir: Path, precision: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ortune.generation import TorchGenerator
+        from ortune.modeling import load_tokenizer
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, use_safetensors=True)
+        self.generator = TorchGenerator(model, load_tokenizer(hf_dir))
+        self.settings = {"dtype": str(dtype), "threads": torch.get_num_threads()}
+        self.weights = torch_weight_bytes(model)
+        config = model.config
+        self.kv = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+                       head_size=config.hidden_size // config.num_attention_heads,
+                       dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.generator.encode(prompt))
+
+    def token_times(self, prompt: str, new_tokens: int) -> list[float]:
+        return self.generator.token_times(prompt, new_tokens)
+
+
+def _quantization_attributes(model_path: Path) -> dict:
+    """block_size / accuracy_level of the model's MatMulNBits nodes, and their op counts."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    attributes: dict = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.op_type == "MatMulNBits" and not attributes:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                          if a.name in ("block_size", "accuracy_level", "bits")}
+    return {"quantization": attributes, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+def decode_round_robin(runners: dict, prompt: str, new_tokens: int, warmup: int, repeats: int,
+                       log=print) -> dict[str, list[dict]]:
+    """Every engine decodes `new_tokens` in turn, round after round: slow drifts of a shared machine hit
+    all engines alike. The first `warmup` rounds are dropped."""
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    for round_index in range(warmup + repeats):
+        last = {}
+        for name, runner in runners.items():
+            times = runner.token_times(prompt, new_tokens)
+            if len(times) != new_tokens:
+                raise RuntimeError(f"{name} produced {len(times)} tokens instead of {new_tokens}")
+            last[name] = summarize_run(times)
+            if round_index >= warmup:
+                runs[name].append(last[name])
+        log(f"  round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}: "
+            + ", ".join(f"{name} {run['ms_per_token']:.2f}" for name, run in last.items()) + " ms/token")
+    return runs
+
+
+def summarize_run(times: list[float]) -> dict:
+    """One run's per-token clock -> first-token latency and the steady decode step."""
+    steps = len(times) - 1
+    return {"first_token_ms": 1000 * times[0], "total_ms": 1000 * times[-1],
+            "ms_per_token": 1000 * (times[-1] - times[0]) / steps}
+
+
+def decode_table(runs: dict[str, list[dict]], info: dict[str, dict], bandwidth: float) -> list[dict]:
+    """Median over repeats per engine, with its floor and the ratio to PyTorch fp32."""
+    rows = []
+    for name, engine_runs in runs.items():
+        ms = statistics.median(r["ms_per_token"] for r in engine_runs)
+        bytes_per_token = info[name]["bytes_per_token"]
+        floor = floor_ms(bytes_per_token, bandwidth)
+        rows.append({
+            "engine": name,
+            "tokens_per_s": 1000 / ms,
+            "ms_per_token": ms,
+            "ms_per_token_min": min(r["ms_per_token"] for r in engine_runs),
+            "first_token_ms": statistics.median(r["first_token_ms"] for r in engine_runs),
+            "bytes_per_token": bytes_per_token,
+            "floor_ms_per_token": floor,
+            "percent_of_floor": 100 * floor / ms,
+            **{k: v for k, v in info[name].items() if k != "bytes_per_token"},
+        })
+    reference = next((r["ms_per_token"] for r in rows if r["engine"] == REFERENCE), None)
+    for row in rows:
+        row["speedup_vs_torch_fp32"] = reference / row["ms_per_token"] if reference else None
+    return rows
+
+
+def run_decode(spec: BenchModel, engines: list[Engine], warmup: int, repeats: int, log=print) -> dict:
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    hf_dir = build_hf_model(spec, CACHE / f"hf-{spec.key()}")
+    onnx_dirs = {e.name: CACHE / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides)}"
+                 for e in engines if e.runtime == "genai"}
+    build_onnx_models(hf_dir, {onnx_dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in onnx_dirs}, log)
+    seconds["build_models"] = time.perf_counter() - started
+    runners: dict = {}
+    info: dict[str, dict] = {}
+    for engine in engines:
+        runner = GenaiRunner(onnx_dirs[engine.name]) if engine.runtime == "genai" else TorchRunner(hf_dir, engine.precision)
+        prompt_tokens = runner.prompt_tokens(PROMPT)
+        kv = kv_bytes_per_token(**runner.kv, prompt_tokens=prompt_tokens)
+        info[engine.name] = {"weight_bytes": runner.weights, "kv_bytes_per_token": kv,
+                             "bytes_per_token": runner.weights["per_token"] + kv, "settings": runner.settings}
+        runners[engine.name] = runner
+        log(f"  {engine.name}: {runner.weights['per_token'] / 1e6:.0f} MB of weights read per token")
+    seconds["load_models"] = time.perf_counter() - started - seconds["build_models"]
+    prompt_tokens = next(iter(runners.values())).prompt_tokens(PROMPT)
+    bandwidth_before = copy_bandwidth()
+    decode_started = time.perf_counter()
+    runs = decode_round_robin(runners, PROMPT, NEW_TOKENS, warmup, repeats, log)
+    seconds["decode"] = time.perf_counter() - decode_started
+    bandwidth_after = copy_bandwidth()
+    bandwidth = max(bandwidth_before, bandwidth_after)
+    params = sum(p.numel() for p in runners[REFERENCE].generator.model.parameters()) if REFERENCE in runners else None
+    return {
+        "model": {**dataclasses.asdict(spec), "parameters": params, "prompt_tokens": prompt_tokens},
+        "new_tokens": NEW_TOKENS, "warmup_rounds": warmup, "repeats": repeats,
+        "copy_bandwidth_gb_s": {"used": bandwidth / 1e9, "before": bandwidth_before / 1e9,
+                                "after": bandwidth_after / 1e9},
+        "engines": decode_table(runs, info, bandwidth),
+        "runs": runs,
+        "seconds": seconds,
+    }
+
+
+# ---------------------------------------------------------------- pipeline overheads
+
+
+def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Per-stage wall time from timestamped output lines: a stage runs from its "Running stage"
+    line to the next one, or to the first DVC line after it that closes the run (else `end`)."""
+    marks = [(t, m.group(1)) for t, line in lines if (m := re.search(r"Running stage '([^']+)'", line))]
+    closing = [t for t, line in lines if re.match(r"(Ran experiment|Reproduced experiment|Use `dvc|To promote)", line.strip())]
+    result = {}
+    for index, (started, name) in enumerate(marks):
+        if index + 1 < len(marks):
+            stop = marks[index + 1][0]
+        else:
+            stop = min([t for t in closing if t > started] or [end])
+        result[name] = stop - started
+    return result
+
+
+def timed_lines(command: list[str], cwd: Path, env: dict) -> tuple[int, float, list[tuple[float, str]]]:
+    """Run a command, timestamping each output line as it arrives (relative to the start)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1)
+    lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in process.stdout]
+    status = process.wait()
+    return status, time.perf_counter() - started, lines
+
+
+def throwaway_clone(root: Path) -> tuple[Path, dict]:
+    """A git clone of this repo at root/ortune holding the working tree's current files (tracked and
+    new, not ignored), its own DVC cache and config, and this checkout's .venv (symlinked)."""
+    clone = root / "ortune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (REPO / name).is_file() and name.split("/")[0] not in ("metrics", "plots", "bench"):
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    home = root / "home"
+    env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "DVC_SITE_CACHE_DIR": str(home / "dvc-site"), "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+           "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "WANDB_MODE": "offline",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@ortune", "GIT_COMMITTER_NAME": "bench",
+           "GIT_COMMITTER_EMAIL": "bench@ortune"}
+    for name in ("DVC_STAGE", "DVC_ROOT", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    subprocess.run(["git", "add", "-A"], cwd=clone, env=env, check=True)
+    subprocess.run(["git", "commit", "-qm", "bench state", "--allow-empty"], cwd=clone, env=env, check=True)
+    return clone, env
+
+
+def run_pipeline(log=print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ortune-bench-pipeline-") as scratch:
+        clone, env = throwaway_clone(Path(scratch))
+        make = ["make", "-o", ".venv/.installed"]  # the venv is this checkout's (symlinked), never reinstalled
+        log("  make all (tiny default, clean clone) ...")
+        status, wall, lines = timed_lines([*make, "all"], clone, env)
+        if status != 0:
+            raise RuntimeError("make all failed in the throwaway clone:\n" + "\n".join(l for _, l in lines[-30:]))
+        noop, reran = [], set()
+        for _ in range(3):
+            status, seconds, repro_lines = timed_lines([str(clone / ".venv/bin/dvc"), "repro"], clone, env)
+            noop.append(seconds)
+            reran |= set(stage_seconds(repro_lines, seconds))
+        _, noop_make_all, _ = timed_lines([*make, "all"], clone, env)
+        train = _read_json(clone / "metrics/train.json")
+        parity = _read_json(clone / "metrics/onnx.json").get("parity") or {}
+        return {
+            "make_all_s": wall,
+            "stages_s": stage_seconds(lines, wall),
+            "outside_stages_s": wall - sum(stage_seconds(lines, wall).values()),
+            "noop_repro_s": statistics.median(noop),
+            "noop_repro_runs_s": noop,
+            "noop_repro_reran": sorted(reran),
+            "noop_make_all_s": noop_make_all,
+            "train_tokens_per_s": train.get("tokens_per_second"),
+            "train_seconds": train.get("train_seconds"),
+            "padding_waste": train.get("padding_waste"),
+            # build_onnx's own parity check: greedy labels of the shipped model vs the merged PyTorch model
+            "label_agreement": {"int4_vs_torch_fp32": parity.get("label_agreement"), "n": parity.get("prompts")},
+            "eval_accuracy": _read_json(clone / "metrics/eval.json").get("accuracy"),
+        }
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------- report
+
+
+def render_markdown(results: dict) -> str:
+    machine = results["machine"]
+    decode = results["decode"]
+    model = decode["model"]
+    lines = [
+        f"Measured {results['date']} on {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
+        f"CPU only{' (QUICK: small model, few repeats)' if results['quick'] else ''}.",
+        "",
+        f"Decode, batch 1, greedy, {decode['new_tokens']} new tokens, random Phi-3-shaped model "
+        f"(hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, vocab {model['vocab_size']}, "
+        f"{(model['parameters'] or 0) / 1e6:.0f}M parameters); median of {decode['repeats']} interleaved runs after "
+        f"{decode['warmup_rounds']} warm-up rounds. Floor = bytes read per token / copy bandwidth "
+        f"({decode['copy_bandwidth_gb_s']['used']:.1f} GB/s, measured in the same run).",
+        "",
+        "| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in decode["engines"]:
+        speedup = f"{row['speedup_vs_torch_fp32']:.2f}×" if row["speedup_vs_torch_fp32"] else "-"
+        lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.2f} | {speedup} | "
+                     f"{row['bytes_per_token'] / 1e6:.0f} | {row['floor_ms_per_token']:.2f} | "
+                     f"{row['percent_of_floor']:.0f} % |")
+    int4 = next((r for r in decode["engines"] if r["engine"] == "genai int4"), None)
+    if int4:
+        quant = int4["settings"].get("quantization", {})
+        threads = int4["settings"].get("session_options", {}).get("intra_op_num_threads")
+        lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
+                      f"{quant.get('accuracy_level')}, {threads} intra-op threads. Goals: "
+                      f"≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
+                      f"({'met' if (int4['speedup_vs_torch_fp32'] or 0) >= GOALS['speedup_vs_torch_fp32'] else 'not met'}), "
+                      f"≥ {GOALS['percent_of_floor']:.0f} % of floor "
+                      f"({'met' if int4['percent_of_floor'] >= GOALS['percent_of_floor'] else 'not met'})."]
+    pipeline = results.get("pipeline")
+    lines += [""]
+    if pipeline is None or "skipped" in pipeline:
+        lines.append(f"Pipeline: {pipeline['skipped'] if pipeline else 'skipped'}.")
+    else:
+        def cell(value, form, missing="(not reported)"):
+            return form.format(value) if value is not None else missing
+
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in pipeline["stages_s"].items())
+        agreement = pipeline["label_agreement"]
+        lines += [
+            "| pipeline (tiny default) | measured | goal |",
+            "|---|---:|---:|",
+            f"| `make all` from clean, wall (imports included) | {pipeline['make_all_s']:.1f} s | ≤ {GOALS['make_all_s']:.0f} s |",
+            f"| no-op `dvc repro` | {pipeline['noop_repro_s']:.2f} s | ≤ {GOALS['noop_repro_s']:.0f} s |",
+            f"| no-op `make all` (`dvc exp run`) | {pipeline['noop_make_all_s']:.1f} s | |",
+            f"| training tokens/s | {cell(pipeline['train_tokens_per_s'], '{:.0f}')} | |",
+            f"| padding waste | {cell(pipeline['padding_waste'], '{:.1%}')} | |",
+            f"| int4 label agreement with PyTorch fp32 (eval split, build_onnx parity) | "
+            f"{cell(agreement['int4_vs_torch_fp32'], '{:.1%}')} of {agreement['n']} | ≥ 98 % |",
+            "",
+            f"Per stage: {stages}; outside the stages (make, DVC start-up and hashing): "
+            f"{pipeline['outside_stages_s']:.1f} s.",
+        ]
+    lines.append("")
+    lines.append("GPU: none in this run (CPU-only machine); GPU engines not measured.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, fewer repeats, no pipeline timing")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--variant", action="append", default=[],
+                        help='an extra genai int4 engine built with these conf overrides, e.g. "onnx.block_size=64"')
+    parser.add_argument("--engines", default=None, help="comma-separated subset of engine names to run")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the `make all` timing")
+    parser.add_argument("--out", type=Path, default=REPO / "bench")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    spec = QUICK if args.quick else FULL
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats or (3 if args.quick else 7)
+    engines = default_engines(args.variant)
+    if args.engines:
+        wanted = {name.strip() for name in args.engines.split(",")}
+        engines = [e for e in engines if e.name in wanted or e.overrides]
+    started = time.perf_counter()
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": args.quick, "machine": machine_info()}
+    log(f"decode benchmark ({'QUICK' if args.quick else 'full'}): building / loading engines")
+    results["decode"] = run_decode(spec, engines, warmup, repeats, log)
+    if args.quick or args.no_pipeline:
+        results["pipeline"] = {"skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
+                               if args.quick else "skipped (--no-pipeline)"}
+    else:
+        log("pipeline benchmark: make all in a throwaway clone")
+        results["pipeline"] = run_pipeline(log)
+    results["bench_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    from ortune.artifacts import write_json_atomic, write_text_atomic
+
+    write_json_atomic(args.out / "results.json", results)
+    markdown = render_markdown(results)
+    write_text_atomic(args.out / "results.md", markdown)
+    log("\n" + markdown)
+    log(f"wrote {args.out / 'results.json'} and results.md in {results['bench_seconds']:.0f} s")
+    return 0

@@ -1,0 +1,255 @@
+"""Judging models on labelled rows: which rows, each runtime's generations and latency, and the
+summary that becomes metrics/eval.json.
+
+The shipped model is the ONNX one; `eval.compare` names the PyTorch models judged beside it on the
+same rows with the same prompts and parse rule: `base` (untuned: a baseline), `adapter` (base +
+LoRA, as trained) and `merged` (what the ONNX model was exported from, so ONNX vs merged is the
+quantization loss). Each runtime runs in a fresh process, so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ortune import data
+from ortune.config import EVAL_COMPARABLE
+from ortune.errors import OrtuneError
+from ortune.metrics import (
+    agreement,
+    classification_scores,
+    confusion_matrix,
+    majority_label,
+    parse_label,
+    per_class_scores,
+)
+
+log = logging.getLogger("ortune")
+
+# Speed numbers of every runtime; the shipped model's are also headline (top-level) numbers.
+LATENCY_KEYS = ("ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb")
+
+
+# ---- rows -------------------------------------------------------------------------------------------
+
+def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
+    """(rows to judge as {prompt, label}, the trained label set, the training rows).
+
+    A file in paths.prepared is a split prepare_data rendered; any other file at eval.path holds raw
+    labelled records (a held-out test set) and is rendered here exactly as prepare_data renders.
+    """
+    prepared = Path(cfg.paths.prepared)
+    for name in ("labels.json", "train.jsonl"):
+        if not (prepared / name).is_file():
+            raise OrtuneError(f"paths.prepared={prepared}: no {name}; run prepare_data first (dvc repro prepare_data)")
+    labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
+    train = data.read_jsonl(prepared / "train.jsonl")
+    path = Path(cfg.eval.path)
+    if not path.is_file():
+        raise OrtuneError(f"eval.path={path}: file not found; point it at a labelled JSONL, JSON, CSV or Parquet file")
+    if path.resolve().parent == prepared.resolve():
+        rows = data.read_jsonl(path)
+    else:
+        rows = render_records(cfg.data, data.read_records(path), f"eval.path={path}")
+    if cfg.eval.limit:
+        rows = rows[: cfg.eval.limit]
+    if not rows:
+        raise OrtuneError(f"eval.path={path}: no rows to judge; it needs labelled rows")
+    unknown = sorted({r["label"] for r in rows} - set(labels))
+    if unknown:
+        raise OrtuneError(
+            f"eval.path={path}: label(s) {', '.join(unknown)} were never trained on (the model knows "
+            f"{', '.join(labels)}); drop those rows or retrain with them"
+        )
+    return rows, labels, train
+
+
+def render_records(spec: DictConfig, records: list[dict], source: str) -> list[dict]:
+    """Raw records -> {prompt, completion, label} in data.format, checked as prepare_data checks them."""
+    input_fields, output_fields, setting = data.input_output_fields(spec)
+    data.check_fields(records, [*input_fields, *output_fields], source, setting)
+    data.check_fields(records, [spec.label_field], source, "data.label_field")
+    return [data.render_row(r, spec) for r in records]
+
+
+# ---- one runtime, in its own process ----------------------------------------------------------------
+
+def job(kind: str, cfg: DictConfig, prompts: list[str]) -> dict:
+    """Everything a fresh process needs to judge one runtime (plain data: it crosses a process boundary)."""
+    e = cfg.eval
+    return {
+        "kind": kind,
+        "dirs": {name: str(cfg.paths[key]) for name, key in
+                 (("onnx", "onnx"), ("base", "base_model"), ("adapter", "adapter"), ("merged", "merged"))},
+        "trust_remote_code": bool(cfg.model.trust_remote_code),
+        "prompts": prompts,
+        "max_new_tokens": e.max_new_tokens,
+        "batch_size": e.batch_size,
+        "latency": {"new_tokens": e.latency.new_tokens, "warmup": e.latency.warmup, "repeats": e.latency.repeats},
+    }
+
+
+def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
+    from ortune.generation import OnnxGenerator, TorchGenerator
+
+    if kind == "onnx":
+        return OnnxGenerator(dirs["onnx"])
+    if kind not in EVAL_COMPARABLE:
+        raise OrtuneError(f"eval.compare: unknown model '{kind}'; use {', '.join(EVAL_COMPARABLE)}")
+    from ortune import modeling
+
+    folder = Path(dirs[kind])
+    if not (folder / ("adapter_config.json" if kind == "adapter" else "config.json")).is_file():
+        raise OrtuneError(f"{folder}: no {kind} model there; run the pipeline up to it, or drop '{kind}' from eval.compare")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if kind == "adapter":
+        from peft import PeftModel
+
+        # full-precision base, as merge uses: adapter vs merged then isolates merging, ONNX vs merged quantization
+        model = PeftModel.from_pretrained(modeling.load_causal_lm(dirs["base"], trust_remote_code), str(folder))
+    else:
+        model = modeling.load_causal_lm(folder, trust_remote_code)
+    return TorchGenerator(model, modeling.load_tokenizer(folder, trust_remote_code))
+
+
+def measure_latency(generator, prompt: str, new_tokens: int, warmup: int, repeats: int) -> dict:
+    """Batch-1 greedy decoding of exactly `new_tokens` tokens: `warmup` untimed runs, then the median of
+    `repeats`. ttft_ms: prompt in to first token out; ms_per_token: each later token; tokens_per_second:
+    all new tokens over the whole run (prefill included)."""
+    for _ in range(warmup):
+        generator.token_times(prompt, new_tokens)
+    runs = [generator.token_times(prompt, new_tokens) for _ in range(repeats)]
+    if any(len(times) < 2 for times in runs):
+        raise OrtuneError(f"eval.latency.new_tokens={new_tokens}: the model produced fewer than 2 tokens; is its context too short?")
+    return {
+        "ttft_ms": 1000 * statistics.median(times[0] for times in runs),
+        "ms_per_token": 1000 * statistics.median((times[-1] - times[0]) / (len(times) - 1) for times in runs),
+        "tokens_per_second": statistics.median(len(times) / times[-1] for times in runs),
+        "latency_new_tokens": len(runs[0]),
+    }
+
+
+def judge(spec: dict) -> dict:
+    """Load one runtime, time it, then generate for every prompt. Peak memory (the process's peak
+    resident set) is read after the latency runs, so it is that of batch-1 serving, not of eval batches."""
+    started = time.perf_counter()
+    generator = load_generator(spec["kind"], spec["dirs"], spec["trust_remote_code"])
+    load_seconds = time.perf_counter() - started
+    latency = measure_latency(generator, spec["prompts"][0], **spec["latency"])
+    latency["peak_memory_mb"] = peak_memory_mb()
+    started = time.perf_counter()
+    prompts, size = spec["prompts"], spec["batch_size"]
+    if hasattr(generator, "generate_batch"):
+        results = [g for i in range(0, len(prompts), size)
+                   for g in generator.generate_batch(prompts[i:i + size], spec["max_new_tokens"])]
+    else:
+        results = [generator.generate(prompt, spec["max_new_tokens"]) for prompt in prompts]
+    return {
+        "generations": [r.text for r in results],
+        "generated_tokens": sum(r.new_tokens for r in results),
+        "model_size_mb": model_megabytes(spec["kind"], spec["dirs"]),
+        "load_seconds": load_seconds,
+        "eval_seconds": time.perf_counter() - started,
+        **latency,
+    }
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory. On Linux, VmHWM: getrusage's ru_maxrss would also count
+    the parent's memory, which a spawned child inherits for the instant between fork and exec."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def judge_in_fresh_process(spec: dict) -> dict:
+    """judge() in a new interpreter: nothing another runtime loaded counts towards this one's memory."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(judge, spec).result()
+        except BrokenProcessPool:
+            raise OrtuneError(
+                f"eval: the process judging the {spec['kind']} model died (out of memory, or killed); "
+                f"drop '{spec['kind']}' from eval.compare or use a bigger machine"
+            ) from None
+
+
+def model_megabytes(kind: str, dirs: dict) -> float:
+    """On-disk size of what a runtime loads (the adapter needs its base too)."""
+    folders = {"onnx": ["onnx"], "base": ["base"], "merged": ["merged"], "adapter": ["base", "adapter"]}[kind]
+    return sum(f.stat().st_size for name in folders for f in Path(dirs[name]).rglob("*") if f.is_file()) / 2**20
+
+
+# ---- summary ----------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict], labels: list[str], train: list[dict], results: dict[str, dict]) -> tuple[dict, dict]:
+    """(eval.json's metrics, each runtime's parsed predictions). Top-level numbers are the shipped ONNX
+    model's, plus the baselines and the quantization loss: the columns `dvc exp show` lists."""
+    truth = [r["label"] for r in rows]
+    predictions = {kind: [parse_label(g, labels) for g in result["generations"]] for kind, result in results.items()}
+    shipped = predictions["onnx"]
+    majority = classification_scores(truth, [majority_label([r["label"] for r in train])] * len(truth), labels)
+    train_prompts = {data.prompt_key(r["prompt"]) for r in train}
+    metrics = {
+        **classification_scores(truth, shipped, labels),
+        "majority_baseline": majority["accuracy"],
+        "majority_baseline_macro_f1": majority["macro_f1"],
+        **{key: results["onnx"][key] for key in LATENCY_KEYS},
+        "model_size_mb": results["onnx"]["model_size_mb"],
+        "generated_tokens": results["onnx"]["generated_tokens"],
+        "train_overlap": sum(data.prompt_key(r["prompt"]) in train_prompts for r in rows),
+    }
+    if "base" in results:
+        base = classification_scores(truth, predictions["base"], labels)
+        metrics.update(base_accuracy=base["accuracy"], base_macro_f1=base["macro_f1"], base_unparsed=base["unparsed"])
+    if "merged" in results:
+        merged = classification_scores(truth, predictions["merged"], labels)
+        metrics["quantization_accuracy_delta"] = metrics["accuracy"] - merged["accuracy"]
+        metrics["quantization_agreement"] = agreement(shipped, predictions["merged"])
+    metrics["per_class"] = per_class_scores(truth, shipped, labels)
+    metrics["runtimes"] = {}
+    for kind, result in results.items():
+        scores = classification_scores(truth, predictions[kind], labels)
+        metrics["runtimes"][kind] = {
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "unparsed": scores["unparsed"],
+            "onnx_accuracy_delta": metrics["accuracy"] - scores["accuracy"],
+            "agreement_with_onnx": agreement(shipped, predictions[kind]),
+            **{key: result[key] for key in LATENCY_KEYS},
+            "model_size_mb": result["model_size_mb"],
+            "load_seconds": result["load_seconds"],
+            "eval_seconds": result["eval_seconds"],
+        }
+    return metrics, predictions
+
+
+def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dict], predictions: dict[str, list]) -> list[dict]:
+    """One line per judged row: the prompt as the models saw it, the shipped model's generation and
+    label, and every runtime's label."""
+    return [
+        {"prompt": prompts[i], "label": row["label"], "generation": results["onnx"]["generations"][i],
+         "prediction": predictions["onnx"][i], "predictions": {kind: p[i] for kind, p in predictions.items()}}
+        for i, row in enumerate(rows)
+    ]
+
+
+def shipped_confusion(rows: list[dict], labels: list[str], predictions: dict[str, list]) -> list[list[int]]:
+    return confusion_matrix([r["label"] for r in rows], predictions["onnx"], labels)

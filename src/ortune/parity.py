@@ -1,0 +1,109 @@
+"""Does the built ONNX model compute what the PyTorch model it came from computes?
+
+Two measures on the eval prompts, written to metrics/onnx.json after every build:
+- max |last-token logit difference|: the export itself (target <= 1e-4 for fp32, where nothing is
+  rounded; reported for other precisions);
+- label agreement: the share of prompts where greedy decoding in onnxruntime-genai and in PyTorch
+  yield the same label under ortune.metrics.parse_label (unparsed counts as a label of its own);
+  target onnx.min_label_agreement (0.98) for every precision but fp32.
+A graph built for cuda/dml/webgpu is run on the CPU provider here (its ops have CPU kernels, bf16
+MatMul excepted), which checks the graph and its weights, not the provider's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+
+LOGIT_TOLERANCE = 1e-4
+
+
+class TorchReference:
+    """Last-token logits and greedy labels of a PyTorch model (merged, base, or base + an adapter)."""
+
+    def __init__(self, model_dir: Path, adapter_dir: Path | None = None, trust_remote_code: bool = False):
+        from ortune import modeling
+
+        model = modeling.load_causal_lm(model_dir, trust_remote_code)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        self.model = model.eval()
+        self.tokenizer = modeling.load_tokenizer(model_dir, trust_remote_code)
+
+    def last_logits(self, prompt: str):
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            return self.model(**ids).logits[0, -1].float().numpy()
+
+    def generations(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        from ortune.generation import TorchGenerator
+
+        generator = TorchGenerator(self.model, self.tokenizer)
+        texts: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            texts += [g.text for g in generator.generate_batch(prompts[start:start + batch_size], max_new_tokens)]
+        return texts
+
+
+def compare(reference: TorchReference, onnx_generator, prompts: list[str], labels: list[str],
+            max_new_tokens: int, precision: str, min_agreement: float) -> dict:
+    import numpy as np
+
+    from ortune.metrics import parse_label
+
+    diffs = [float(np.abs(onnx_generator.last_logits(p) - reference.last_logits(p)).max()) for p in prompts]
+    torch_labels = [parse_label(t, labels) for t in reference.generations(prompts, max_new_tokens)]
+    onnx_labels = [parse_label(onnx_generator.generate(p, max_new_tokens).text, labels) for p in prompts]
+    agreement = sum(a == b for a, b in zip(torch_labels, onnx_labels)) / len(prompts)
+    result = {"prompts": len(prompts), "max_abs_logit_diff": max(diffs), "label_agreement": agreement,
+              "onnx_unparsed": sum(label is None for label in onnx_labels)}
+    if precision == "fp32":
+        result.update(target=f"max_abs_logit_diff <= {LOGIT_TOLERANCE:g}", passed=result["max_abs_logit_diff"] <= LOGIT_TOLERANCE)
+    else:
+        result.update(target=f"label_agreement >= {min_agreement:g}", passed=agreement >= min_agreement)
+    return result
+
+
+def runnable_on_cpu(model_dir: Path) -> str | None:
+    """None if onnxruntime can create a CPU session for the graph, else why not (one line)."""
+    import onnxruntime as ort
+
+    from ortune.export import model_file
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # adapter inputs with defaults are intended; their warning is noise
+    try:
+        ort.InferenceSession(str(model_file(model_dir)), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        return " ".join(str(exc).split())[:300]
+    return None
+
+
+def check_chat_template(onnx_generator, messages_list: list[list[dict]], model_dir: Path) -> None:
+    """The apps render chat prompts with onnxruntime-genai's template engine, training used
+    transformers': they must agree, or the shipped model sees prompts it was not trained on."""
+    import json
+
+    from ortune.data import prompt_text
+
+    for messages in messages_list[:8]:
+        genai = onnx_generator.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        expected = prompt_text(messages, model_dir)
+        if genai != expected:
+            raise OrtuneError(f"{model_dir}: onnxruntime-genai renders the chat template differently from transformers "
+                              f"({genai[:60]!r} vs {expected[:60]!r}); the apps would prompt the model wrongly")
+
+
+def summarize_failures(parities: dict[str, dict]) -> list[str]:
+    return [f"{name}: {p['target']} missed ({p['label_agreement']:.3f} agreement, "
+            f"{p['max_abs_logit_diff']:.2e} max logit diff)"
+            for name, p in parities.items() if p.get("passed") is False]

@@ -1,0 +1,349 @@
+"""Fine-tuning with TRL's SFTTrainer: `train.*` and `lora.*` -> trainer arguments, checkpoints that
+let a killed run resume, and the accounting (padding waste, tokens/s) behind metrics/train.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import signal
+import time
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from ortune import modeling
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+
+# Every train.* key reaches the trainer: under its own name, translated in sft_config, or before the
+# trainer exists (model loading, launching). A test keeps these lists equal to the schema, so a new
+# key cannot be accepted and then silently ignored.
+SAME_NAME = (
+    "learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "eval_steps",
+    "save_total_limit", "adam_beta2", "max_grad_norm", "bf16",
+)
+TRANSLATED = (
+    "seed", "data_seed", "warmup_ratio", "warmup_steps", "group_by_length", "eval_strategy", "save_steps", "loss",
+    "gradient_checkpointing",
+)
+BEFORE_TRAINER = (
+    "method", "qlora", "num_processes", "num_nodes", "node_rank", "master_addr", "master_port", "launcher",
+    "accelerate_config",
+)
+# Inputs whose versions change the trained weights: part of the checkpoint fingerprint.
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+BIG_FILE = 64 * 2**20
+
+
+def train_seed(cfg: DictConfig) -> int:
+    return cfg.seed if cfg.train.seed is None else cfg.train.seed
+
+
+def sft_config(cfg: DictConfig, output_dir: Path, *, has_eval: bool) -> SFTConfig:
+    import torch
+
+    t = cfg.train
+    seed = train_seed(cfg)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        **{key: t[key] for key in SAME_NAME},
+        seed=seed,
+        data_seed=seed if t.data_seed is None else t.data_seed,
+        # transformers 5 reads a float below 1 in warmup_steps as a ratio of all steps
+        warmup_steps=t.warmup_steps or t.warmup_ratio,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        eval_strategy=t.eval_strategy if has_eval else "no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 1,  # unused without a save strategy, but must be positive
+        completion_only_loss=t.loss == "completion",
+        use_cpu=not torch.cuda.is_available(),
+        # transformers 5's name for gradient checkpointing; non-reentrant works with frozen embeddings and DDP
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
+        # W&B gets the logs through TrackerCallback, into the stage's own run
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def peft_config(lora: DictConfig, model):
+    from peft import LoraConfig
+
+    linear = modeling.linear_module_names(model)
+    missing = [name for name in lora.target_modules if name not in linear]
+    if missing:
+        raise OrtuneError(
+            f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules are: {', '.join(sorted(linear))}"
+        )
+    modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [name for name in lora.modules_to_save if name not in modules]
+    if unknown:
+        raise OrtuneError(f"lora.modules_to_save: {', '.join(unknown)} not in this model; name modules it has (e.g. lm_head)")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(cfg: DictConfig, base: Path):
+    """The base to train: full precision for LoRA, 4-bit (train.qlora.*) for QLoRA."""
+    qlora = cfg.train.method == "qlora"
+    model = modeling.load_causal_lm(base, cfg.model.trust_remote_code, quantization=cfg.train.qlora if qlora else None)
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def keep_adapter_dtype(cfg: DictConfig, trainer: "Trainer") -> None:
+    """QLoRA: TRL casts every trainable weight to bfloat16 (the QLoRA paper's choice for GPUs), whatever
+    the compute dtype. Ortune keeps them in train.qlora.compute_dtype instead, so float32 on CPU trains
+    the adapter (and modules_to_save) at full precision, and bfloat16 on GPUs stays as TRL does it."""
+    import torch
+
+    if cfg.train.method != "qlora":
+        return
+    dtype = getattr(torch, cfg.train.qlora.compute_dtype)
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def sft_dataset(rows: list[dict]):
+    """Prompt/completion pairs; chat rows hold message lists, which TRL renders with the chat template."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+class Trainer(SFTTrainer):
+    """SFTTrainer that counts the tokens of every training batch, real and padded, so that tokens/s
+    and padding waste are measured on what was actually computed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_tokens = 0
+        self.batch_tokens = 0
+        self.first_step_at: float | None = None
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        self.batch_tokens += ids.numel()
+        self.real_tokens += int(mask.sum()) if mask is not None else ids.numel()
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self.first_step_at is not None:
+            elapsed = time.perf_counter() - self.first_step_at
+            logs["tokens_per_second"] = self.real_tokens * self.args.world_size / elapsed if elapsed else 0.0
+        super().log(logs, start_time)
+
+    def token_totals(self) -> tuple[int, int]:
+        """(real, padded) tokens over all processes; every process must call it."""
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.tensor([self.real_tokens, self.batch_tokens], dtype=torch.long)
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(self.args.device)
+            dist.all_reduce(totals)
+        real, batch = (int(v) for v in totals.tolist())
+        return real, batch
+
+
+class TrackerCallback(TrainerCallback):
+    """The trainer's logs (loss, eval loss, learning rate, grad norm, tokens/s) into the stage's W&B
+    run. transformers' own WandbCallback looks only at wandb.run, which the stage's run
+    (reinit="create_new") leaves unset, so it would open a second run."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            named = {f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": v for k, v in logs.items()}
+            self.tracker.log(named, step=state.global_step)
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (`kill`, a scheduler's preemption) ends training at the end of the current step with a
+    checkpoint, so the rerun resumes there; a second SIGTERM kills at once. All processes agree on the
+    step to stop at (a process that stopped alone would hang the others)."""
+
+    def __init__(self, can_save: bool):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self.can_save = can_save
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_process(self.requested):
+            self.requested = True
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = self.can_save
+        return control
+
+    def close(self) -> None:
+        if signal.getsignal(signal.SIGTERM) == self._handle:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_process(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# --- checkpoints: outside the stage's outs (DVC deletes those before a rerun), keyed by a fingerprint
+
+
+def fingerprint(cfg: DictConfig, inputs: list[Path]) -> str:
+    """Digest of everything that shapes the trained weights: the stage's settings, its input files
+    (base model, data), its code and library versions. A checkpoint is resumed only under the same one."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("paths", "wandb")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for package in PACKAGES:
+        digest.update(f"{package}=={_version(package)}\n".encode())
+    for root in map(Path, inputs):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            name = file.relative_to(root) if root.is_dir() else file.name
+            digest.update(f"{name}:{_file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _file_digest(path: Path) -> str:
+    """Content hash; for multi-GB weights, size plus head and tail keep it to a fraction of a second."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= BIG_FILE:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(BIG_FILE // 2))
+            handle.seek(size - BIG_FILE // 2)
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def checkpoint_dir(adapter: Path, run_fingerprint: str) -> Path:
+    """models/.checkpoints/adapter-<fingerprint>: git-ignored, beside (not inside) the stage's outs."""
+    return adapter.parent / ".checkpoints" / f"{adapter.name}-{run_fingerprint[:16]}"
+
+
+def is_complete(checkpoint: Path, world_size: int) -> bool:
+    """The trainer writes trainer_state.json last; a checkpoint killed mid-write lacks it or a piece."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
+    return all((checkpoint / name).is_file() for name in ["optimizer.pt", "scheduler.pt", *rng])
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    tail = checkpoint.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def resumable_checkpoint(folder: Path, world_size: int, tidy: bool) -> Path | None:
+    """The latest complete checkpoint of this run, if any. With `tidy` (one process only), first
+    delete half-written checkpoints and the checkpoints of other runs (other settings or inputs)."""
+    if tidy and folder.parent.is_dir():
+        prefix = folder.name.rsplit("-", 1)[0]
+        for other in folder.parent.glob(f"{prefix}-*"):
+            if other != folder:
+                log.info("deleting checkpoints of another configuration: %s", other)
+                shutil.rmtree(other, ignore_errors=True)
+        for partial in folder.glob("checkpoint-*"):
+            if not is_complete(partial, world_size):
+                log.info("deleting incomplete checkpoint %s", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+    done = [p for p in folder.glob("checkpoint-*") if checkpoint_step(p) >= 0 and is_complete(p, world_size)]
+    return max(done, key=checkpoint_step) if done else None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
+def save_adapter(trainer: Trainer, staging: Path, adapter: Path) -> None:
+    """Every process calls this: under FSDP or DeepSpeed the adapter's shards are gathered first.
+    Process 0 then moves it (and the tokenizer) into place atomically."""
+    from ortune.artifacts import atomic_dir
+
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        with atomic_dir(adapter) as out:
+            for item in staging.iterdir():
+                # the pickled trainer arguments hold this run's paths: not part of the adapter
+                if item.name != "training_args.bin":
+                    shutil.move(str(item), out / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def summary(trainer: Trainer, result, seconds: float, resumed_from: int) -> dict:
+    """metrics/train.json: losses, steps, speed and padding waste (padding tokens / tokens processed)."""
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    real, batch = trainer.token_totals()
+    metrics = {
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch or 0.0,
+        "train_seconds": seconds,
+        "tokens_per_second": real / seconds if seconds else 0.0,
+        "padding_waste": (batch - real) / batch if batch else 0.0,
+        "world_size": trainer.args.world_size,
+        "resumed_from_step": resumed_from,
+    }
+    if eval_losses:
+        metrics["eval_loss"] = eval_losses[-1]
+    return metrics
+
+
+def loss_history(trainer: Trainer) -> list[tuple]:
+    return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]

@@ -1,0 +1,133 @@
+"""The benchmark's own logic (floor arithmetic, bytes read per token, stage timing, report): never timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ortune import bench
+
+
+def test_floor_is_bytes_over_bandwidth():
+    assert bench.floor_ms(1e9, 1e10) == pytest.approx(100.0)
+    assert bench.floor_ms(130e6, 26e9) == pytest.approx(5.0)
+
+
+def test_kv_bytes_average_the_positions_attended_over_the_run():
+    # 2 (K and V) x 16 layers x 16 heads x 64 dims x 4 bytes x (10 prompt + 64 / 2) positions
+    assert bench.kv_bytes_per_token(16, 16, 64, 4, prompt_tokens=10, new_tokens=64) == 2 * 16 * 16 * 64 * 4 * 42
+
+
+def _tiny_graph(path):
+    """embedding [100, 8] fp32 gathered; int4 MatMulNBits weight [4, 1, 4] uint8 + scales [4] fp32 read in full;
+    a rotary cos cache [50, 2] fp32 read one row per token by GroupQueryAttention."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.zeros((100, 8), np.float32), "embed"),
+        numpy_helper.from_array(np.zeros((4, 1, 4), np.uint8), "w_q4"),
+        numpy_helper.from_array(np.zeros((4,), np.float32), "w_scales"),
+        numpy_helper.from_array(np.zeros((50, 2), np.float32), "cos_cache"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["h"]),
+        helper.make_node("MatMulNBits", ["h", "w_q4", "w_scales"], ["y"], domain="com.microsoft", K=8, N=4, bits=4,
+                         block_size=8, accuracy_level=4),
+        helper.make_node("GroupQueryAttention", ["y", "", "", "", "", "", "", "cos_cache", "cos_cache"], ["z"],
+                         domain="com.microsoft"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_onnx_bytes_read_per_token_count_gathered_tables_as_one_row(tmp_path):
+    _tiny_graph(tmp_path / "model.onnx")
+    counted = bench.onnx_weight_bytes(tmp_path / "model.onnx")
+    assert counted["stored"] == 100 * 8 * 4 + 16 + 16 + 50 * 2 * 4
+    assert counted["read_in_full"] == 16 + 16
+    assert counted["rows_gathered"] == 8 * 4 + 2 * 4
+    assert counted["per_token"] == counted["read_in_full"] + counted["rows_gathered"]
+
+
+def test_torch_bytes_read_per_token_gather_one_embedding_row():
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                        max_position_embeddings=32, original_max_position_embeddings=32, pad_token_id=0)
+    model = Phi3ForCausalLM(config)
+    counted = bench.torch_weight_bytes(model)
+    params = sum(p.numel() for p in model.parameters())
+    assert counted["stored"] == params * 4
+    assert counted["per_token"] == (params - 64 * 16 + 16) * 4
+    counted_bf16 = bench.torch_weight_bytes(model.to(torch.bfloat16))
+    assert counted_bf16["per_token"] == counted["per_token"] // 2
+
+
+def test_stage_seconds_run_from_each_running_stage_line_to_the_next():
+    lines = [
+        (0.0, "Reproducing experiment 'x'"),
+        (1.0, "Running stage 'fetch_model':"),
+        (3.5, "> python scripts/fetch_model.py"),
+        (4.0, "Running stage 'prepare_data':"),
+        (6.0, "Updating lock file 'dvc.lock'"),
+        (7.0, "Ran experiment(s): x"),
+        (9.0, "Results: metrics/eval.json"),
+    ]
+    assert bench.stage_seconds(lines, end=10.0) == {"fetch_model": 3.0, "prepare_data": 3.0}
+    assert bench.stage_seconds(lines[:5], end=10.0)["prepare_data"] == 6.0
+
+
+def test_decode_table_takes_medians_and_compares_with_torch_fp32():
+    runs = {
+        "genai int4": [bench.summarize_run([0.010 + 0.005 * i for i in range(64)]) for _ in range(3)],
+        "torch fp32": [bench.summarize_run([0.050 + s * i for i in range(64)]) for s in (0.040, 0.050, 0.060)],
+    }
+    info = {"genai int4": {"bytes_per_token": 100e6}, "torch fp32": {"bytes_per_token": 1000e6}}
+    rows = {r["engine"]: r for r in bench.decode_table(runs, info, bandwidth=50e9)}
+    assert rows["genai int4"]["ms_per_token"] == pytest.approx(5.0)
+    assert rows["genai int4"]["first_token_ms"] == pytest.approx(10.0)
+    assert rows["torch fp32"]["ms_per_token"] == pytest.approx(50.0)
+    assert rows["genai int4"]["speedup_vs_torch_fp32"] == pytest.approx(10.0)
+    assert rows["genai int4"]["floor_ms_per_token"] == pytest.approx(2.0)
+    assert rows["genai int4"]["percent_of_floor"] == pytest.approx(40.0)
+    assert rows["torch fp32"]["tokens_per_s"] == pytest.approx(20.0)
+
+
+def test_the_five_engines_of_the_issue_and_variants_beside_them():
+    names = [e.name for e in bench.default_engines(["onnx.block_size=64"])]
+    assert {"genai int4", "genai int8", "genai fp32", "torch fp32", "torch bf16"} <= set(names)
+    assert "genai int4 onnx.block_size=64" in names
+
+
+def test_copy_bandwidth_is_positive_and_counts_read_plus_write():
+    assert 1e8 < bench.copy_bandwidth(megabytes=8, repeats=1) < 1e13
+
+
+def test_report_renders_every_engine_and_the_pipeline(tmp_path):
+    runs = {name: [bench.summarize_run([0.01 * (i + 1) for i in range(64)])] for name in ("genai int4", "torch fp32")}
+    info = {"genai int4": {"bytes_per_token": 1e8, "settings": {"quantization": {"block_size": 32,
+            "accuracy_level": 4}, "session_options": {"intra_op_num_threads": 2}}},
+            "torch fp32": {"bytes_per_token": 1e9, "settings": {}}}
+    results = {
+        "date": "today", "quick": False,
+        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0},
+        "decode": {"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
+                   "model": {"hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064, "parameters": 271e6},
+                   "engines": bench.decode_table(runs, info, 30e9)},
+        "pipeline": {"make_all_s": 80.0, "stages_s": {"fetch_model": 5.0}, "outside_stages_s": 75.0,
+                     "noop_repro_s": 0.6, "noop_make_all_s": 3.0, "train_tokens_per_s": 1000.0, "padding_waste": 0.1,
+                     "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 144}},
+    }
+    markdown = bench.render_markdown(results)
+    assert "| genai int4 | 100.0 | 10.00 | 1.00× |" in markdown
+    assert "| torch fp32 |" in markdown and "no-op `dvc repro` | 0.60 s" in markdown
+    assert "block_size 32" in markdown and "100.0% of 144" in markdown
+    json.dumps(results)  # results.json must serialize
+    results["pipeline"] = {"skipped": "skipped in QUICK mode"}
+    assert "Pipeline: skipped in QUICK mode." in bench.render_markdown(results)

@@ -1,0 +1,200 @@
+"""Eval's scores, baselines and the summary that becomes metrics/eval.json, on tiny in-memory data."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from ortune import evaluation
+from ortune.errors import OrtuneError
+from ortune.metrics import agreement, confusion_matrix, majority_baseline, majority_label, per_class_scores
+
+LABELS = ["fear", "joy", "sadness"]
+
+
+def test_per_class_scores_on_a_known_confusion():
+    truth = ["joy", "joy", "joy", "fear", "fear", "sadness"]
+    predicted = ["joy", "joy", "fear", "fear", None, "joy"]
+    scores = per_class_scores(truth, predicted, LABELS)
+    # joy: tp 2, fp 1 (the sadness row), fn 1 -> p 2/3, r 2/3; fear: tp 1, fp 1, fn 1; sadness: never predicted
+    assert scores["joy"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert scores["fear"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert scores["sadness"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_confusion_matrix_has_an_unparsed_column_and_rows_sum_to_support():
+    truth = ["joy", "joy", "fear", "sadness", "sadness"]
+    predicted = ["joy", None, "sadness", "sadness", None]
+    matrix = confusion_matrix(truth, predicted, LABELS)
+    assert matrix == [[0, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]]
+    assert [sum(row) for row in matrix] == [1, 2, 2]
+
+
+def test_agreement_counts_equal_labels_including_both_unparsed():
+    assert agreement(["joy", None, "fear", "joy"], ["joy", None, "joy", None]) == 0.5
+    with pytest.raises(ValueError):
+        agreement(["joy"], [])
+
+
+def test_majority_label_breaks_ties_alphabetically():
+    assert majority_label(["joy", "fear", "joy", "fear", "sadness"]) == "fear"
+    assert majority_baseline(["joy", "fear", "joy", "fear"], ["fear", "joy", "joy"]) == pytest.approx(1 / 3)
+
+
+def fake_result(generations, ms=1.0):
+    return {"generations": generations, "generated_tokens": 2 * len(generations), "ttft_ms": 10 * ms,
+            "ms_per_token": ms, "tokens_per_second": 1000 / ms, "peak_memory_mb": 100.0, "model_size_mb": 2.0,
+            "load_seconds": 0.1, "eval_seconds": 0.2}
+
+
+ROWS = [{"prompt": f"p{i}", "label": label} for i, label in enumerate(["joy", "joy", "fear", "sadness"])]
+TRAIN = [{"prompt": "t0", "label": "joy"}, {"prompt": "t1", "label": "joy"}, {"prompt": "p3", "label": "sadness"}]
+
+
+def test_summary_puts_headline_numbers_on_top_and_details_beside_them():
+    results = {
+        "onnx": fake_result(["joy", "Joy!", "fear\nmore", "???"], ms=0.5),
+        "base": fake_result(["", "", "", ""], ms=3.0),
+        "merged": fake_result(["joy", "fear", "fear", "sadness"], ms=2.0),
+    }
+    metrics, predictions = evaluation.summarize(ROWS, LABELS, TRAIN, results)
+    assert predictions["onnx"] == ["joy", "joy", "fear", None]
+    assert metrics["accuracy"] == 0.75 and metrics["unparsed"] == 1 and metrics["n"] == 4
+    assert metrics["majority_baseline"] == 0.5  # "joy" is the training majority
+    assert metrics["base_accuracy"] == 0.0 and metrics["base_unparsed"] == 4
+    # merged: 3/4 right; ONNX agrees with it on rows 0 and 2 only
+    assert metrics["quantization_accuracy_delta"] == pytest.approx(0.0)
+    assert metrics["quantization_agreement"] == 0.5
+    assert metrics["ms_per_token"] == 0.5 and metrics["ttft_ms"] == 5.0 and metrics["model_size_mb"] == 2.0
+    assert metrics["train_overlap"] == 1  # p3 is also a training prompt
+    assert metrics["per_class"]["joy"]["support"] == 2
+    assert metrics["runtimes"]["merged"]["agreement_with_onnx"] == 0.5
+    assert metrics["runtimes"]["base"]["onnx_accuracy_delta"] == 0.75
+    assert metrics["runtimes"]["onnx"]["agreement_with_onnx"] == 1.0
+    # everything but the nested details is a number: `dvc metrics diff` and `dvc exp show` columns
+    for key, value in metrics.items():
+        assert isinstance(value, dict) if key in ("per_class", "runtimes") else isinstance(value, (int, float)), key
+    json.dumps(metrics)
+
+
+def test_summary_without_merged_or_base_has_no_quantization_or_base_numbers():
+    metrics, _ = evaluation.summarize(ROWS, LABELS, TRAIN, {"onnx": fake_result(["joy"] * 4)})
+    assert not {"quantization_accuracy_delta", "quantization_agreement", "base_accuracy"} & set(metrics)
+    assert list(metrics["runtimes"]) == ["onnx"]
+
+
+def test_prediction_rows_carry_every_runtime_label():
+    results = {"onnx": fake_result(["joy", "x", "fear", "sadness"]), "merged": fake_result(["joy"] * 4)}
+    _, predictions = evaluation.summarize(ROWS, LABELS, TRAIN, results)
+    lines = evaluation.prediction_rows(ROWS, [r["prompt"] for r in ROWS], results, predictions)
+    assert lines[1] == {"prompt": "p1", "label": "joy", "generation": "x", "prediction": None,
+                        "predictions": {"onnx": None, "merged": "joy"}}
+
+
+class FakeGenerator:
+    """Token times of a run: 20 ms to the first token, then 5 ms each; the third timed run is slow."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def token_times(self, prompt, new_tokens):
+        self.calls += 1
+        slow = 10.0 if self.calls == 2 + 3 else 1.0  # after 2 warm-ups, the 3rd repeat
+        return [slow * (0.020 + 0.005 * i) for i in range(new_tokens)]
+
+
+def test_latency_is_the_median_of_repeats_after_warmup():
+    generator = FakeGenerator()
+    latency = evaluation.measure_latency(generator, "p", new_tokens=9, warmup=2, repeats=5)
+    assert generator.calls == 7
+    assert latency["ttft_ms"] == pytest.approx(20.0)  # the slow run is outvoted
+    assert latency["ms_per_token"] == pytest.approx(5.0)
+    assert latency["tokens_per_second"] == pytest.approx(statistics.median([9 / 0.060] * 4 + [9 / 0.6]))
+    assert latency["latency_new_tokens"] == 9
+
+
+# ---- which rows are judged -----------------------------------------------------------------------------
+
+@pytest.fixture
+def prepared(tmp_path):
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    (folder / "labels.json").write_text(json.dumps(["fear", "joy"]))
+    train = [{"prompt": "### Text: a\n### The tone is:\n", "completion": "joy", "label": "joy"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    evaluation_rows = [{"prompt": f"### Text: e{i}\n### The tone is:\n", "completion": "fear", "label": "fear"} for i in range(5)]
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluation_rows))
+    return folder
+
+
+def test_default_eval_path_is_the_prepared_split_and_follows_paths_prepared(make_cfg, prepared, tmp_path):
+    cfg = make_cfg()
+    assert cfg.eval.path == str(tmp_path / "prepared" / "eval.jsonl")
+    rows, labels, train = evaluation.load_rows(cfg)
+    assert len(rows) == 5 and labels == ["fear", "joy"] and train[0]["label"] == "joy"
+    rows, _, _ = evaluation.load_rows(make_cfg("eval.limit=2"))
+    assert len(rows) == 2
+
+
+def test_held_out_file_is_rendered_like_prepare_data_renders(make_cfg, prepared, tmp_path):
+    from ortune import data
+
+    held_out = tmp_path / "heldout.csv"
+    held_out.write_text("phrase,tone\nI won the lottery,joy\nA spider on my bed,fear\n")
+    cfg = make_cfg(f"eval.path={held_out}")
+    rows, _, _ = evaluation.load_rows(cfg)
+    expected = [data.render(r, cfg.data.template.prompt, cfg.data.template.completion, cfg.data.label_field)
+                for r in data.read_records(held_out)]
+    assert rows == expected
+    assert rows[0]["prompt"] == "### Text: I won the lottery\n### The tone is:\n" and rows[0]["label"] == "joy"
+
+
+def test_held_out_file_in_chat_format_becomes_messages(make_cfg, prepared, tmp_path):
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(json.dumps({"phrase": "A spider on my bed", "tone": "fear"}) + "\n")
+    rows, _, _ = evaluation.load_rows(make_cfg("data.format=chat", f"eval.path={held_out}"))
+    assert rows == [{"prompt": [{"role": "user", "content": "A spider on my bed"}],
+                     "completion": [{"role": "assistant", "content": "fear"}], "label": "fear"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "eval.path=.*file not found"),
+        ("phrase,tone\nI am furious,anger\n", "anger were never trained on"),
+        ("text,tone\nhello,joy\n", "no field 'phrase'"),
+    ],
+)
+def test_bad_held_out_file_fails_with_one_line(make_cfg, prepared, tmp_path, content, needle):
+    held_out = tmp_path / "heldout.csv"
+    if content is not None:
+        held_out.write_text(content)
+    with pytest.raises(OrtuneError, match=needle) as caught:
+        evaluation.load_rows(make_cfg(f"eval.path={held_out}"))
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_prepared_split_says_to_run_prepare_data(make_cfg):
+    with pytest.raises(OrtuneError, match="prepare_data"):
+        evaluation.load_rows(make_cfg())
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("eval.compare=[merged,nope]", "eval.compare: nope unknown"),
+        ("eval.compare=[merged,merged]", "names a model twice"),
+        ("eval.latency.repeats=0", "eval.latency.repeats=0"),
+        ("eval.latency.new_tokens=1", "eval.latency.new_tokens=1"),
+        ("eval.batch_size=0", "eval.batch_size=0"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens=0"),
+        ("eval.limit=-1", "eval.limit=-1"),
+        ("eval.latency.warm=3", "eval.latency.warm"),
+    ],
+)
+def test_bad_eval_settings_fail_naming_the_setting(make_cfg, override, needle):
+    with pytest.raises(OrtuneError, match=needle) as caught:
+        make_cfg(override)
+    assert "\n" not in str(caught.value)

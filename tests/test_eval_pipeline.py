@@ -1,0 +1,157 @@
+"""Eval through DVC on the tiny default, in a fresh clone: eval.json beside its baselines, numeric
+columns in `dvc exp show` and `dvc metrics diff`, a held-out file via eval.path, and `make plots`.
+
+Slow (the whole pipeline once, then eval alone a few times: about four minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+HEADLINE = ("accuracy", "macro_f1", "unparsed", "majority_baseline", "base_accuracy", "quantization_accuracy_delta",
+            "quantization_agreement", "ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb", "model_size_mb")
+# Phrases that are not in data/raw/tones.jsonl: a held-out test set the pipeline never prepared.
+HELD_OUT = [
+    ("My sister just told me she's getting married, I'm over the moon!", "joy"),
+    ("We won the final in the last minute!", "joy"),
+    ("I keep hearing footsteps behind me in the parking garage.", "fear"),
+    ("What if the bridge collapses while we're on it?", "fear"),
+    ("Grandpa's chair has been empty since the funeral.", "sadness"),
+    ("Nobody came to my birthday party this year.", "sadness"),
+    ("No way, you built this whole house by yourself?", "surprise"),
+    ("I opened the door and the whole team was there with a cake!", "surprise"),
+]
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-clone") / "ortune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+    # the working tree as it is (new files included), minus outputs of runs in it
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (REPO / name).is_file() and not name.startswith(("metrics/", "plots/", "dvc_plots/")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / ".venv").symlink_to(REPO / ".venv")
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(home / "site"),
+           "DVC_GLOBAL_CONFIG_DIR": str(home / "global"), "DVC_SYSTEM_CONFIG_DIR": str(home / "system"),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "WANDB_MODE": "disabled", "PATH": f"{root / '.venv/bin'}:{os.environ['PATH']}"}
+    for name in ("DVC_STAGE", "DVC_ROOT", "ORTUNE_WANDB_DIR"):
+        env.pop(name, None)
+    git(root, env, "add", "-A")
+    git(root, env, "commit", "-qm", "test state", "--allow-empty")
+    output = run(root, env, "make", "-o", ".venv/.installed", "all")
+    assert "eval" in ran_stages(output)
+    # the first results are committed: `dvc metrics diff` compares the workspace with them
+    git(root, env, "add", "-A")
+    git(root, env, "commit", "-qm", "first results")
+    return root, env
+
+
+def git(root, env, *args):
+    subprocess.run(["git", *args], cwd=root, env=env, check=True)
+
+
+def run(root, env, *command) -> str:
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def dvc(root, env, *args) -> str:
+    return run(root, env, str(root / ".venv/bin/dvc"), *args)
+
+
+def eval_json(root: Path) -> dict:
+    return json.loads((root / "metrics" / "eval.json").read_text())
+
+
+def test_eval_json_has_the_shipped_model_beside_its_baselines(project):
+    root, _ = project
+    metrics = eval_json(root)
+    for key in HEADLINE:
+        assert isinstance(metrics[key], (int, float)) and not isinstance(metrics[key], bool), key
+    assert metrics["accuracy"] >= 0.7 > metrics["majority_baseline"]
+    assert metrics["accuracy"] > metrics["base_accuracy"], "fine-tuning must beat the untuned base"
+    assert metrics["n"] == 144 and sum(s["support"] for s in metrics["per_class"].values()) == 144
+    # int4 vs the merged model it was exported from: the quantization loss is small and measured
+    assert metrics["quantization_agreement"] >= 0.9 and abs(metrics["quantization_accuracy_delta"]) <= 0.1
+    runtimes = metrics["runtimes"]
+    assert set(runtimes) == {"onnx", "base", "adapter", "merged"}
+    assert runtimes["adapter"]["accuracy"] == pytest.approx(runtimes["merged"]["accuracy"], abs=0.02)
+    assert runtimes["onnx"]["model_size_mb"] < runtimes["merged"]["model_size_mb"]
+    for name, scores in runtimes.items():
+        assert scores["ttft_ms"] > 0 and scores["ms_per_token"] > 0 and scores["peak_memory_mb"] > 0, name
+    assert (root / "plots" / "confusion_matrix.png").is_file() and (root / "plots" / "per_class_f1.csv").is_file()
+
+
+def test_dvc_exp_show_lists_the_headline_metrics_as_numbers(project):
+    root, env = project
+    table = json.loads(dvc(root, env, "exp", "show", "--json"))
+    workspace = next(entry for entry in table if entry.get("rev") == "workspace")
+    shown = workspace["data"]["metrics"]["metrics/eval.json"]["data"]
+    for key in HEADLINE:
+        assert isinstance(shown[key], (int, float)), key
+    header = dvc(root, env, "exp", "show", "--csv").splitlines()[0].split(",")
+    assert {"accuracy", "macro_f1", "base_accuracy", "quantization_agreement", "ms_per_token"} <= set(header)
+
+
+def test_eval_setting_reruns_only_eval_and_dvc_metrics_diff_shows_numbers(project):
+    root, env = project
+    before = eval_json(root)
+    output = dvc(root, env, "exp", "run", "-S", "eval.limit=72", "-S", "eval.compare=[merged]")
+    assert ran_stages(output) == {"eval"}
+    diff = json.loads(dvc(root, env, "metrics", "diff", "--all", "--json"))["metrics/eval.json"]
+    assert diff["n"] == {"old": 144, "new": 72, "diff": -72}
+    after = eval_json(root)
+    for key in ("accuracy", "macro_f1", "quantization_agreement", "ms_per_token"):
+        assert diff[key]["old"] == pytest.approx(before[key]) and diff[key]["new"] == pytest.approx(after[key]), key
+        assert diff[key]["diff"] == pytest.approx(after[key] - before[key]), key
+    assert "base_accuracy" not in after, "base was not compared this time"
+
+
+def test_eval_runs_on_a_held_out_file_the_pipeline_did_not_prepare(project):
+    root, env = project
+    held_out = root / "heldout.csv"
+    held_out.write_text("phrase,tone\n" + "".join(f'"{text}",{tone}\n' for text, tone in HELD_OUT))
+    output = dvc(root, env, "exp", "run", "-S", "eval.path=heldout.csv", "-S", "eval.compare=[]")
+    assert ran_stages(output) == {"eval"}
+    metrics = eval_json(root)
+    assert metrics["n"] == len(HELD_OUT) and metrics["train_overlap"] == 0
+    assert {line["prompt"] for line in map(json.loads, (root / "metrics/eval_predictions.jsonl").read_text().splitlines())} \
+        == {f"### Text: {text}\n### The tone is:\n" for text, _ in HELD_OUT}
+    lock = (root / "dvc.lock").read_text()
+    assert "path: heldout.csv" in lock, "the held-out file is a dependency: editing it reruns eval"
+    with held_out.open("a") as handle:
+        handle.write('"The lights went out and something moved in the hall.",fear\n')
+    output = dvc(root, env, "exp", "run", "-S", "eval.path=heldout.csv", "-S", "eval.compare=[]")
+    assert ran_stages(output) == {"eval"} and eval_json(root)["n"] == len(HELD_OUT) + 1
+
+
+def test_make_plots_writes_a_report_that_renders_offline(project, tmp_path):
+    from test_plots_report import check_report_renders
+
+    root, env = project
+    run(root, env, "make", "-o", ".venv/.installed", "plots")
+    page = root / "dvc_plots" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    assert "train_loss" in html and "Per-class F1" in html and "confusion_matrix" in html
+    check_report_renders(page, tmp_path)

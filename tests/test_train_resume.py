@@ -1,0 +1,167 @@
+"""Real kills and real processes: a run killed mid-training (SIGTERM by hand, SIGKILL under
+`dvc repro`) resumes from its checkpoint and ends with the adapter of an uninterrupted run, and
+train.num_processes=2 trains with two CPU processes (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import TINY, adapter_bytes, train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+# long enough that a kill lands mid-training, short enough for a test; no eval to keep it quick
+RUN = ["train.max_steps=60", "train.save_steps=5", "train.eval_strategy=no", "train.logging_steps=10"]
+
+
+def env() -> dict:
+    environment = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    for name in ("DVC_STAGE", "DVC_ROOT", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        environment.pop(name, None)
+    return environment
+
+
+def stage_command(base: Path, name: str, *overrides: str) -> list[str]:
+    paths = [f"paths.{p}={base / p}" for p in ("base_model", "prepared", "merged", "onnx")]
+    out = base / name
+    return [sys.executable, str(REPO / "scripts/train_qlora.py"), *paths, *TINY, f"paths.adapter={out / 'adapter'}",
+            f"paths.metrics={out / 'metrics'}", f"paths.plots={out / 'plots'}", *overrides]
+
+
+def wait_for_checkpoint(folder: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+    """The first complete checkpoint under folder/adapter-*/ (trainer_state.json is written last)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = list(folder.glob("adapter-*/checkpoint-*/trainer_state.json"))
+        if done:
+            return done[0].parent
+        assert process.poll() is None, "training ended before any checkpoint"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    import fetch_model
+    import prepare_data
+
+    from test_train import compose
+
+    root = tmp_path_factory.mktemp("resume")
+    fetch_model.run(compose(root, stage=None))
+    prepare_data.run(compose(root, stage=None))
+    return root
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(base):
+    reference = adapter_bytes(train(base, "uninterrupted", *RUN)[1])
+
+    process = subprocess.Popen(stage_command(base, "killed", *RUN), cwd=REPO, env=env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(base / "killed" / ".checkpoints", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert "stopped by SIGTERM at step" in output
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 5 <= stopped_at < 60
+    assert list((base / "killed" / ".checkpoints").glob(f"adapter-*/checkpoint-{stopped_at}/trainer_state.json"))
+    assert not (base / "killed" / "adapter").exists()
+
+    done = subprocess.run(stage_command(base, "killed", *RUN), cwd=REPO, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"checkpoint-{stopped_at}" in done.stderr  # "resuming from ..."
+    metrics = json.loads((base / "killed" / "metrics" / "train.json").read_text())
+    assert metrics["resumed_from_step"] == stopped_at and metrics["steps"] == 60
+    assert adapter_bytes(base / "killed" / "adapter") == reference
+    assert not (base / "killed" / ".checkpoints").exists()
+
+
+def test_two_cpu_processes_train_one_adapter_with_torchrun_and_resume_together(base):
+    overrides = ["train.num_processes=2", "train.max_steps=40", "train.save_steps=5", "train.eval_strategy=steps",
+                 "train.eval_steps=20", "train.logging_steps=5"]
+    process = subprocess.Popen(stage_command(base, "ddp", *overrides), cwd=REPO, env=env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(base / "ddp" / ".checkpoints", process)
+    process.send_signal(signal.SIGTERM)  # to the stage, which forwards it through torchrun to both processes
+    output = process.communicate(timeout=300)[0]
+    assert "launching 2 processes" in output and "torch.distributed.run" in output
+    assert process.returncode == 143, output[-3000:]
+    # both processes stopped at the same step (one stopping alone would hang the other)
+    steps = {line.split("stopped by SIGTERM at step ")[1].split(";")[0] for line in output.splitlines()
+             if "stopped by SIGTERM at step " in line}
+    assert len(steps) == 1, output[-3000:]
+
+    done = subprocess.run(stage_command(base, "ddp", *overrides), cwd=REPO, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((base / "ddp" / "metrics" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 40 and metrics["resumed_from_step"] == int(steps.pop())
+    # 2 processes x 16 rows per step: an epoch of 336 rows is 11 steps, not 21
+    assert metrics["epochs"] == pytest.approx(40 / 11)
+    assert "eval_loss" in metrics and 0 < metrics["padding_waste"] < 0.15
+    assert (base / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _train_process(root: Path) -> int | None:
+    """The pid of the stage's python process that `dvc repro` started in root."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(part.endswith(b"scripts/train_qlora.py") for part in cmdline) and (proc / "cwd").resolve() == root:
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
+    root = tmp_path / "ortune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:  # the working tree under test, not just the last commit
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / ".venv").symlink_to(REPO / ".venv")
+    home = tmp_path / "home"
+    environment = {
+        **env(), "HOME": str(home), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(home / "s"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "g"), "DVC_SYSTEM_CONFIG_DIR": str(home / "y"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+    }
+    subprocess.run([sys.executable, "-m", "ortune.config", *TINY, *RUN], cwd=root, env=environment, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, env=environment, check=True)
+    subprocess.run(["git", "commit", "-qm", "test state"], cwd=root, env=environment, check=True)
+    dvc = [str(REPO / ".venv/bin/dvc"), "repro", "train_qlora"]
+
+    first = subprocess.Popen(dvc, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(root / "models" / ".checkpoints", first, timeout=600)
+    pid = _train_process(root)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode != 0, output[-2000:]
+    assert list((root / "models" / ".checkpoints").glob("adapter-*/checkpoint-*/trainer_state.json"))
+
+    second = subprocess.run(dvc, cwd=root, env=environment, capture_output=True, text=True)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "resuming from" in second.stdout + second.stderr
+    assert json.loads((root / "metrics" / "train.json").read_text())["resumed_from_step"] >= 5
+    resumed = adapter_bytes(root / "models" / "adapter")
+    assert not (root / "models" / ".checkpoints").exists()
+
+    fresh = subprocess.run([*dvc, "--force", "--single-item"], cwd=root, env=environment, capture_output=True, text=True)
+    assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
+    assert json.loads((root / "metrics" / "train.json").read_text())["resumed_from_step"] == 0
+    assert adapter_bytes(root / "models" / "adapter") == resumed
