@@ -383,7 +383,7 @@ def _onnx_problems(precision: str, o: DictConfig):
             yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
     if not o.quantize_ops:
         yield "onnx.quantize_ops is empty; list MatMul (and Gather to quantize the embeddings too)"
-    if "Gather" in o.quantize_ops and o.algorithm != "default":
+    if "Gather" in o.quantize_ops and o.algorithm != "default" and precision in export.QUANTIZED:
         yield (f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
                f"leaves it float with {o.algorithm}: set onnx.algorithm=default or drop Gather")
     if "Gather" in o.quantize_ops and precision == "int8":
