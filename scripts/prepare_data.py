@@ -29,6 +29,8 @@ def run(cfg: DictConfig) -> dict:
     input_fields, output_fields, setting = data.input_output_fields(spec)
     data.check_fields(rows, [*input_fields, *output_fields], spec.path, setting)
     data.check_fields(rows, [spec.label_field], spec.path, "data.label_field")
+    if spec.labels is not None:
+        data.check_label_set(rows, spec.label_field, list(spec.labels), spec.path)
     unique, duplicates = data.drop_duplicates(rows, input_fields)
     train_rows, eval_rows = data.stratified_split(unique, spec.label_field, spec.eval_fraction, cfg.seed)
 

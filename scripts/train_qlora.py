@@ -78,6 +78,10 @@ def run(cfg: DictConfig) -> dict:
         raise Terminated()
     metrics = training.summary(trainer, result, seconds, resumed_from=training.checkpoint_step(resume) if resume else 0)
     metrics["method"] = cfg.train.method
+    metrics["truncated_rows"] = training.rows_longer_than(train_rows, tokenizer, cfg.train.max_length)
+    if metrics["truncated_rows"]:
+        log.warning("%d training rows are longer than train.max_length=%d: truncated (rows that lost their "
+                    "whole answer are dropped)", metrics["truncated_rows"], cfg.train.max_length)
 
     training.save_adapter(trainer, checkpoints / "final", adapter)
     if trainer.is_world_process_zero():

@@ -194,3 +194,10 @@ def test_qlora_on_cuda_trains_bfloat16_adapters_with_the_gpu_preset(base):
     assert metrics["method"] == "qlora" and metrics["steps"] == 4
     weights = load_file(adapter / "adapter_model.safetensors")
     assert all(v.dtype == torch.bfloat16 for k, v in weights.items() if "lora_" in k)
+
+
+def test_rows_longer_than_max_length_are_truncated_and_counted(base):
+    metrics, adapter = train(base, "short-rows", "train.max_steps=2", "train.max_length=24")
+    assert metrics["truncated_rows"] > 0 and (adapter / "adapter_model.safetensors").is_file()
+    full, _ = train(base, "long-rows", "train.max_steps=2")
+    assert full["truncated_rows"] == 0

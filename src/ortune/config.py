@@ -61,6 +61,8 @@ class DataConfig:
     output_column: str = MISSING
     template: TemplateConfig = field(default_factory=TemplateConfig)
     label_field: str = MISSING
+    # the allowed labels; null accepts whatever labels the data holds
+    labels: Optional[list[str]] = MISSING
     eval_fraction: float = MISSING
 
 

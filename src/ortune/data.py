@@ -188,3 +188,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def label_counts(rows: list[dict], field: str = "label") -> dict[str, int]:
     return dict(sorted(Counter(str(row[field]) for row in rows).items()))
+
+
+def check_label_set(rows: list[dict], label_field: str, allowed: list[str], source: str) -> None:
+    """A label outside data.labels is a typo or a stray row, not a new class to learn silently."""
+    for index, row in enumerate(rows, start=1):
+        if str(row[label_field]) not in allowed:
+            raise OrtuneError(
+                f"{source}: row {index} has {label_field}={row[label_field]!r}, not one of data.labels "
+                f"({', '.join(allowed)}); fix the row or add the label to data.labels"
+            )

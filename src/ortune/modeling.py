@@ -104,6 +104,8 @@ def fetch_hub_model(model_cfg: DictConfig, out_dir: Path) -> dict:
 
 def copy_local_model(path: str, out_dir: Path) -> dict:
     source = Path(path)
+    if not source.is_dir():
+        raise OrtuneError(f"model.path={path}: no such folder; point it at a local Hugging Face model folder")
     if not (source / "config.json").is_file():
         raise OrtuneError(f"model.path={path}: no config.json there; point it at a Hugging Face model folder")
     if not list(source.glob("*.safetensors")):
@@ -120,10 +122,21 @@ def _copy_model_folder(source: Path, out_dir: Path) -> None:
             shutil.copy2(item.resolve(), out_dir / item.name)
 
 
+def _warn_remote_code(trust_remote_code: bool, path) -> None:
+    if trust_remote_code:
+        log.warning("model.trust_remote_code=true: Python code shipped with %s will run on this machine", path)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise OrtuneError(f"{path}: no tokenizer (tokenizer.json / tokenizer.model); rebuild it: dvc repro -f fetch_model")
+    _warn_remote_code(trust_remote_code, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise OrtuneError(f"{path}: tokenizer unreadable ({_first_line(exc)}); rebuild it: dvc repro -f fetch_model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -151,7 +164,22 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, quantizati
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    _warn_remote_code(trust_remote_code, path)
+    if not list(Path(path).glob("*.safetensors")):
+        raise OrtuneError(f"{path}: no *.safetensors weights (ortune loads safetensors only); rerun the stage that writes it")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as exc:  # safetensors raises its own error type for a truncated or corrupt file
+        if "safetensor" not in f"{type(exc).__name__} {exc}".lower() and not isinstance(exc, (OSError, EOFError)):
+            raise
+        raise OrtuneError(
+            f"{path}: weights unreadable, the safetensors file is corrupt or truncated ({_first_line(exc)}); "
+            "recreate it with `dvc repro -f <stage that writes it>` or re-download the model"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def read_json(path: Path) -> dict:

@@ -134,6 +134,18 @@ def sft_dataset(rows: list[dict]):
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
+def rows_longer_than(rows: list[dict], tokenizer, max_length: int) -> int:
+    """Rows whose full training sequence exceeds max_length (TRL truncates them silently)."""
+    count = 0
+    for row in rows:
+        if isinstance(row["prompt"], str):
+            text = row["prompt"] + row["completion"] + (tokenizer.eos_token or "")
+        else:
+            text = tokenizer.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=False)
+        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_length
+    return count
+
+
 class Trainer(SFTTrainer):
     """SFTTrainer that counts the tokens of every training batch, real and padded, so that tokens/s
     and padding waste are measured on what was actually computed."""
