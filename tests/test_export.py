@@ -166,20 +166,22 @@ def test_the_builder_silently_ignores_the_deprecated_alias(tiny_model, tmp_path)
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ((), {"block_size": "32", "accuracy_level": "4", "algo_config": "k_quant", "op_types_to_quantize": "MatMul"}),
+        ((), {"block_size": "256", "accuracy_level": "4", "algo_config": "default", "op_types_to_quantize": "MatMul",
+              "fuse_mlp_gate_up": "true"}),
         (("onnx.block_size=128", "onnx.accuracy_level=0", "onnx.algorithm=default", "onnx.quantize_ops=[MatMul,Gather]",
           "onnx.keep_float=[lm_head,embeddings]"),
          {"block_size": "128", "algo_config": "default", "op_types_to_quantize": "MatMul/Gather",
-          "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather"}),
+          "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather", "fuse_mlp_gate_up": "true"}),
         (("onnx.last_matmul_int8=true",),
-         {"block_size": "32", "accuracy_level": "4", "algo_config": "k_quant", "op_types_to_quantize": "MatMul",
-          "matmul_mixed_precision": "last_matmul:int8"}),
+         {"block_size": "256", "accuracy_level": "4", "algo_config": "default", "op_types_to_quantize": "MatMul",
+          "matmul_mixed_precision": "last_matmul:int8", "fuse_mlp_gate_up": "true"}),
     ],
 )
 def test_quantization_settings_map_to_builder_options(overrides, expected):
     cfg = config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "t")
     assert export.builder_options("int4", cfg.onnx) == expected
-    assert export.builder_options("fp32", cfg.onnx) == {}  # float precisions take no quantization options
+    # float precisions take no quantization options, only onnx.extra_options (default: fuse_mlp_gate_up)
+    assert export.builder_options("fp32", cfg.onnx) == {"fuse_mlp_gate_up": "true"}
 
 
 # ---------------------------------------------------------------- the options reach the graph
@@ -212,8 +214,8 @@ def test_algorithm_changes_the_quantized_weights(tiny_model, tmp_path):
         model = onnx.load(str(out / "model.onnx"))
         return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if "lm_head" in i.name}
 
-    rtn = weights(build(tiny_model, tmp_path / "rtn", "int4", "cpu", "onnx.algorithm=rtn"))
-    k_quant = weights(build(tiny_model, tmp_path / "kq", "int4", "cpu", "onnx.algorithm=k_quant"))
+    rtn = weights(build(tiny_model, tmp_path / "rtn", "int4", "cpu", "onnx.algorithm=rtn", "onnx.block_size=32"))
+    k_quant = weights(build(tiny_model, tmp_path / "kq", "int4", "cpu", "onnx.algorithm=k_quant", "onnx.block_size=32"))
     common = rtn.keys() & k_quant.keys()
     assert common and any(name.endswith("_Q4G32") for name in common)  # both are algorithm-config quantizations
     assert any(not (rtn[name] == k_quant[name]).all() for name in common)  # that round differently
@@ -297,6 +299,7 @@ def test_genai_config_gets_all_cores_and_greedy_search(tiny_model, tmp_path):
     assert export.tune_genai_config(out, 0) == os.cpu_count()
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
+    assert genai["model"]["decoder"]["session_options"][export.SPIN_KEY] == export.SPIN_US  # read by onnxruntime
     assert genai["search"]["do_sample"] is False and genai["search"]["num_beams"] == 1 and genai["search"]["top_k"] == 1
     export.tune_genai_config(out, 1)
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1

@@ -40,7 +40,7 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     # parity measured on 8 prompts: label agreement for int4 (a random model has no target to meet here)
     assert metrics["parity"]["prompts"] == 8 and 0.0 <= metrics["parity"]["label_agreement"] <= 1.0
     assert metrics["parity"]["target"] == "label_agreement >= 0.98"
-    assert metrics["builder_options"]["algo_config"] == "k_quant" and metrics["precision"] == "int4"
+    assert metrics["builder_options"]["algo_config"] == "default" and metrics["precision"] == "int4"
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
     assert genai["search"]["do_sample"] is False and genai["search"]["top_k"] == 1
@@ -51,7 +51,7 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     assert task["max_new_tokens"] == metrics["max_new_tokens"] >= 2 and task["adapters"] == {}
     card = (out / "README.md").read_text()
     assert "tiny-phi3" in card and sha256(REPO / "data/raw/tones.jsonl") in card
-    assert "| precision | `int4` |" in card and "algo_config=k_quant" in card and "| model | 8 |" in card
+    assert "| precision | `int4` |" in card and "algo_config=default" in card and "| model | 8 |" in card
     assert not list(project.glob(".onnx-int4*"))  # no scratch or builder cache left beside the output
 
 

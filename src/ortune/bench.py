@@ -361,7 +361,8 @@ class TorchRunner:
 
 
 def _quantization_attributes(model_path: Path) -> dict:
-    """block_size / accuracy_level of the model's MatMulNBits nodes, and their op counts."""
+    """How the graph is quantized (MatMulNBits block_size, accuracy_level, bits, zero points, fused
+    gate/up), and its op counts."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -372,7 +373,9 @@ def _quantization_attributes(model_path: Path) -> dict:
         if node.op_type == "MatMulNBits" and not attributes:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
                           if a.name in ("block_size", "accuracy_level", "bits")}
-    return {"quantization": attributes, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+            attributes["zero_points"] = len(node.input) > 3 and bool(node.input[3])
+    fused = any("gate_up_proj" in node.name for node in graph.node)
+    return {"quantization": attributes, "fused_gate_up": fused, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
 
 
 def decode_round_robin(runners: dict, prompt: str, new_tokens: int, warmup: int, repeats: int,
@@ -580,10 +583,13 @@ def render_markdown(results: dict) -> str:
                      f"{row['percent_of_floor']:.0f} % |")
     int4 = next((r for r in decode["engines"] if r["engine"] == "genai int4"), None)
     if int4:
-        quant = int4["settings"].get("quantization", {})
-        threads = int4["settings"].get("session_options", {}).get("intra_op_num_threads")
+        settings = int4["settings"]
+        quant, session = settings.get("quantization", {}), settings.get("session_options", {})
+        extra = ", ".join(f"{k} {v}" for k, v in session.items() if k != "intra_op_num_threads")
         lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
-                      f"{quant.get('accuracy_level')}, {threads} intra-op threads. Goals: "
+                      f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
+                      f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
+                      f"{session.get('intra_op_num_threads')} intra-op threads{', ' + extra if extra else ''}. Goals: "
                       f"≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
                       f"({'met' if (int4['speedup_vs_torch_fp32'] or 0) >= GOALS['speedup_vs_torch_fp32'] else 'not met'}), "
                       f"≥ {GOALS['percent_of_floor']:.0f} % of floor "

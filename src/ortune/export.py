@@ -31,6 +31,8 @@ QUANTIZED = ("int4", "int8")
 # The name the pipeline's own adapter gets beside an adapter=separate model.
 PIPELINE_ADAPTER = "default"
 TASK_FILE = "ortune.json"
+# onnxruntime session config entry written into genai_config.json (see tune_genai_config)
+SPIN_KEY, SPIN_US = "session.intra_op.spin_duration_us", "20"
 
 # Pairs the builder lists as valid but whose output is broken (found by building them here).
 BROKEN_PAIRS = {
@@ -162,6 +164,9 @@ def tune_genai_config(out_dir: Path, threads: int) -> int:
     threads = threads or os.cpu_count() or 1
     session = genai["model"]["decoder"].setdefault("session_options", {})
     session["intra_op_num_threads"] = threads
+    # intra-op threads spin at most 20 us before sleeping: as fast as ORT's default spinning on an idle
+    # machine, ~1.8x faster when other processes compete for the cores (bench/NOTES.md)
+    session[SPIN_KEY] = SPIN_US
     # greedy: the label is the single most likely continuation; top_k=1 keeps it greedy even for an app
     # that turns sampling on without choosing its own top_k
     genai["search"].update({"do_sample": False, "num_beams": 1, "top_k": 1, "top_p": 1.0})

@@ -7,15 +7,14 @@ src/ortune/vendor/vega/ instead; its `{plot_divs}` placeholder is where DVC puts
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ortune.artifacts import write_bytes_atomic
 from ortune.errors import OrtuneError
 from ortune.metrics import UNPARSED
 
@@ -51,7 +50,7 @@ def write_confusion_png(matrix: list[list[int]], labels: list[str], path: str | 
     # no timestamp in the metadata: the same eval gives the same bytes, so DVC sees no change
     figure.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(figure)
-    _write_bytes_atomic(Path(path), buffer.getvalue())
+    write_bytes_atomic(Path(path), buffer.getvalue())
 
 
 def write_per_class_csv(per_class: dict[str, dict], path: str | Path) -> None:
@@ -60,23 +59,7 @@ def write_per_class_csv(per_class: dict[str, dict], path: str | Path) -> None:
     writer.writerow(["label", "precision", "recall", "f1", "support"])
     for label, s in per_class.items():
         writer.writerow([label, round(s["precision"], 6), round(s["recall"], 6), round(s["f1"], 6), s["support"]])
-    _write_bytes_atomic(Path(path), buffer.getvalue().encode("utf-8"))
-
-
-def _write_bytes_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; plots are shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(Path(path), buffer.getvalue().encode("utf-8"))
 
 
 def report_template() -> str:
