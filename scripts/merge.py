@@ -33,9 +33,12 @@ def run(cfg: DictConfig) -> dict:
     try:
         model = PeftModel.from_pretrained(base, cfg.paths.adapter)
     except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch lists every mismatching tensor: the first one says enough (which weight, both shapes)
+        shapes = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
         raise OrtuneError(
-            f"{cfg.paths.adapter}: adapter does not fit {cfg.paths.base_model} ({str(exc).splitlines()[0][:200]}); "
-            "retrain the adapter on this base (dvc repro train_qlora)"
+            f"{cfg.paths.adapter}: adapter does not fit {cfg.paths.base_model} ({shapes[:300]}); "
+            "it was trained on another base: retrain it on this one (dvc repro train_qlora)"
         ) from None
     model.eval()
     rows = data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]

@@ -80,6 +80,8 @@ def test_make_all_runs_every_stage_and_beats_the_baseline(project):
     assert evaluation["accuracy"] >= 0.7 > evaluation["majority_baseline"], evaluation
     assert evaluation["n"] == data["eval_rows"] and evaluation["ms_per_token"] > 0
     assert read_metrics(root, "merge.json")["max_abs_logit_diff"] < 1e-4
+    # each experiment records the environment it ran in (pinned packages' installed versions)
+    assert evaluation["environment"]["torch"].startswith("2.13.0") and "onnxruntime-genai" in evaluation["environment"]
     assert read_metrics(root, "onnx.json")["precision"] == "int4"
     assert (root / "models/onnx/model.onnx").is_file() and (root / "plots/train_loss.csv").is_file()
     genai = json.loads((root / "models/onnx/genai_config.json").read_text())

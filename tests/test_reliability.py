@@ -109,3 +109,21 @@ def test_disk_full_in_a_stage_is_one_line(tmp_path, monkeypatch, capsys):
     assert exited.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: disk full while stage prepare_data was writing")
+
+
+def test_adapter_for_another_base_explains_the_shape_mismatch(tiny_model, tiny_texts, make_cfg, tmp_path):
+    import merge
+    from peft import LoraConfig, get_peft_model
+
+    other = tmp_path / "other-base"
+    modeling.build_tiny_phi3(OmegaConf.merge(TINY, {"hidden_size": 64}), tiny_texts, seed=0, out_dir=other)
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(modeling.load_causal_lm(other), LoraConfig(r=4, target_modules=["qkv_proj"]))
+    peft_model.save_pretrained(adapter)
+    modeling.load_tokenizer(other).save_pretrained(adapter)
+    cfg = make_cfg(f"paths.base_model={tiny_model}", f"paths.adapter={adapter}")
+    with pytest.raises(OrtuneError) as caught:
+        merge.run(cfg)
+    message = str(caught.value)
+    assert "adapter does not fit" in message and "size mismatch" in message and "torch.Size" in message
+    assert "\n" not in message

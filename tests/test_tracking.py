@@ -60,6 +60,8 @@ def test_offline_run_is_grouped_by_experiment_and_holds_no_secret(tmp_path, monk
         tracker.log({"loss": 0.5, "label": "text is skipped"})
     (call,) = calls
     assert call["group"] == "exp-a" and call["job_type"] == "train_qlora" and call["mode"] == "offline"
+    assert [t.split(":")[0] for t in call["tags"]] == ["git", "dvc.lock"]  # the commit and dvc.lock digest
+    assert "python" in call["config"]["environment"]  # pinned versions too, from the repo's requirements.txt
     assert call["config"]["lora"] == {"r": 8}
     assert "fake-secret-token-123" not in repr(call)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
