@@ -58,9 +58,8 @@ sweep: setup ## Queue and run a grid of experiments: make sweep SWEEP="lora.r=8,
 	dvc exp run --queue $(foreach a,$(SWEEP),-S '$(a)')
 	dvc exp run --run-all --jobs 1
 
-compare: setup ## Table of every experiment's changed params and metrics, best accuracy first
-	dvc exp show -A --no-pager --only-changed --sort-by metrics/eval.json:$(METRIC) --sort-order desc \
-		--drop 'Created|State|Executor|environment|_counts|per_class|runtimes|deps:.*|paths\.'
+compare: setup ## Table of every experiment: the params that differ and the headline metrics, best METRIC first
+	python scripts/best.py --table --metric $(METRIC)
 
 best: setup ## Apply (or BRANCH=name: branch) the best experiment on METRIC within MAX_MS_PER_TOKEN
 	python scripts/best.py --metric $(METRIC) $(if $(MAX_MS_PER_TOKEN),--max eval.ms_per_token=$(MAX_MS_PER_TOKEN)) \

@@ -6,6 +6,7 @@ Reads `dvc exp show` (every experiment of the repo). Writes nothing unless asked
 
     python scripts/best.py --metric eval.accuracy --max eval.ms_per_token=2.0 --apply
     make best METRIC=accuracy MAX_MS_PER_TOKEN=2.0
+    python scripts/best.py --table        # = make compare
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--minimize", action="store_true", help="lower is better")
     parser.add_argument("--max", action="append", default=[], metavar="METRIC=LIMIT", help="upper bound, repeatable")
     action = parser.add_mutually_exclusive_group()
+    action.add_argument("--table", action="store_true", help="only print every experiment, best first")
     action.add_argument("--apply", action="store_true", help="dvc exp apply the winner")
     action.add_argument("--branch", metavar="NAME", help="dvc exp branch the winner into NAME")
     args = parser.parse_args(argv)
     metric = args.metric if "." in args.metric else f"eval.{args.metric}"
     try:
         limits = {(k if "." in k else f"eval.{k}"): v for k, v in parse_limits(args.max).items()}
-        best, reasons = experiments.pick_best(experiments.load(), metric, not args.minimize, limits)
+        found = experiments.load()
+        if args.table:
+            print(experiments.compare_table(found, metric))
+            return 0
+        best, reasons = experiments.pick_best(found, metric, not args.minimize, limits)
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

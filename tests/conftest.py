@@ -38,3 +38,44 @@ def tiny_texts():
 
     rows = data.read_records(REPO / "data/raw/tones.jsonl")
     return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in rows]
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages DVC actually executed (`dvc status`/`--dry` list only the directly changed ones)."""
+    import re
+
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def clone_project(tmp_path_factory, name: str, **extra_env: str) -> tuple[Path, dict]:
+    """A fresh git clone holding this working tree as it is (new files included, run outputs left out),
+    committed, with the repo's .venv linked in and DVC/git isolated from the user's config."""
+    import shutil
+    import subprocess
+
+    root = tmp_path_factory.mktemp(name) / "ortune"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for rel in listed:
+        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "dvc_plots/")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    (root / ".venv").symlink_to(REPO / ".venv")
+    home = tmp_path_factory.mktemp(f"{name}-home")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "PATH": f"{root / '.venv/bin'}:{os.environ['PATH']}",
+        **extra_env,
+    }
+    for key in ("DVC_STAGE", "DVC_ROOT", "ORTUNE_WANDB_DIR"):
+        env.pop(key, None)
+    subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "commit", "-qm", "test state", "--allow-empty"], cwd=root, env=env, check=True)
+    return root, env

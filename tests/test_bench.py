@@ -131,3 +131,25 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     json.dumps(results)  # results.json must serialize
     results["pipeline"] = {"skipped": "skipped in QUICK mode"}
     assert "Pipeline: skipped in QUICK mode." in bench.render_markdown(results)
+
+
+def test_contention_is_the_cpu_other_processes_used_per_second():
+    before, after = (100.0, 10.0, 0.0), (103.0, 11.5, 2.0)  # machine busy 3 s, this process 1.5 s, in 2 s
+    assert bench.other_cores(before, after) == pytest.approx(0.75)
+    assert bench.other_cores(before, (101.0, 11.5, 2.0)) == 0.0  # never negative (clock granularity)
+    snapshot = bench.cpu_snapshot()
+    assert len(snapshot) == 3 and snapshot[1] > 0
+
+
+def test_contended_runs_are_retried_and_the_least_contended_kept(monkeypatch):
+    busy = iter([2.0, 1.0, 0.5, 0.0])  # others' cores for each try, in order
+
+    class Runner:
+        def token_times(self, prompt, new_tokens):
+            return [0.01 * (i + 1) for i in range(new_tokens)]
+
+    monkeypatch.setattr(bench, "other_cores", lambda before, after: next(busy))
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    runs = bench.decode_round_robin({"e": Runner()}, "p", 8, warmup=1, repeats=1, log=lambda message: None)
+    # warm-up: one try (2.0); timed round: tries 1.0, 0.5, 0.0 -> stops at the first clean one
+    assert len(runs["e"]) == 1 and runs["e"][0]["other_cores"] == 0.0 and runs["e"][0]["tries"] == 3

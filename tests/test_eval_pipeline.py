@@ -7,13 +7,11 @@ Slow (the whole pipeline once, then eval alone a few times: about four minutes o
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import clone_project, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -32,31 +30,9 @@ HELD_OUT = [
 ]
 
 
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-clone") / "ortune"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    # the working tree as it is (new files included), minus outputs of runs in it
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in listed:
-        if (REPO / name).is_file() and not name.startswith(("metrics/", "plots/", "dvc_plots/")):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    (root / ".venv").symlink_to(REPO / ".venv")
-    home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(home / "site"),
-           "DVC_GLOBAL_CONFIG_DIR": str(home / "global"), "DVC_SYSTEM_CONFIG_DIR": str(home / "system"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "WANDB_MODE": "disabled", "PATH": f"{root / '.venv/bin'}:{os.environ['PATH']}"}
-    for name in ("DVC_STAGE", "DVC_ROOT", "ORTUNE_WANDB_DIR"):
-        env.pop(name, None)
-    git(root, env, "add", "-A")
-    git(root, env, "commit", "-qm", "test state", "--allow-empty")
+    root, env = clone_project(tmp_path_factory, "eval-clone", WANDB_MODE="disabled")
     output = run(root, env, "make", "-o", ".venv/.installed", "all")
     assert "eval" in ran_stages(output)
     # the first results are committed: `dvc metrics diff` compares the workspace with them

@@ -95,3 +95,29 @@ def pick_best(
     for other in eligible[1:]:
         reasons.append(f"{other.name}: eligible, {metric}={other.metrics[metric]:.4g}")
     return best, reasons
+
+
+HEADLINE = ("eval.accuracy", "eval.macro_f1", "eval.majority_baseline", "eval.ms_per_token", "eval.quantization_agreement")
+
+
+def compare_table(experiments: list[Experiment], metric: str) -> str:
+    """Markdown: the params that differ between experiments, then the headline metrics, best first."""
+    keys = sorted({k for e in experiments for k in e.params if not k.startswith(("paths.", "wandb."))})
+    changed = [k for k in keys if len({repr(e.params.get(k)) for e in experiments}) > 1]
+    columns = [*changed, *[m for m in HEADLINE if any(m in e.metrics for e in experiments)]]
+    ranked = sorted(experiments, key=lambda e: _sort_key(e.metrics.get(metric)), reverse=True)
+    lines = ["| experiment | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for exp in ranked:
+        cells = [_cell(exp.params.get(c, exp.metrics.get(c))) for c in columns]
+        lines.append(f"| {exp.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sort_key(value) -> float:
+    return value if isinstance(value, (int, float)) else float("-inf")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
