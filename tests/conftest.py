@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("DVC_STAGE", None)
+# set by the Makefile for queued experiments; tests choose their own W&B folders
+os.environ.pop("ORTUNE_WANDB_DIR", None)
 
 
 def path_overrides(root: Path) -> list[str]:

@@ -35,9 +35,9 @@ def test_label_outside_the_configured_set_names_row_and_label(make_cfg, tmp_path
     rows[6]["tone"] = rows[8]["tone"] = "Joy"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(OrtuneError, match=r"row 7 has tone='Joy', not one of data.labels"):
-        prepare_data.run(make_cfg(f"data.path={source}"))
-    # null accepts the labels found
-    assert prepare_data.run(make_cfg(f"data.path={source}", "data.labels=null"))["eval_label_counts"]
+        prepare_data.run(make_cfg(f"data.path={source}", "data.labels=[fear,joy]"))
+    # null (the default) accepts the labels found
+    assert prepare_data.run(make_cfg(f"data.path={source}"))["eval_label_counts"]
 
 
 def test_missing_model_path_is_named(tmp_path):
