@@ -153,3 +153,12 @@ def test_contended_runs_are_retried_and_the_least_contended_kept(monkeypatch):
     runs = bench.decode_round_robin({"e": Runner()}, "p", 8, warmup=1, repeats=1, log=lambda message: None)
     # warm-up: one try (2.0); timed round: tries 1.0, 0.5, 0.0 -> stops at the first clean one
     assert len(runs["e"]) == 1 and runs["e"][0]["other_cores"] == 0.0 and runs["e"][0]["tries"] == 3
+
+
+def test_full_results_replace_the_readme_block_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = bench.README_MARKERS
+    readme.write_text(f"# x\n\n## Benchmark\n\n{start}\nold table\n{end}\n\n## Next\n")
+    assert bench.update_readme("| new | table |\n", readme)
+    assert readme.read_text() == f"# x\n\n## Benchmark\n\n{start}\n| new | table |\n{end}\n\n## Next\n"
+    assert not bench.update_readme("x", tmp_path / "missing.md")
