@@ -757,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(results)
     write_text_atomic(args.out / "results.md", markdown)
     if not (args.quick or args.variant or args.engines or args.no_pipeline) and args.out == REPO / "bench":
-        if update_readme(markdown):
+        contended = max(r.get("contended_runs", 0) for r in results["decode"]["engines"])
+        if contended > repeats // 3:
+            log(f"README.md not updated: up to {contended} of {repeats} runs per engine were contended")
+        elif update_readme(markdown):
             log("README.md: Benchmark section updated")
     log("\n" + markdown)
     log(f"wrote {args.out / 'results.json'} and results.md in {results['bench_seconds']:.0f} s")
