@@ -27,7 +27,14 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so `finally` blocks clean up partial outputs."""
 
 
+_terminated = False
+
+
 def _raise_terminated(signum, frame):
+    global _terminated
+    # remembered too: a signal landing in a callback (an import lock, a __del__) has its exception
+    # swallowed by Python ("Exception ignored in ..."), and the stage must still not report success
+    _terminated = True
     raise Terminated()
 
 
@@ -49,6 +56,8 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
             metrics = run(cfg)
             tracker.log(metrics)
             tracker.summary(metrics)
+        if _terminated:
+            raise Terminated()
         metrics["environment"] = provenance.package_versions(config.project_root())
         write_json_atomic(Path(cfg.paths.metrics) / metrics_file, metrics)
     except OrtuneError as exc:
