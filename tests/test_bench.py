@@ -141,7 +141,7 @@ def test_contention_is_the_cpu_other_processes_used_per_second():
     assert len(snapshot) == 3 and snapshot[1] > 0
 
 
-def test_contended_runs_are_retried_and_the_least_contended_kept(monkeypatch):
+def test_contended_runs_are_retried_after_a_wait_and_the_least_contended_kept(monkeypatch):
     busy = iter([2.0, 1.0, 0.5, 0.0])  # others' cores for each try, in order
 
     class Runner:
@@ -149,7 +149,7 @@ def test_contended_runs_are_retried_and_the_least_contended_kept(monkeypatch):
             return [0.01 * (i + 1) for i in range(new_tokens)]
 
     monkeypatch.setattr(bench, "other_cores", lambda before, after: next(busy))
-    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(bench, "wait_for_quiet", lambda deadline: True)
     runs = bench.decode_round_robin({"e": Runner()}, "p", 8, warmup=1, repeats=1, log=lambda message: None)
     # warm-up: one try (2.0); timed round: tries 1.0, 0.5, 0.0 -> stops at the first clean one
     assert len(runs["e"]) == 1 and runs["e"][0]["other_cores"] == 0.0 and runs["e"][0]["tries"] == 3
@@ -162,3 +162,10 @@ def test_full_results_replace_the_readme_block_between_its_markers(tmp_path):
     assert bench.update_readme("| new | table |\n", readme)
     assert readme.read_text() == f"# x\n\n## Benchmark\n\n{start}\n| new | table |\n{end}\n\n## Next\n"
     assert not bench.update_readme("x", tmp_path / "missing.md")
+
+
+def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
+    monkeypatch.setattr(bench, "other_cores", lambda before, after: 1.0)
+    assert bench.wait_for_quiet(bench.time.perf_counter() + 0.05, probe_s=0.01) is False
+    monkeypatch.setattr(bench, "other_cores", lambda before, after: 0.0)
+    assert bench.wait_for_quiet(bench.time.perf_counter() + 1, probe_s=0.01) is True
