@@ -112,11 +112,15 @@ def test_two_cpu_processes_train_one_adapter_with_torchrun_and_resume_together(b
 
 
 def _train_process(root: Path) -> int | None:
-    """The pid of the stage's python process that `dvc repro` started in root."""
+    """The pid of the stage's python process that `dvc repro` started in root. DVC runs the command
+    through $SHELL -c, or /bin/sh -c when SHELL is unset (as in CI): dash forks instead of exec-ing,
+    so a shell whose command line names the script sits between DVC and python. Killing that shell
+    would leave python training on, orphaned, so match the interpreter only."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if any(part.endswith(b"scripts/train_qlora.py") for part in cmdline) and (proc / "cwd").resolve() == root:
+            interpreter = Path(cmdline[0].decode()).name.startswith("python")
+            if interpreter and b"scripts/train_qlora.py" in cmdline[1:3] and (proc / "cwd").resolve() == root:
                 return int(proc.name)
         except (OSError, ValueError):
             continue
