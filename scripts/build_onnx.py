@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
 def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict]:
     """Run the builder; returns the builder options used and {adapter name: file} (adapter=separate)."""
     o, precision, provider = cfg.onnx, cfg.precision, cfg.onnx.execution_provider
+    export.check_k_quant_blocks(Path(cfg.paths.merged if o.adapter == "merged" else cfg.paths.base_model), precision, o)
     if o.adapter == "merged":
         options = export.builder_options(precision, o)
         export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"))

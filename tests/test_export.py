@@ -236,6 +236,31 @@ def test_gather_needs_the_default_algorithm_because_the_builder_ignores_it_other
     assert "GatherBlockQuantized" not in nodes(out).values()  # the reason: drop the check when this fails
 
 
+def onnx_settings(*overrides: str):
+    return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "t").onnx
+
+
+def test_k_quant_with_an_odd_block_count_is_refused_before_building(tiny_model):
+    # this tiny model: hidden 64 (qkv, gate/up, lm_head inputs) -> one 64-block, odd; down_proj 128 -> two
+    with pytest.raises(OrtuneError, match=r"onnx.block_size=64: .* input width 64, 1 blocks .* one of \[16, 32\]"):
+        export.check_k_quant_blocks(tiny_model, "int4", onnx_settings("onnx.algorithm=k_quant", "onnx.block_size=64"))
+    export.check_k_quant_blocks(tiny_model, "int4", onnx_settings("onnx.algorithm=k_quant", "onnx.block_size=32"))
+    export.check_k_quant_blocks(tiny_model, "int8", onnx_settings("onnx.algorithm=k_quant", "onnx.block_size=64"))
+    export.check_k_quant_blocks(tiny_model, "int4", onnx_settings("onnx.algorithm=default", "onnx.block_size=64"))
+    assert export.linear_input_widths(tiny_model)["model.layers.0.mlp.down_proj.weight"] == 128
+
+
+@pytest.mark.slow
+def test_k_quant_check_matches_what_the_builder_really_does(tiny_model, tmp_path):
+    # the reason for check_k_quant_blocks: drop the check when the first build stops failing
+    options = export.builder_options("int4", onnx_settings("onnx.algorithm=k_quant", "onnx.block_size=64"))
+    with pytest.raises(OrtuneError, match="builder failed"):
+        export.run_builder(tiny_model, tmp_path / "kq64", "int4", "cpu", options, log_file=tmp_path / "kq64.log")
+    assert "cannot reshape" in (tmp_path / "kq64.log").read_text()
+    out = build(tiny_model, tmp_path / "kq32", "int4", "cpu", "onnx.algorithm=k_quant", "onnx.block_size=32")
+    assert "MatMulNBits" in nodes(out).values()
+
+
 def test_last_matmul_int8_quantizes_lm_head_to_8_bits(tiny_model, tmp_path):
     out = build(tiny_model, tmp_path / "last8", "int4", "cpu", "onnx.last_matmul_int8=true")
     bits = {name: attribute(out, name, "bits") for name, op in nodes(out).items() if op == "MatMulNBits"}

@@ -91,6 +91,42 @@ def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str
     return options
 
 
+def linear_input_widths(model_dir: Path) -> dict[str, int]:
+    """{weight name: input width K} of every linear layer in the model's safetensors (headers only)."""
+    from safetensors import safe_open
+
+    widths = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as tensors:
+            for name in tensors.keys():
+                shape = tensors.get_slice(name).get_shape()
+                if name.endswith(".weight") and len(shape) == 2 and "embed" not in name and "norm" not in name:
+                    widths[name] = int(shape[1])
+    return widths
+
+
+def check_k_quant_blocks(model_dir: Path, precision: str, onnx: DictConfig) -> None:
+    """int4 k_quant stores two 4-bit zero points per byte and reshapes them per output row; the quantizer
+    (onnxruntime 1.32, neural_compressor/weight_only.py) crashes with "cannot reshape array" when a MatMul's
+    input width splits into an odd number of blocks. Refuse that before the (slow) build, naming what works."""
+    if precision != "int4" or onnx.algorithm != "k_quant":
+        return
+    widths = linear_input_widths(model_dir)
+    if "lm_head" in onnx.keep_float or onnx.last_matmul_int8:  # lm_head then is float or int8: no packed zero points
+        widths = {name: k for name, k in widths.items() if not name.startswith("lm_head")}
+
+    def odd(block: int) -> dict[str, int]:
+        return {name: k for name, k in widths.items() if -(-k // block) % 2}
+
+    if bad := odd(onnx.block_size):
+        name, k = next(iter(bad.items()))
+        working = [b for b in BLOCK_SIZES if not odd(b)]
+        fix = f"set onnx.block_size to one of {working}" if working else "no block size works for this model"
+        raise OrtuneError(f"onnx.algorithm=k_quant with onnx.block_size={onnx.block_size}: {name} has input width {k}, "
+                          f"{-(-k // onnx.block_size)} blocks (odd), which the int4 k_quant quantizer cannot pack; "
+                          f"{fix}, or use onnx.algorithm=default")
+
+
 def describe_options(options: dict[str, str]) -> dict[str, str]:
     """The options for metrics and the model card: a long node list (LoRA paths) shortened to a count."""
     described = dict(options)
