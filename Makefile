@@ -44,8 +44,7 @@ params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml
 all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, NAME=experiment name)
 	dvc exp run $(NAME_ARG) $(SET_ARGS)
 	@echo
-	@echo "Results: metrics/eval.json (accuracy, macro-F1, baseline), models/onnx/ (the shipped model)"
-	@dvc metrics show 2>/dev/null | head -20 || true
+	@$(PY) -m ortune.experiments
 
 plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS="HEAD exp-name" compares runs)
 	$(PY) scripts/report.py $(REVS)

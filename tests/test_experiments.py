@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,22 @@ def test_compare_table_shows_changed_params_and_metrics_best_first():
     assert table[0] == "| experiment | lora.r | eval.accuracy | eval.ms_per_token |"
     assert table[2].startswith("| r16 | 16 | 0.8 |") and table[3].startswith("| r8 | 8 | 0.7 |")
     assert "precision" not in table[0]  # unchanged params are left out
+
+
+def test_run_summary_reads_the_metrics_params_yaml_names(tmp_path):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"metrics": "m", "onnx": "models/o", "plots": "p"}}))
+    summary = experiments.run_summary(tmp_path)
+    assert "no " in summary and "eval.json" in summary and "eval stage" in summary
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "eval.json").write_text(json.dumps({
+        "n": 144, "accuracy": 0.785, "macro_f1": 0.78, "majority_baseline": 0.25, "base_accuracy": 0.0,
+        "ms_per_token": 0.08, "ttft_ms": 0.9, "model_size_mb": 1.6, "quantization_agreement": 0.99,
+        "quantization_accuracy_delta": -0.007}))
+    (tmp_path / "m" / "onnx.json").write_text(json.dumps({"precision": "int8"}))
+    lines = experiments.run_summary(tmp_path).splitlines()
+    assert lines[0] == "eval (int8 ONNX, 144 rows): accuracy 0.785, macro-F1 0.780 (majority baseline 0.250, untuned base 0.000)"
+    assert "same label on 99.0 % of rows, accuracy delta -0.007" in lines[2]
+    assert not any(line.startswith("training") for line in lines)  # no train.json: no training line
+    assert "models/o/README.md" in lines[-2] and "m/*.json" in lines[-2]

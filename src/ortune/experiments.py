@@ -1,10 +1,12 @@
-"""Reading DVC experiments (`dvc exp show --json`) and picking the best one under constraints."""
+"""Reading DVC experiments (`dvc exp show --json`), picking the best one under constraints, and the
+few lines `make all` prints about the run in the workspace (`python -m ortune.experiments`)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ortune.errors import OrtuneError
 
@@ -121,3 +123,45 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _read_metrics(folder: Path, name: str) -> dict:
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def run_summary(root: Path) -> str:
+    """The headline results of the workspace's last run, read from the metrics files that params.yaml
+    names (`dvc metrics show` lists every nested key: hundreds of columns)."""
+    import yaml
+
+    paths = yaml.safe_load((Path(root) / "params.yaml").read_text(encoding="utf-8"))["paths"]
+    folder = Path(root) / paths["metrics"]
+    scores, onnx, train = (_read_metrics(folder, f) for f in ("eval.json", "onnx.json", "train.json"))
+    if not scores:
+        return f"no {folder / 'eval.json'} yet: the pipeline did not reach the eval stage (see the log above)"
+    model = f"{onnx.get('precision', '?')} ONNX" if onnx else "ONNX"
+    lines = [
+        f"eval ({model}, {scores['n']} rows): accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f} "
+        f"(majority baseline {scores['majority_baseline']:.3f}"
+        + (f", untuned base {scores['base_accuracy']:.3f})" if "base_accuracy" in scores else ")"),
+        f"speed: {scores['ms_per_token']:.2f} ms/token, first token {scores['ttft_ms']:.1f} ms, "
+        f"{scores['model_size_mb']:.1f} MB on disk",
+    ]
+    if "quantization_agreement" in scores:
+        lines.append(f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows, "
+                     f"accuracy delta {scores['quantization_accuracy_delta']:+.3f}")
+    if train:
+        lines.append(f"training ({train.get('method')}): {train['steps']} steps, final loss {train['final_loss']:.4f}"
+                     + (f", eval loss {train['eval_loss']:.4f}" if "eval_loss" in train else ""))
+    lines += [
+        f"shipped model: {paths['onnx']}/ (model card {paths['onnx']}/README.md); all metrics: {paths['metrics']}/*.json",
+        f"pictures: {paths['plots']}/confusion_matrix.png, `make plots` (HTML report); every experiment: `make compare`",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run_summary(Path.cwd()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -12,6 +13,9 @@ from omegaconf import DictConfig
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
+# PEFT 0.21 reads a property that transformers 5.23 deprecates: a FutureWarning on every adapter load
+# (training, merge, eval's spawned judges, which all import this module) with nothing for a user to do.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Phi-3's special tokens and chat template, so the tiny model exercises the same formats as the real one.
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
