@@ -97,3 +97,35 @@ def test_hub_model_offline_says_to_use_a_local_path(tmp_path, monkeypatch):
     cfg = OmegaConf.create({"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"})
     with pytest.raises(OrtuneError, match="model.path"):
         modeling.fetch_hub_model(cfg, tmp_path)
+
+
+def test_hub_model_without_network_fails_at_once_or_uses_the_cache(tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    calls = []
+
+    def cache_only(repo_id, **kwargs):
+        calls.append(kwargs)
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    cfg = OmegaConf.create({"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"})
+    with pytest.raises(OrtuneError, match="no network and not in the Hugging Face cache.*model.path"):
+        modeling.fetch_hub_model(cfg, tmp_path / "out")
+    assert calls[0]["local_files_only"] is True  # no download attempt, so no retries
+
+    cached = tmp_path / "hub" / "snapshots" / cfg.revision
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (cached / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(cached))
+    (tmp_path / "out").mkdir()
+    assert modeling.fetch_hub_model(cfg, tmp_path / "out") == {"resolved_revision": cfg.revision}
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"weights"

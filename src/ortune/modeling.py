@@ -90,20 +90,40 @@ def fetch_hub_model(model_cfg: DictConfig, out_dir: Path) -> dict:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    # without a network the hub client retries for ~25 s, logging each try; a copy already in the HF
+    # cache is used as it is, and without one the answer is immediate
+    offline = not _hub_resolves()
     try:
         local = snapshot_download(
             model_cfg.hub_id,
             revision=model_cfg.revision,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py"],
             token=os.environ.get("HF_TOKEN") or None,
+            local_files_only=offline,
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        reason = "no network and not in the Hugging Face cache" if offline else type(exc).__name__
         raise OrtuneError(
             f"model.hub_id={model_cfg.hub_id}: cannot download revision {model_cfg.revision} "
-            f"({type(exc).__name__}); offline, set model.path=/path/to/a/local/copy"
+            f"({reason}); offline, set model.path=/path/to/a/local/copy"
         ) from None
     _copy_model_folder(Path(local), out_dir)
     return {"resolved_revision": Path(local).name}
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host (HF_ENDPOINT respected) has an address: no DNS means no network."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def copy_local_model(path: str, out_dir: Path) -> dict:
