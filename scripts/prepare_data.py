@@ -1,8 +1,10 @@
 """Stage 1: labelled records -> checked, de-duplicated, stratified prompt/completion splits.
 
-Reads: `data.path` (JSONL / JSON / CSV / Parquet), `data.*`, `seed`.
+Reads: `data.path` (a JSON Lines / JSON / CSV / Parquet / Arrow file, or a folder of them), `data.*`,
+`seed`; the base model's tokenizer and context (models/base) and `train.max_length` for lengths in tokens.
 Writes: data/prepared/{train,eval}.jsonl (prompt, completion, label), data/prepared/labels.json,
-metrics/data.json (rows read, duplicates dropped, per-label counts, majority baseline, overlap).
+metrics/data.json (rows read, duplicates and conflicts dropped, labels normalized, rows per label per
+split, majority baseline, overlap, prompt/answer token percentiles, rows over train.max_length, warnings).
 With data.format=chat, prompt and completion are user/assistant messages: the model's chat
 template renders them (ortune.data.prompt_text), in training and at inference alike.
 
@@ -13,28 +15,54 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from ortune import data, stage
 from ortune.artifacts import atomic_dir
+from ortune.errors import OrtuneError
 from ortune.metrics import majority_baseline
 
 log = logging.getLogger("ortune")
+# rows named in the report and in one-line errors; the counts cover all of them
+SHOWN = 5
 
 
 def run(cfg: DictConfig) -> dict:
     spec = cfg.data
     rows = data.read_records(spec.path)
+    where = data.placer(rows, spec.path)
     input_fields, output_fields, setting = data.input_output_fields(spec)
     data.check_fields(rows, [*input_fields, *output_fields], spec.path, setting)
     data.check_fields(rows, [spec.label_field], spec.path, "data.label_field")
-    if spec.labels is not None:
-        data.check_label_set(rows, spec.label_field, list(spec.labels), spec.path)
+    allowed = list(spec.labels) if spec.labels is not None else None
+    # Case and surrounding spaces are merged, not refused: the answer parser ignores them, so `Joy`
+    # and `joy` can only ever be one class, and a user fixing a file they did not write gains nothing
+    # from a refusal. The merge is never silent: logged here and listed in metrics/data.json.
+    normalized = data.normalize_labels(rows, spec.label_field, allowed)
+    for spelling, kept in normalized.items():
+        log.warning("label %r read as %r (labels differing only by case or surrounding spaces are one class)",
+                    spelling, kept)
+    if allowed is not None:
+        data.check_label_set(rows, spec.label_field, allowed, spec.path)
+    data.check_predictable(sorted({str(r[spec.label_field]) for r in rows}), spec.path)
+
+    conflicts = data.find_conflicts(rows, input_fields, spec.label_field)
+    if conflicts:
+        kept, dropped = conflicts[0]
+        log.warning("%d row(s) repeat an earlier input with another label; the first row's label is kept, e.g. "
+                    "%s (%s) over %s (%s); all listed in metrics/data.json", len(conflicts), where(kept),
+                    kept[spec.label_field], where(dropped), dropped[spec.label_field])
     unique, duplicates = data.drop_duplicates(rows, input_fields)
     train_rows, eval_rows = data.stratified_split(unique, spec.label_field, spec.eval_fraction, cfg.seed)
 
     train, evaluation = [data.render_row(r, spec) for r in train_rows], [data.render_row(r, spec) for r in eval_rows]
+    lengths = token_report(cfg, train_rows + eval_rows, train + evaluation, where)
+    small = data.small_labels(train, evaluation)
+    for warning in small:
+        log.warning("%s", warning)
+    warnings = lengths.pop("warnings") + small
     overlap = len({data.prompt_key(r["prompt"]) for r in train} & {data.prompt_key(r["prompt"]) for r in evaluation})
     labels = sorted({r["label"] for r in train + evaluation})
     with atomic_dir(cfg.paths.prepared) as out:
@@ -42,15 +70,73 @@ def run(cfg: DictConfig) -> dict:
         data.write_jsonl(evaluation, out / "eval.jsonl")
         (out / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
     log.info("prepared %d train / %d eval rows over labels %s", len(train), len(evaluation), labels)
+    train_counts, eval_counts = data.label_counts(train), data.label_counts(evaluation)
     return {
         "rows_read": len(rows),
         "duplicates_dropped": duplicates,
+        # included in duplicates_dropped: same input, another label; the first row's label is kept
+        "conflicts": len(conflicts),
+        "conflict_rows": [
+            {"input": " | ".join(str(dropped[f]) for f in input_fields), "kept": str(kept[spec.label_field]),
+             "kept_at": where(kept), "dropped": str(dropped[spec.label_field]), "dropped_at": where(dropped)}
+            for kept, dropped in conflicts[:SHOWN]
+        ],
+        "normalized_labels": normalized,
         "train_rows": len(train),
         "eval_rows": len(evaluation),
-        "train_label_counts": data.label_counts(train),
-        "eval_label_counts": data.label_counts(evaluation),
+        "train_label_counts": train_counts,
+        "eval_label_counts": eval_counts,
+        "rows_per_label": {label: {"train": train_counts.get(label, 0), "eval": eval_counts.get(label, 0)}
+                           for label in labels},
         "majority_baseline": majority_baseline([r["label"] for r in train], [r["label"] for r in evaluation]),
         "train_eval_overlap": overlap,
+        **lengths,
+        "warnings": warnings,
+    }
+
+
+def token_report(cfg: DictConfig, source_rows: list[dict], rendered: list[dict], where) -> dict:
+    """Token lengths per the base model's tokenizer: percentiles, rows over train.max_length (which
+    training truncates), and a refusal naming the rows longer than the model's context (no runtime
+    can take them). Skipped, saying why, when the base model is not there yet (a hand run)."""
+    base = Path(cfg.paths.base_model)
+    if not base.is_dir():
+        reason = f"no base model at {base} (run fetch_model first) to count tokens with"
+        log.warning("token lengths not measured: %s", reason)
+        return {"token_lengths": None, "token_lengths_skipped": reason, "max_length": cfg.train.max_length,
+                "rows_over_max_length": None, "warnings": []}
+    from ortune import modeling
+
+    tokenizer = modeling.load_tokenizer(base, cfg.model.trust_remote_code)
+    lengths = data.token_lengths(rendered, tokenizer)
+    totals = [p + a for p, a in lengths]
+    context = data.model_context(base)
+    if context is not None:
+        over = [(where(row), total) for row, total in zip(source_rows, totals) if total > context]
+        if over:
+            shown = ", ".join(f"{place} ({total} tokens)" for place, total in over[:SHOWN])
+            more = f" and {len(over) - SHOWN} more" if len(over) > SHOWN else ""
+            raise OrtuneError(f"{len(over)} row(s) are longer than the model's context of {context} tokens "
+                              f"({base}/config.json): {shown}{more}; shorten or remove them")
+    max_length = cfg.train.max_length
+    long_rows = [where(row) for row, total in zip(source_rows, totals) if total > max_length]
+    warnings = []
+    if long_rows:
+        warnings.append(f"{len(long_rows)} row(s) are longer than train.max_length={max_length} tokens and are "
+                        f"truncated in training (those that lose their whole answer teach nothing), e.g. "
+                        f"{', '.join(long_rows[:SHOWN])}; raise train.max_length or shorten them")
+        log.warning("%s", warnings[-1])
+    return {
+        "token_lengths": {
+            "tokenizer": str(base),
+            "prompt": data.percentiles([p for p, _ in lengths]),
+            "answer": data.percentiles([a for _, a in lengths]),
+            "total": data.percentiles(totals),
+            "context": context,
+        },
+        "max_length": max_length,
+        "rows_over_max_length": len(long_rows),
+        "warnings": warnings,
     }
 
 

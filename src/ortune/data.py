@@ -1,83 +1,350 @@
-"""Reading labelled records, checking them, splitting them, and rendering prompt/completion pairs."""
+"""Reading labelled records, checking them, splitting them, and rendering prompt/completion pairs.
+
+Files are read by Hugging Face `datasets` (the loader the CookBook's Olive workflow uses), so a file
+that loads there loads here. What is ours: which files make a dataset, their order, and errors
+that name the file and, where it can be known, the line.
+"""
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import functools
 import json
+import logging
+import math
 import random
 import string
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ortune.errors import OrtuneError
 
-READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+log = logging.getLogger("ortune")
+
+# suffix -> the `datasets` builder that reads it (a .json file may hold a JSON array or JSON Lines)
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+FORMAT_NAMES = "JSON Lines (.jsonl, or .json), JSON array (.json), CSV, Parquet or Arrow"
+# Below this many rows a label can neither be learned nor measured: a warning, not a refusal, so
+# that a quick trial on a handful of rows still runs.
+MIN_ROWS_PER_LABEL = 10
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Rows of a JSONL / JSON / CSV / Parquet file, with errors that name the file and line."""
+class Records(list):
+    """Rows as read, each with its place ("file:line: row n" or "file: row n") for error messages."""
+
+    def __init__(self, rows: Iterable[dict] = (), places: Iterable[str] = ()):
+        super().__init__(rows)
+        self.places = list(places)
+
+
+def place(rows: list[dict], index: int, source: str) -> str:
+    if isinstance(rows, Records) and index < len(rows.places):
+        return rows.places[index]
+    return f"{source}: row {index + 1}"
+
+
+def placer(rows: list[dict], source: str) -> Callable[[dict], str]:
+    """row -> its place, for rows that have since been filtered, split or reordered."""
+    places = {id(row): place(rows, index, source) for index, row in enumerate(rows)}
+    return lambda row: places.get(id(row), source)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+
+def read_records(path: str | Path) -> Records:
+    """Rows of a data file or of a folder of them (see FORMATS), in a fixed order: files by path, rows
+    as they stand in each file. A folder written by `Dataset.save_to_disk` is read as that dataset."""
     path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.exists():
+        raise OrtuneError(f"data.path={path}: file not found; point data.path at a {FORMAT_NAMES} file or a folder of them")
     if not path.is_file():
-        raise OrtuneError(f"data.path={path}: file not found; point data.path at a JSONL, JSON, CSV or Parquet file")
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise OrtuneError(
-            f"data.path={path}: unsupported format '{path.suffix}'; use one of {', '.join(READERS)}"
-        )
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+        raise OrtuneError(f"data.path={path}: not a regular file; point data.path at a data file or a folder of them")
+    if path.suffix.lower() not in FORMATS:
+        raise OrtuneError(f"data.path={path}: unsupported format '{path.suffix}'; use one of {', '.join(FORMATS)}")
+    records = _read_file(path)
+    if not records:
+        raise OrtuneError(f"{path}: no rows; it needs labelled rows")
+    return records
 
+
+def data_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(data files, other files) under `folder`, sorted by relative path; hidden entries are skipped."""
+    found, ignored = [], []
+    for file in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not file.is_file():
+            continue
+        (found if file.suffix.lower() in FORMATS else ignored).append(file)
+    return found, ignored
+
+
+def _read_folder(folder: Path) -> Records:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        raise OrtuneError(f"data.path={folder}: a saved DatasetDict (splits: {', '.join(splits)}); point data.path "
+                          f"at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}")
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        return _read_saved_dataset(folder)
+    files, ignored = data_files(folder)
+    if not files:
+        raise OrtuneError(f"data.path={folder}: no data files in this folder; it needs {FORMAT_NAMES} files")
+    if ignored:
+        log.info("data.path=%s: ignoring %d file(s) that are not data: %s", folder, len(ignored),
+                 ", ".join(str(p.relative_to(folder)) for p in ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    records = Records()
+    for file in files:
+        part = _read_file(file)
+        records.extend(part)
+        records.places.extend(part.places)
+    if not records:
+        raise OrtuneError(f"data.path={folder}: its {len(files)} data file(s) hold no rows; it needs labelled rows")
+    log.info("data.path=%s: %d rows from %d file(s)", folder, len(records), len(files))
+    return records
+
+
+def _read_saved_dataset(folder: Path) -> Records:
+    with _quiet_datasets() as datasets:
         try:
-            return pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise OrtuneError(f"data.path={path}: not a readable Parquet file ({exc})") from None
+            rows = datasets.load_from_disk(str(folder), keep_in_memory=True).to_list()
+        except Exception as exc:  # noqa: BLE001 - any failure of a saved dataset is unreadable input
+            raise OrtuneError(f"{folder}: not a readable saved dataset ({_first_line(exc)})") from None
+    return Records(rows, (f"{folder}: row {n}" for n in range(1, len(rows) + 1)))
+
+
+def _read_file(file: Path) -> Records:
+    kind = FORMATS[file.suffix.lower()]
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise OrtuneError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
-    if not text.strip():
-        raise OrtuneError(f"{path}: the file is empty; it needs labelled rows")
-    if kind == "csv":
-        return list(csv.DictReader(text.splitlines()))
+        with open(file, "rb") as handle:
+            head = handle.read(1 << 16)
+    except PermissionError:
+        raise OrtuneError(f"{file}: permission denied (this user cannot read it); fix its permissions, "
+                          f"e.g. chmod a+r '{file}'") from None
+    if not head.strip():
+        raise OrtuneError(f"{file}: the file is empty; it needs labelled rows")
     if kind == "json":
+        _refuse_list_of_non_objects(file, head)
+    try:
+        rows = _load(file, kind)
+    except OrtuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the loader's many error types become one line here
+        raise _unreadable(file, kind, exc) from None
+    if kind == "json" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        lines = _content_line_numbers(file)
+        if len(lines) == len(rows):  # JSON Lines: a row is a line, so name the line
+            return Records(rows, (f"{file}:{line}: row {n}" for n, line in enumerate(lines, start=1)))
+    return Records(rows, (f"{file}: row {n}" for n in range(1, len(rows) + 1)))
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets`, without progress bars or its error log: a failure becomes our one line instead."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    before = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    ds_logging.disable_progress_bar()
+    try:
+        yield datasets
+    finally:
+        ds_logging.set_verbosity(before)
+
+
+def _load(file: Path, kind: str) -> list[dict]:
+    with _quiet_datasets() as datasets:
+        options: dict = {}
+        if kind == "json":
+            # rows with `type`/`message` fields would otherwise be taken for agent traces
+            options["parse_agent_traces"] = False
+        elif kind == "csv":
+            # text stays text: "007" is not 7, and "NA", "null" or "None" are phrases, not missing values
+            import pandas as pd
+
+            columns = pd.read_csv(file, nrows=0, encoding="utf-8").columns
+            if len(columns) == 0:
+                raise OrtuneError(f"{file}: no header line; the first line must name the columns")
+            options["features"] = datasets.Features({name: datasets.Value("string") for name in columns})
+            options["na_filter"] = False
+        # a throwaway cache: the stage's inputs are the files, never a stale copy of them
+        with tempfile.TemporaryDirectory(prefix="ortune-datasets-") as cache:
+            dataset = datasets.load_dataset(kind, data_files=[str(file)], split="train", cache_dir=cache,
+                                            keep_in_memory=True, **options)
+            return dataset.to_list()
+
+
+def _refuse_list_of_non_objects(file: Path, head: bytes) -> None:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not text.startswith(b"["):
+        return
+    first = text[1:].lstrip(b" \t\r\n")[:1]
+    if first in (b"{", b"]", b""):
+        return
+    kind = {b'"': "strings", b"[": "lists", b"t": "booleans", b"f": "booleans", b"n": "nulls"}.get(first, "numbers")
+    raise OrtuneError(f"{file}: a JSON list of {kind}, not of objects; each row must be an object naming its "
+                      'fields, e.g. {"phrase": "...", "tone": "joy"}')
+
+
+def _unreadable(file: Path, kind: str, exc: BaseException) -> OrtuneError:
+    """The loader failed: find what is wrong, and where, by reading the file ourselves."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line = raw[: bad.start].count(b"\n") + 1
+        return OrtuneError(f"{file}:{line}: bytes that are not UTF-8; re-save the file as UTF-8")
+    text = text.removeprefix("\ufeff")
+    cause = _root_cause(exc)
+    if kind == "json":
+        return _json_problem(file, text) or OrtuneError(f"{file}: not readable as JSON ({_first_line(cause)})")
+    if kind == "csv":
+        import re
+
+        message = _first_line(cause)
+        if type(cause).__name__ == "EmptyDataError":
+            return OrtuneError(f"{file}: the file is empty; it needs a header line and labelled rows")
+        if "corresponds to no data" in message:
+            return OrtuneError(f"{file}: a header but no rows; it needs labelled rows")
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+        if found:
+            expected, line, saw = found.groups()
+            return OrtuneError(f"{file}:{line}: {saw} fields where the header has {expected}; quote fields that "
+                               'contain commas ("a, b") or fix that line')
+        return OrtuneError(f"{file}: not readable as CSV ({message})")
+    return OrtuneError(f"{file}: not a readable {kind.capitalize()} file ({_first_line(cause)}); re-export it")
+
+
+def _json_problem(file: Path, text: str) -> OrtuneError | None:
+    if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(rows, list):
-            raise OrtuneError(f"{path}: expected a JSON list of objects")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+        except json.JSONDecodeError as bad:
+            return OrtuneError(f"{file}:{bad.lineno}: invalid JSON ({bad.msg}); fix that line")
+        for n, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                return OrtuneError(f"{file}: row {n} is {type(row).__name__}, not an object; every row must be an "
+                                   "object naming its fields")
+        return None
+    # JSON Lines end at line feeds only: U+2028 and friends are valid inside a JSON string
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise OrtuneError(f"{path}:{number}: malformed JSON line ({exc.msg}); fix or remove that line") from None
+        except json.JSONDecodeError as bad:
+            return OrtuneError(f"{file}:{number}: malformed JSON line ({bad.msg}); fix or remove that line")
         if not isinstance(row, dict):
-            raise OrtuneError(f"{path}:{number}: expected a JSON object per line")
-        rows.append(row)
-    return rows
+            return OrtuneError(f"{file}:{number}: expected a JSON object per line, found {type(row).__name__}")
+    return None
 
+
+def _content_line_numbers(file: Path) -> list[int]:
+    """Numbers of the lines that hold something (the loader skips blank ones)."""
+    return [n for n, line in enumerate(file.read_bytes().split(b"\n"), start=1) if line.strip()]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at line feeds only. str.splitlines() also splits at U+2028, U+0085, form feeds and
+    more, which can sit inside a phrase."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+# ---- checking ----------------------------------------------------------------------------------------
 
 def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def check_fields(rows: list[dict], fields: list[str], source: str, setting: str = "data.template") -> None:
-    """Every field the template (or `setting`) names must exist and be non-empty in every row."""
-    for index, row in enumerate(rows, start=1):
+    """Every field the template (or `setting`) names must exist and be non-empty text in every row."""
+    for index, row in enumerate(rows):
         for name in fields:
             if name not in row:
                 raise OrtuneError(
-                    f"{source}: row {index} has no field '{name}' named by {setting} "
+                    f"{place(rows, index, source)} has no field '{name}' named by {setting} "
                     f"(its fields: {', '.join(sorted(row))}); fix {setting} or the file"
                 )
-            if row[name] is None or not str(row[name]).strip():
-                raise OrtuneError(f"{source}: row {index} has an empty '{name}'; fill it in or remove the row")
+            value = row[name]
+            if value is None:
+                # a JSON row without the key reads as null: the loader gives every row every column
+                raise OrtuneError(f"{place(rows, index, source)} has no field '{name}' (missing or null); "
+                                  "fill it in or remove the row")
+            if isinstance(value, (dict, list)):
+                raise OrtuneError(f"{place(rows, index, source)}: '{name}' is a {type(value).__name__}, not text; "
+                                  "flatten the file so that each field holds one value")
+            if not str(value).strip():
+                raise OrtuneError(f"{place(rows, index, source)} has an empty '{name}'; fill it in or remove the row")
+
+
+def label_key(label: str) -> str:
+    """What the answer parser compares (ortune.metrics.parse_label): two labels with the same key are
+    one class to it, so they must be one class in the data too."""
+    return str(label).strip().lower()
+
+
+def normalize_labels(rows: list[dict], label_field: str, allowed: list[str] | None = None) -> dict[str, str]:
+    """Merge labels that differ only by case or surrounding whitespace (`Joy`, `joy`, `joy `).
+
+    The spelling kept is the one in data.labels when given, else the most frequent one (ties: the
+    lowercase one, then alphabetical). Rewrites row[label_field] in place and returns
+    {spelling as written: spelling kept} for every spelling that changed, for the data report.
+    """
+    declared: dict[str, str] = {}
+    for label in allowed or []:
+        if label_key(label) in declared:
+            raise OrtuneError(f"data.labels lists '{declared[label_key(label)]}' and '{label}', which answers "
+                              "cannot tell apart (case and surrounding spaces are ignored); keep one")
+        declared[label_key(label)] = label
+    counts = Counter(str(row[label_field]) for row in rows)
+    spellings: dict[str, Counter] = defaultdict(Counter)
+    for label, n in counts.items():
+        spellings[label_key(label)][label.strip()] += n
+    kept = {key: declared.get(key) or min(found, key=lambda s: (-found[s], s != s.lower(), s))
+            for key, found in spellings.items()}
+    mapping = {label: kept[label_key(label)] for label in sorted(counts) if kept[label_key(label)] != label}
+    if mapping:
+        for row in rows:
+            row[label_field] = mapping.get(str(row[label_field]), row[label_field])
+    return mapping
+
+
+def check_predictable(labels: list[str], source: str) -> None:
+    """A label the answer parser can never return would be a class the model cannot score on."""
+    from ortune.metrics import parse_label
+
+    for label in labels:
+        if parse_label(label, labels) != label:
+            raise OrtuneError(f"{source}: label {label!r} can never be predicted: answers are read by their first "
+                              "line without surrounding punctuation or case (ortune.metrics.parse_label); rename it")
+
+
+def check_label_set(rows: list[dict], label_field: str, allowed: list[str], source: str) -> None:
+    """A label outside data.labels is a typo or a stray row, not a new class to learn silently."""
+    for index, row in enumerate(rows):
+        if str(row[label_field]) not in allowed:
+            raise OrtuneError(
+                f"{place(rows, index, source)} has {label_field}={row[label_field]!r}, not one of data.labels "
+                f"({', '.join(allowed)}); fix the row or add the label to data.labels"
+            )
+
+
+def _input_key(row: dict, key_fields: list[str]) -> tuple:
+    return tuple(str(row[name]).strip() for name in key_fields)
 
 
 def drop_duplicates(rows: list[dict], key_fields: list[str]) -> tuple[list[dict], int]:
@@ -85,11 +352,25 @@ def drop_duplicates(rows: list[dict], key_fields: list[str]) -> tuple[list[dict]
     seen: set[tuple] = set()
     kept = []
     for row in rows:
-        key = tuple(str(row[name]).strip() for name in key_fields)
+        key = _input_key(row, key_fields)
         if key not in seen:
             seen.add(key)
             kept.append(row)
     return kept, len(rows) - len(kept)
+
+
+def find_conflicts(rows: list[dict], key_fields: list[str], label_field: str) -> list[tuple[dict, dict]]:
+    """(row kept, row dropped) for each later row whose input repeats an earlier one with another label:
+    drop_duplicates keeps the first, so these are the labels the data contradicts itself on."""
+    first: dict[tuple, dict] = {}
+    conflicts = []
+    for row in rows:
+        key = _input_key(row, key_fields)
+        if key not in first:
+            first[key] = row
+        elif str(first[key][label_field]) != str(row[label_field]):
+            conflicts.append((first[key], row))
+    return conflicts
 
 
 def stratified_split(rows: list[dict], label_field: str, eval_fraction: float, seed: int):
@@ -117,6 +398,20 @@ def stratified_split(rows: list[dict], label_field: str, eval_fraction: float, s
     rng.shuffle(evaluation)
     return train, evaluation
 
+
+def small_labels(train: list[dict], evaluation: list[dict], field: str = "label",
+                 minimum: int = MIN_ROWS_PER_LABEL) -> list[str]:
+    """One warning per label with too few rows to learn it or to measure it."""
+    train_counts, eval_counts = Counter(str(r[field]) for r in train), Counter(str(r[field]) for r in evaluation)
+    return [
+        f"label '{label}' has only {train_counts[label] + eval_counts[label]} rows ({train_counts[label]} train, "
+        f"{eval_counts[label]} eval): too few to learn it or to measure it; add rows (at least {minimum} per label)"
+        for label in sorted(train_counts | eval_counts)
+        if train_counts[label] + eval_counts[label] < minimum
+    ]
+
+
+# ---- rendering ---------------------------------------------------------------------------------------
 
 def input_output_fields(spec) -> tuple[list[str], list[str], str]:
     """The fields a row's prompt and completion come from (per data.format), and the setting naming them."""
@@ -175,6 +470,53 @@ def _chat_tokenizer(model_dir: str):
     return tokenizer
 
 
+# ---- lengths in tokens -------------------------------------------------------------------------------
+
+def token_lengths(rendered: list[dict], tokenizer) -> list[tuple[int, int]]:
+    """(prompt tokens, answer tokens) of each prepared row, counted as training counts the sequence: the
+    prompt as the model is prompted, the answer with its end token (or end of turn)."""
+    prompts, fulls = [], []
+    for row in rendered:
+        if isinstance(row["prompt"], str):
+            prompts.append(row["prompt"])
+            fulls.append(row["prompt"] + row["completion"] + (tokenizer.eos_token or ""))
+        else:
+            if not tokenizer.chat_template:
+                raise OrtuneError("data.format=chat: the base model's tokenizer has no chat template; "
+                                  "use data.format=text for this model")
+            prompts.append(tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True))
+            fulls.append(tokenizer.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=False))
+    if not rendered:
+        return []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    return [(len(p), len(f) - len(p)) for p, f in zip(prompt_ids, full_ids)]
+
+
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 95, 99)) -> dict[str, int]:
+    """Nearest-rank percentiles (each is a value that occurs), and the maximum."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    out = {f"p{p}": ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1] for p in points}
+    out["max"] = ordered[-1]
+    return out
+
+
+def model_context(model_dir: str | Path) -> int | None:
+    """The longest sequence the model takes, from its config.json (None where it does not say)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(settings.get(key), int) and settings[key] > 0:
+            return settings[key]
+    return None
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
@@ -188,13 +530,3 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def label_counts(rows: list[dict], field: str = "label") -> dict[str, int]:
     return dict(sorted(Counter(str(row[field]) for row in rows).items()))
-
-
-def check_label_set(rows: list[dict], label_field: str, allowed: list[str], source: str) -> None:
-    """A label outside data.labels is a typo or a stray row, not a new class to learn silently."""
-    for index, row in enumerate(rows, start=1):
-        if str(row[label_field]) not in allowed:
-            raise OrtuneError(
-                f"{source}: row {index} has {label_field}={row[label_field]!r}, not one of data.labels "
-                f"({', '.join(allowed)}); fix the row or add the label to data.labels"
-            )
