@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ortune.app import DEFAULT_MODEL, App
+from ortune.data import text_lines
 from ortune.errors import OrtuneError
 
 UNPARSED = "?"
@@ -34,24 +35,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def phrases(args: argparse.Namespace) -> tuple[list[str], bool]:
-    """The phrases to classify, and whether to print each beside its label (more than a single argument)."""
+def phrases(args: argparse.Namespace) -> tuple[list[tuple[str | None, str]], bool]:
+    """(where, phrase) pairs to classify ("file:line", or None for the argument), and whether to print
+    each beside its label (more than a single argument)."""
     if args.text and args.file:
         raise OrtuneError("give phrases as arguments or --file, not both")
     if args.text:
-        return [" ".join(args.text)], False
+        return [(None, " ".join(args.text))], False
     if args.file:
         if not args.file.is_file():
             raise OrtuneError(f"--file {args.file}: no such file")
-        lines = args.file.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(args.file.read_text(encoding="utf-8"))
     else:
         if sys.stdin.isatty():
             raise OrtuneError('nothing to classify: pass a phrase ("..."), --file FILE, or lines on stdin')
-        lines = sys.stdin.read().splitlines()
-    lines = [line.strip() for line in lines if line.strip()]
-    if not lines:
-        raise OrtuneError(f"{args.file or 'stdin'}: no phrases (one per line, blank lines skipped)")
-    return lines, True
+        lines = text_lines(sys.stdin.read())
+    source = args.file or "stdin"
+    found = [(f"{source}:{n}", line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not found:
+        raise OrtuneError(f"{source}: no phrases (one per line, blank lines skipped)")
+    return found, True
 
 
 def main(argv: list[str]) -> int:
@@ -59,8 +62,11 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
         texts, tabular = phrases(args)
         app = App(args.model, adapter=None if args.adapter == "none" else args.adapter)
-        for text in texts:
-            label, raw = app.classify(text)
+        for where, text in texts:
+            try:
+                label, raw = app.classify(text)
+            except OrtuneError as exc:
+                raise OrtuneError(f"{where}: {exc}" if where else str(exc)) from None
             fields = [label or UNPARSED] + ([repr(raw)] if args.show else []) + ([text] if tabular else [])
             print("\t".join(fields), flush=True)
     except OrtuneError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,6 +83,24 @@ def test_bad_input_is_one_line_and_status_2(model, args, stdin, needle):
     done = run(*args, stdin=stdin)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error:") and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_phrase_with_a_line_separator_stays_one_phrase(model, tmp_path):
+    phrase = "We won\u2028the cup!"  # U+2028 is text inside a phrase, not the end of a line
+    (tmp_path / "sep.txt").write_text(f"{phrase}\nI lost my keys\n", encoding="utf-8")
+    done = run("--model", str(model), "--file", str(tmp_path / "sep.txt"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{expected_label(model, phrase)}\t{phrase}\n{expected_label(model, 'I lost my keys')}\tI lost my keys\n"
+
+
+def test_a_phrase_over_the_models_context_names_its_line_not_a_traceback(model, tmp_path):
+    (tmp_path / "long.txt").write_text("We won the cup!\n\n" + "ha " * 300_000 + "\n", encoding="utf-8")
+    done = run("--model", str(model), "--file", str(tmp_path / "long.txt"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stdout == f"{expected_label(model, 'We won the cup!')}\tWe won the cup!\n"
+    context = json.loads((model / "genai_config.json").read_text())["model"]["context_length"]
+    assert re.fullmatch(rf"error: {tmp_path}/long.txt:3: the phrase makes a prompt of \d+ tokens; with the \d+ of the "
+                        rf"answer that is over the model's context of {context}; shorten the phrase\n", done.stderr)
 
 
 def test_predict_starts_fast_without_torch_or_transformers(model):

@@ -48,7 +48,12 @@ class App:
 
     def classify(self, text: str) -> tuple[str | None, str]:
         """(label or None if the generation names none, the raw generation)."""
-        generation = self.generator.generate(self.classification_prompt(text), self.task["max_new_tokens"])
+        prompt = self.classification_prompt(text)
+        tokens, room = len(self.generator.tokenizer.encode(prompt)), self.task["max_new_tokens"]
+        if tokens + room > self.context_length:
+            raise OrtuneError(f"the phrase makes a prompt of {tokens} tokens; with the {room} of the answer that is over "
+                              f"the model's context of {self.context_length}; shorten the phrase")
+        generation = self.generator.generate(prompt, room)
         return parse_label(generation.text, self.task["labels"]), generation.text
 
     def stream(self, prompt: str, max_new_tokens: int):
