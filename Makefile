@@ -85,3 +85,13 @@ predict: setup ## Label a phrase with the built model: make predict TEXT="cricke
 
 chat: setup ## Chat with the built model through its chat template (/reset starts over, /quit leaves)
 	@$(PY) scripts/chat.py $(MODEL_ARG)
+
+# URL, OUT, HF_CONFIG and HF_SPLIT reach the program through the environment, unexpanded ($(value ...))
+# and never through a shell command line, so quotes, spaces and `$` arrive exactly as typed.
+.PHONY: import-data
+import-data: export ORTUNE_IMPORT_URL = $(value URL)
+import-data: export ORTUNE_IMPORT_OUT = $(value OUT)
+import-data: export ORTUNE_IMPORT_HF_CONFIG = $(value HF_CONFIG)
+import-data: export ORTUNE_IMPORT_HF_SPLIT = $(value HF_SPLIT)
+import-data: setup ## Bring a remote dataset under DVC: make import-data URL=https://.../x.jsonl [OUT=data/raw/x.jsonl] (s3, gs, azure, hf: README)
+	@$(PY) scripts/import_data.py

@@ -1,0 +1,131 @@
+"""Bring a remote dataset under DVC as a versioned local copy: `make import-data URL=... [OUT=...]`.
+
+    make import-data URL=https://example.com/tones.jsonl                  # -> data/raw/tones.jsonl
+    make import-data URL=s3://bucket/path/tones.csv OUT=data/raw/tones.csv  # needs dvc[s3]
+    make import-data URL=hf://datasets/dair-ai/emotion HF_CONFIG=split HF_SPLIT=train
+
+It runs `dvc import-url`, which records where the file came from and its ETag/checksum in
+OUT.dvc: the pipeline depends on the local copy, `dvc update OUT.dvc` fetches a newer version, and
+`make all` then reruns the stages that read it. A Hugging Face dataset id is read from the Hub's
+Parquet conversion of one config and split (refs/convert/parquet/CONFIG/SPLIT/0000.parquet);
+`hf://datasets/OWNER/NAME[@REV]/PATH` imports one file of the dataset repo as it is.
+
+Settings arrive through the environment (the Makefile exports them), never through a shell command
+line, so quotes, spaces and `$` in them reach this program as typed: ORTUNE_IMPORT_URL,
+ORTUNE_IMPORT_OUT, ORTUNE_IMPORT_HF_CONFIG, ORTUNE_IMPORT_HF_SPLIT; HF_ENDPOINT as huggingface_hub reads it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from ortune.data import FORMATS
+from ortune.errors import OrtuneError
+
+# scheme -> the `dvc[...]` extra (and its module) that lets DVC read it; http(s) ships with dvc
+PLUGINS = {"s3": "s3", "gs": "gs", "azure": "azure", "ssh": "ssh", "gdrive": "gdrive", "oss": "oss",
+           "webdav": "webdav", "webdavs": "webdav", "hdfs": "hdfs", "webhdfs": "webhdfs"}
+BUILT_IN = ("http", "https")
+
+
+def hf_url(url: str, config: str, split: str, endpoint: str) -> tuple[str, str]:
+    """(the https URL DVC downloads, a default file name) for an hf://datasets/... address."""
+    parts = url.removeprefix("hf://datasets/").strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise OrtuneError(f"URL={url}: a Hugging Face dataset is hf://datasets/OWNER/NAME (one config and split, "
+                          "HF_CONFIG/HF_SPLIT) or hf://datasets/OWNER/NAME[@REV]/PATH (one file of the repo)")
+    owner, name = parts[0], parts[1]
+    name, _, revision = name.partition("@")
+    base = f"{endpoint.rstrip('/')}/datasets/{owner}/{name}/resolve"
+    if len(parts) == 2:
+        if revision:
+            raise OrtuneError(f"URL={url}: the Parquet conversion of a dataset has no revisions; drop @{revision}, "
+                              "or import a file of that revision: hf://datasets/OWNER/NAME@REV/PATH")
+        # the Hub's Parquet conversion holds every config and split of a dataset, whatever its own format
+        path = f"{quote(config, safe='')}/{quote(split, safe='')}/0000.parquet"
+        return f"{base}/{quote('refs/convert/parquet', safe='')}/{path}", f"{name}-{config}-{split}.parquet"
+    path = "/".join(parts[2:])
+    return f"{base}/{quote(revision or 'main', safe='')}/{quote(path)}", parts[-1]
+
+
+def resolve(url: str, out: str, config: str, split: str, endpoint: str, root: Path) -> tuple[str, Path]:
+    """(what `dvc import-url` is given, the output path inside the repo), or a one-line error."""
+    if not url.strip():
+        raise OrtuneError("URL is empty: make import-data URL=https://host/path/data.jsonl [OUT=data/raw/name.jsonl]")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "azureml":
+        raise OrtuneError(f"URL={url}: DVC cannot read Azure ML datastore URIs; use the storage behind the datastore, "
+                          "azure://CONTAINER/PATH (needs dvc[azure]), or an https URL with a SAS token")
+    if scheme == "hf":
+        url, name = hf_url(url, config or "default", split or "train", endpoint)
+    elif scheme in PLUGINS:
+        extra = PLUGINS[scheme]
+        if importlib.util.find_spec(f"dvc_{extra}") is None:
+            import dvc
+
+            raise OrtuneError(f"URL={url}: DVC reads {scheme}:// with its '{extra}' extra, not installed here: "
+                              f".venv/bin/pip install 'dvc[{extra}]=={dvc.__version__}'")
+        name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    elif scheme in BUILT_IN:
+        name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    elif scheme in ("", "file") or len(scheme) == 1:  # a local path (a Windows drive letter looks like a scheme)
+        name = Path(unquote(urlsplit(url).path) if scheme == "file" else url).name
+    else:
+        raise OrtuneError(f"URL={url}: scheme '{scheme}' unknown; use http(s)://, hf://datasets/, "
+                          f"{'://, '.join(PLUGINS)}:// or a local path")
+    if out:
+        target = Path(out)
+    elif Path(name).suffix.lower() in FORMATS:
+        target = Path("data/raw") / name
+    else:
+        raise OrtuneError(f"URL={url}: its name ({name or 'none'}) does not say the format; "
+                          f"set OUT=data/raw/NAME with one of {', '.join(FORMATS)} (or a folder name)")
+    if target.suffix and target.suffix.lower() not in FORMATS:
+        raise OrtuneError(f"OUT={target}: data.path reads {', '.join(FORMATS)} files or folders of them; "
+                          "name OUT with its format's suffix")
+    absolute = (root / target).resolve()
+    if not absolute.is_relative_to(root.resolve()):
+        raise OrtuneError(f"OUT={target}: outside the repository; DVC tracks files inside it, e.g. data/raw/NAME")
+    if absolute.with_name(absolute.name + ".dvc").exists():
+        raise OrtuneError(f"OUT={target}: already imported; fetch its newest version with: "
+                          f"dvc update {shlex.quote(str(target))}.dvc")
+    if absolute.exists():
+        raise OrtuneError(f"OUT={target}: already exists; choose another OUT or remove it first")
+    return url, target
+
+
+def main() -> int:
+    env = os.environ
+    root = Path.cwd()
+    try:
+        url, out = resolve(env.get("ORTUNE_IMPORT_URL", ""), env.get("ORTUNE_IMPORT_OUT", ""),
+                           env.get("ORTUNE_IMPORT_HF_CONFIG", ""), env.get("ORTUNE_IMPORT_HF_SPLIT", ""),
+                           env.get("HF_ENDPOINT") or "https://huggingface.co", root)
+        print(f"importing {url} -> {out}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "dvc", "import-url", url, str(out)], cwd=root,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            reason = next((line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")),
+                          lines[-1] if lines else f"exit status {done.returncode}")
+            raise OrtuneError(f"dvc import-url {url}: {reason}")
+    except OrtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    quoted = shlex.quote(str(out))
+    print(f"imported into {out} (tracked by {out}.dvc: git add {shlex.quote(str(out) + '.dvc')} "
+          f"{shlex.quote(str(out.parent / '.gitignore'))})\n"
+          f"use it:     make all ARGS=\"data.path={out}\"  (or data.path in conf/data/)\n"
+          f"refresh it: dvc update {quoted}.dvc  (then make all reruns the stages that read it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
