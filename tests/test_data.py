@@ -352,3 +352,19 @@ def test_a_row_longer_than_the_models_context_is_refused_by_line(make_cfg, tmp_p
                                           rf"\({base_model}/config.json\): {source}:8: row 8 \(\d+ tokens\); "
                                           "shorten or remove them"):
         prepare_data.run(make_cfg(f"data.path={source}", f"paths.base_model={base_model}"))
+
+
+def test_a_folder_dataset_has_a_digest_for_the_model_card(tmp_path):
+    from ortune import model_card
+
+    folder = tmp_path / "raw"
+    (folder / "b").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", EXPECTED[:2])
+    write_jsonl(folder / "b" / "c.jsonl", EXPECTED[2:])
+    first = model_card.sha256(folder)
+    assert len(first) == 64 and model_card.sha256(folder) == first
+    write_jsonl(folder / "b" / "c.jsonl", EXPECTED[3:])
+    second = model_card.sha256(folder)
+    assert second != first
+    (folder / "b" / "c.jsonl").rename(folder / "b" / "d.jsonl")  # same bytes, another file name
+    assert model_card.sha256(folder) != second

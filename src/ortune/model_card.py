@@ -8,6 +8,12 @@ from pathlib import Path
 
 
 def sha256(path: Path) -> str:
+    """A file's digest; a folder's (data.path may be one) covers every file's relative path and bytes."""
+    if Path(path).is_dir():
+        digest = hashlib.sha256()
+        for file in sorted((p for p in Path(path).rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{sha256(file)}\n".encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
