@@ -248,7 +248,7 @@ def machine_info() -> dict:
     return {
         "cpu": family["model_name"],
         "cpu_family": family,
-        "cpu_detail": f"family {family['family']} model {family['model']}, {' '.join(family['isa'])}",
+        "cpu_detail": f"family {family['family']} model {family['model']}: {', '.join(family['isa'])}",
         "l3_cache": _l3_cache(),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
@@ -892,7 +892,9 @@ def pipeline_markdown(pipeline: dict | None) -> list[str]:
     def cell(value, form, missing="(not reported)"):
         return form.format(value) if value is not None else missing
 
-    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in pipeline["stages_s"].items())
+    order = {name: index for index, name in enumerate(_dvc_stages())}  # results.json sorts its keys
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in
+                       sorted(pipeline["stages_s"].items(), key=lambda item: order.get(item[0], len(order))))
     agreement = pipeline["label_agreement"]
     return [
         "| pipeline (tiny default) | measured | goal |",
@@ -913,12 +915,21 @@ def pipeline_markdown(pipeline: dict | None) -> list[str]:
     ]
 
 
+def _dvc_stages() -> list[str]:
+    import yaml
+
+    try:
+        return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+
+
 def render_markdown(run: dict, compact: bool = False) -> str:
     """One run (one CPU family): every model's decode table and, unless `compact` (the README), the
     contention, settings and pipeline details."""
     machine = run["machine"]
     family = family_of(run)
-    detail = f", {' '.join(family['isa'])}" if family.get("isa") else ""
+    detail = f": {', '.join(family['isa'])}" if family.get("isa") else ""
     l3 = f", L3 {machine['l3_cache']}" if machine.get("l3_cache") else ""
     lines = [f"### {family['name']}", "",
              f"Measured {run['date']} on {machine['cpu']} (family {family['family']} model {family['model']}{detail}), "

@@ -259,3 +259,47 @@ def test_the_report_judges_the_goals_per_family():
         assert "### AMD Zen 5" in markdown and "### Intel Sapphire Rapids" in markdown
         assert "Goals on AMD Zen 5: ≥ 7× PyTorch fp32 (met), ≥ 85 % of floor (met)" in markdown
         assert "Goals on Intel Sapphire Rapids: ≥ 7× PyTorch fp32 (not met)" in markdown
+
+
+def test_matmulnbits_reproduction_counts_int4_and_block_scales_and_runs_the_node_it_describes():
+    import matmulnbits  # bench/matmulnbits.py
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    assert matmulnbits.int4_bytes(1024, 32064, 256) == 32064 * 1024 // 2 + 32064 * 4 * 4
+    assert matmulnbits.int4_bytes(576, 960, 256) == 960 * 768 // 2 + 960 * 3 * 4  # K padded to whole blocks
+    assert matmulnbits.copies_for(16 * 2**20, 32 * 2**20) == 8 and matmulnbits.copies_for(2**30, 2**20) == 1
+    # the graph computes A @ dequantized(B): symmetric int4, zero point 8, low nibble first, a scale per block
+    k, n, block = 96, 8, 32
+    model = matmulnbits.nbits_graph(k, n, block, level=1, copies=2)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    packed, scales = inits["B1"], inits["S1"].reshape(n, -1)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k // block, block).astype(np.float32) - 8
+    weight = (q * scales[:, :, None]).reshape(n, k).T
+    a = np.random.default_rng(0).random((1, k), dtype=np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y0, y1 = session.run(None, {"A": a})
+    np.testing.assert_allclose(y1, a @ weight, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(y0, y1)  # distinct weights per copy
+
+
+def test_profile_breakdown_groups_the_last_decodes_kernels_by_op_type():
+    import profile_decode  # bench/profile_decode.py
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def kernel(ts, dur, op):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [run(0, 100), kernel(1, 90, "MatMulNBits"),                        # warm-up decode: prompt
+              run(200, 50), kernel(201, 40, "MatMulNBits"),                     # and two steps
+              run(260, 50), kernel(261, 40, "MatMulNBits"),
+              run(300, 100), kernel(301, 90, "MatMulNBits"),                    # profiled decode: prompt
+              run(400, 50), kernel(401, 30, "MatMulNBits"), kernel(432, 10, "GroupQueryAttention"),
+              run(500, 60), kernel(501, 40, "MatMulNBits"), kernel(542, 10, "GroupQueryAttention")]
+    result = profile_decode.breakdown(events)
+    assert result["steps"] == 2
+    assert result["run_us"] == 55 and result["kernel_us"] == 45
+    assert result["ops"] == {"MatMulNBits": {"us": 35.0, "nodes": 1}, "GroupQueryAttention": {"us": 10.0, "nodes": 1}}

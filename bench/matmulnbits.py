@@ -1,0 +1,214 @@
+"""One int4 MatMulNBits node, timed against its memory-bandwidth floor: is onnxruntime's kernel the limit
+of int4 decode on this CPU family?
+
+A decode step multiplies one activation row [1, K] by each weight matrix [K, N]; at batch 1 every
+weight byte is read once, so the kernel's floor is (its weight bytes) / (copy bandwidth), exactly as
+in `make bench`. This times that product alone, outside the model and genai: a graph of C copies of
+one MatMulNBits node (distinct weights, same input; C chosen so the weights total >= 4x the L3 cache,
+so they stream from DRAM as in decode), in one onnxruntime session per setting, settings interleaved
+round-robin. Beside each shape: the same product as a plain fp32 MatMul (MLAS SGEMV, memory-bound:
+the practical floor) and a 64x64 MatMulNBits (the fixed cost of one node, which 30 narrow layers pay
+~200 times a token).
+
+    python bench/matmulnbits.py                        # bench model + SmolLM2 shapes, block 32/128/256,
+                                                       # accuracy_level 0/1/4, 1 and 2 threads
+    python bench/matmulnbits.py --shapes 1024x32064 --blocks 256 --levels 4 --threads 2 --repeats 30
+
+Prints a table and writes bench/.cache/matmulnbits-<cpu family>.json. Weights are random (the
+timing does not depend on the values); session options are ortune's (spin_duration_us 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the harness: copy bandwidth, contention, CPU family)
+
+# K x N of the bench model's MatMuls (hidden 1024, intermediate 2816, gate/up fused, vocab 32064) and of
+# SmolLM2-135M's (hidden 576, 9+3+3 heads of 64: qkv N=960, intermediate 1536, vocab 49152, tied).
+SHAPES = {
+    "1024x32064": "bench lm_head",
+    "1024x5632": "bench gate_up (fused)",
+    "2816x1024": "bench down",
+    "576x49152": "smollm2 lm_head (tied)",
+    "576x3072": "smollm2 gate_up (fused)",
+    "576x960": "smollm2 qkv",
+    "1536x576": "smollm2 down",
+}
+TINY = (64, 64)  # fixed cost of one node
+
+
+def int4_bytes(k: int, n: int, block: int) -> int:
+    """Weight bytes one product reads: packed int4 (K rounded up to whole blocks) + one fp32 scale per block."""
+    blocks = math.ceil(k / block)
+    return n * blocks * block // 2 + n * blocks * 4
+
+
+def nbits_graph(k: int, n: int, block: int, level: int, copies: int, seed: int = 0):
+    """C MatMulNBits nodes on one input [1, K]: symmetric int4 (no zero points), as ortune ships."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    blocks = math.ceil(k / block)
+    nodes, inits, outputs = [], [], []
+    for c in range(copies):
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), f"B{c}"))
+        inits.append(numpy_helper.from_array((rng.random(n * blocks, dtype=np.float32) + 0.5) * 0.01, f"S{c}"))
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{c}", f"S{c}"], [f"Y{c}"], domain="com.microsoft",
+                                      K=k, N=n, bits=4, block_size=block, accuracy_level=level))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def fp32_graph(k: int, n: int, copies: int, seed: int = 0):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.random((k, n), dtype=np.float32), f"W{c}") for c in range(copies)]
+    nodes = [helper.make_node("MatMul", ["A", f"W{c}"], [f"Y{c}"]) for c in range(copies)]
+    outputs = [helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [1, n]) for c in range(copies)]
+    graph = helper.make_graph(nodes, "fp32", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              outputs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def copies_for(weight_bytes: int, l3_bytes: int) -> int:
+    """Enough copies that the weights total at least 4x the L3 cache (they come from DRAM each run)."""
+    return max(1, math.ceil(4 * l3_bytes / weight_bytes))
+
+
+def session(model, threads: int, scratch: Path, name: str):
+    import onnx
+    import onnxruntime as ort
+
+    from ortune.export import SPIN_KEY, SPIN_US
+
+    path = scratch / f"{name}.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.data")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry(SPIN_KEY, SPIN_US)
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def l3_bytes() -> int:
+    text = bench._l3_cache() or "32768K"
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def time_round_robin(runs: dict, repeats: int, warmup: int = 3) -> dict[str, dict]:
+    """Every setting runs in turn, round after round; per setting: the median seconds of one run and
+    the cores other processes used meanwhile."""
+    import numpy as np
+
+    feeds = {name: {"A": np.random.default_rng(1).random((1, k), dtype=np.float32)} for name, (_, k, _) in runs.items()}
+    seconds: dict[str, list] = {name: [] for name in runs}
+    busy: dict[str, list] = {name: [] for name in runs}
+    for round_index in range(warmup + repeats):
+        for name, (sess, _, _) in runs.items():
+            before = bench.cpu_snapshot()
+            started = time.perf_counter()
+            sess.run(None, feeds[name])
+            elapsed = time.perf_counter() - started
+            if round_index >= warmup:
+                seconds[name].append(elapsed)
+                busy[name].append(bench.other_cores(before, bench.cpu_snapshot()))
+    return {name: {"seconds": statistics.median(seconds[name]), "seconds_min": min(seconds[name]),
+                   "other_cores": statistics.median(busy[name])} for name in runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="KxN,... (default: the bench and SmolLM2 shapes)")
+    parser.add_argument("--blocks", default="32,128,256")
+    parser.add_argument("--levels", default="0,1,4", help="accuracy_level values (4: int8 activations)")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 MatMul reference")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    blocks = [int(v) for v in args.blocks.split(",")]
+    levels = [int(v) for v in args.levels.split(",")]
+    threads_list = [int(v) for v in args.threads.split(",")]
+    family = bench.this_cpu_family()
+    import onnxruntime
+
+    print(f"CPU family: {family['name']} ({family['model_name']}; {', '.join(family['isa'])}), "
+          f"{os.cpu_count()} cores, L3 {bench._l3_cache()}; onnxruntime {onnxruntime.__version__}", flush=True)
+    l3 = l3_bytes()
+    rows = []
+    bandwidths = []
+    with tempfile.TemporaryDirectory(prefix="ortune-matmulnbits-") as tmp:
+        scratch = Path(tmp)
+        for k, n in shapes:
+            bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
+            for threads in threads_list:
+                runs: dict = {}
+                for block in blocks:
+                    copies = copies_for(int4_bytes(k, n, block), l3)
+                    for level in levels:
+                        name = f"int4 b{block} acc{level}"
+                        runs[name] = (session(nbits_graph(k, n, block, level, copies), threads, scratch,
+                                              f"{k}x{n}-{block}-{level}-{threads}"), k, copies)
+                if not args.no_fp32:
+                    copies = copies_for(k * n * 4, l3)
+                    runs["fp32 MatMul"] = (session(fp32_graph(k, n, copies), threads, scratch, f"{k}x{n}-fp32-{threads}"),
+                                           k, copies)
+                runs["int4 64x64 (fixed cost)"] = (session(nbits_graph(*TINY, 32, 4, 16), threads, scratch,
+                                                           f"tiny-{threads}"), TINY[0], 16)
+                timed = time_round_robin(runs, args.repeats)
+                for name, (_, _, copies) in runs.items():
+                    per_node = timed[name]["seconds"] / copies
+                    if name.startswith("fp32"):
+                        weight = k * n * 4
+                    elif name.startswith("int4 64x64"):
+                        weight = int4_bytes(*TINY, 32)
+                    else:
+                        weight = int4_bytes(k, n, int(name.split()[1][1:]))
+                    rows.append({"shape": f"{k}x{n}", "what": SHAPES.get(f"{k}x{n}", ""), "setting": name,
+                                 "threads": threads, "copies": copies, "weight_bytes": weight,
+                                 "us_per_node": 1e6 * per_node, "us_per_node_min": 1e6 * timed[name]["seconds_min"] / copies,
+                                 "gb_s": weight / per_node / 1e9, "other_cores": timed[name]["other_cores"]})
+                del runs
+            bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
+    bandwidth = statistics.median(b for b, _ in bandwidths)
+    for row in rows:
+        row["floor_us"] = 1e6 * row["weight_bytes"] / bandwidth
+        row["percent_of_floor"] = 100 * row["floor_us"] / row["us_per_node"]
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}: "
+          f"{', '.join(f'{b / 1e9:.0f}' for b, _ in bandwidths)}); others' cores during those: "
+          f"{', '.join(f'{c:.1f}' for _, c in bandwidths)}\n")
+    print("| K x N | what | setting | threads | µs/node | weight MB | GB/s | floor µs | % of floor | others' cores |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['shape']} | {row['what']} | {row['setting']} | {row['threads']} | {row['us_per_node']:.1f} | "
+              f"{row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['floor_us']:.1f} | "
+              f"{row['percent_of_floor']:.0f} % | {row['other_cores']:.1f} |")
+    out = args.out or bench.cache_dir() / f"matmulnbits-{family['name'].replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu_family": family,
+                               "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
+                               "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths], "rows": rows},
+                              indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

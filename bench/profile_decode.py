@@ -1,0 +1,174 @@
+"""Where a decode step's time goes: an onnxruntime profile of a genai model's decode steps, per op type.
+
+genai runs the decoder graph once for the prompt, then once per new token. With the session option
+`enable_profiling` (an og.Config overlay: the model folder is not touched) onnxruntime records every
+node's kernel time and every run; this groups the kernels of the decode runs (all but the first) by op
+type, per step: time, node count, µs per node, and the rest of the step (onnxruntime's own work
+between kernels, and genai's outside the run: logits, search).
+
+    python bench/profile_decode.py --model smollm2              # int4 of the bench's model cache
+    python bench/profile_decode.py --model random --precision int8 --threads 1
+    python bench/profile_decode.py --dir models/onnx            # any genai model folder
+
+Profiling adds ~1 µs per node of its own: compare the step time with and without it (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def model_dir(model: str, precision: str) -> Path:
+    """The bench's cached build of `model` at `precision` with ortune's defaults (built if missing)."""
+    spec = bench.QUICK if model == "quick" else bench.MODELS[model]
+    hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
+    out = bench.cache_dir() / f"onnx-{spec.key()}-{precision}-{bench.build_key(precision, ())}"
+    bench.build_onnx_models(hf_dir, {out: (precision, ())})
+    return out
+
+
+def load(folder: Path, threads: int | None, profile_prefix: str | None):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    session: dict = {}
+    if threads:
+        session["intra_op_num_threads"] = threads
+    if profile_prefix:
+        session["enable_profiling"] = profile_prefix
+    if session:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    model = og.Model(config)
+    return og, model, og.Tokenizer(model)
+
+
+def decode(og, model, tokenizer, prompt: str, new_tokens: int) -> list[float]:
+    """Seconds at each new token (as bench's token_times)."""
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    length = len(ids) + new_tokens
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(ids)
+    times = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        times.append(time.perf_counter() - started)
+    del generator
+    return times
+
+
+def step_ms(times: list[float]) -> float:
+    return 1000 * (times[-1] - times[0]) / (len(times) - 1)
+
+
+def breakdown(events: list[dict], decodes: int = 2) -> dict:
+    """Kernel µs by op type, node counts and the run's total, averaged per decode step, over the last of
+    `decodes` equal decodes (each: one prompt run, then one run per step)."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    skip_runs = len(runs) - len(runs) // decodes + 1  # earlier decodes, and the last one's prompt run
+    kernels = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+                     key=lambda e: e["ts"])
+    decode_runs = runs[skip_runs:]
+    per_op: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    run_us, kernel_us = [], []
+    index = 0
+    for run in decode_runs:
+        start, end = run["ts"], run["ts"] + run["dur"]
+        while index < len(kernels) and kernels[index]["ts"] < start:
+            index += 1
+        step: dict[str, float] = {}
+        step_counts: dict[str, int] = {}
+        while index < len(kernels) and kernels[index]["ts"] <= end:
+            op = kernels[index]["args"].get("op_name", "?")
+            step[op] = step.get(op, 0.0) + kernels[index]["dur"]
+            step_counts[op] = step_counts.get(op, 0) + 1
+            index += 1
+        for op, us in step.items():
+            per_op.setdefault(op, []).append(us)
+        counts = step_counts
+        run_us.append(run["dur"])
+        kernel_us.append(sum(step.values()))
+    steps = len(decode_runs)
+    return {
+        "steps": steps,
+        "run_us": statistics.fmean(run_us),
+        "kernel_us": statistics.fmean(kernel_us),
+        "ops": {op: {"us": sum(v) / steps, "nodes": counts.get(op, 0)} for op, v in
+                sorted(per_op.items(), key=lambda kv: -sum(kv[1]))},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help=f"{', '.join(bench.MODELS)} or quick (the bench's cache)")
+    parser.add_argument("--precision", default="int4")
+    parser.add_argument("--dir", type=Path, default=None, help="a genai model folder instead of --model")
+    parser.add_argument("--threads", type=int, default=None, help="override intra_op_num_threads")
+    parser.add_argument("--tokens", type=int, default=bench.NEW_TOKENS)
+    parser.add_argument("--rounds", type=int, default=3, help="unprofiled rounds timed before and after")
+    parser.add_argument("--out", type=Path, default=None, help="write the breakdown as JSON here")
+    args = parser.parse_args(argv)
+    folder = args.dir or model_dir(args.model, args.precision)
+    family = bench.this_cpu_family()
+    print(f"{folder} on {family['name']} ({', '.join(family['isa'])}), threads "
+          f"{args.threads or 'as genai_config.json'}", flush=True)
+
+    og, model, tokenizer = load(folder, args.threads, None)
+    decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up
+    plain = []
+    for _ in range(args.rounds):
+        before = bench.cpu_snapshot()
+        plain.append((step_ms(decode(og, model, tokenizer, bench.PROMPT, args.tokens)),
+                      bench.other_cores(before, bench.cpu_snapshot())))
+    del model
+
+    with tempfile.TemporaryDirectory(prefix="ortune-profile-") as tmp:
+        og, model, tokenizer = load(folder, args.threads, str(Path(tmp) / "decode"))
+        decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up (its runs are skipped below)
+        before = bench.cpu_snapshot()
+        profiled = step_ms(decode(og, model, tokenizer, bench.PROMPT, args.tokens))
+        busy = bench.other_cores(before, bench.cpu_snapshot())
+        del model, tokenizer  # the session writes its profile when it ends
+        files = sorted(Path(tmp).glob("decode*.json"))
+        if not files:
+            raise SystemExit("no profile written (enable_profiling not honoured by this onnxruntime-genai)")
+        events = json.loads(files[-1].read_text())
+    result = breakdown(events)  # the warm-up decode, then the profiled one
+    step_us = 1000 * profiled
+    print(f"\nms/token: {statistics.median(p for p, _ in plain):.2f} unprofiled (others' cores "
+          f"{', '.join(f'{b:.1f}' for _, b in plain)}), {profiled:.2f} profiled ({busy:.1f}); "
+          f"{result['steps']} decode runs profiled")
+    print(f"per step: onnxruntime run {result['run_us']:.0f} µs, of which kernels {result['kernel_us']:.0f} µs; "
+          f"outside the run (genai: logits, search) {step_us - result['run_us']:.0f} µs\n")
+    print("| op type | nodes/step | µs/step | % of step | µs/node |")
+    print("|---|---:|---:|---:|---:|")
+    for op, row in result["ops"].items():
+        print(f"| {op} | {row['nodes']} | {row['us']:.0f} | {100 * row['us'] / step_us:.1f} % | "
+              f"{row['us'] / max(row['nodes'], 1):.1f} |")
+    gap = result["run_us"] - result["kernel_us"]
+    print(f"| (onnxruntime between kernels) | | {gap:.0f} | {100 * gap / step_us:.1f} % | "
+          f"{gap / max(sum(r['nodes'] for r in result['ops'].values()), 1):.1f} |")
+    print(f"| (genai outside the run) | | {step_us - result['run_us']:.0f} | "
+          f"{100 * (step_us - result['run_us']) / step_us:.1f} % | |")
+    if args.out:
+        args.out.write_text(json.dumps({"folder": str(folder), "cpu_family": family, "threads": args.threads,
+                                        "ms_per_token_plain": plain, "ms_per_token_profiled": profiled,
+                                        "other_cores": busy, **result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
