@@ -146,13 +146,15 @@ def _quiet_datasets():
     import datasets
     from datasets.utils import logging as ds_logging
 
-    before = ds_logging.get_verbosity()
+    before, bars = ds_logging.get_verbosity(), ds_logging.is_progress_bar_enabled()
     ds_logging.set_verbosity(ds_logging.CRITICAL)
     ds_logging.disable_progress_bar()
     try:
         yield datasets
     finally:
         ds_logging.set_verbosity(before)
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 def _load(file: Path, kind: str) -> list[dict]:
