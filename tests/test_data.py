@@ -177,7 +177,7 @@ def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: {source}: permission denied (this user cannot read it); fix its permissions, e.g. chmod a+r '{source}'")
+        f"error: {source}: permission denied (this user cannot read it); fix its permissions, e.g. chmod a+r {source}")
 
 
 # ---- checking and splitting ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import string
 import tempfile
 from collections import Counter, defaultdict
@@ -122,8 +123,8 @@ def _read_file(file: Path) -> Records:
             head = handle.read(1 << 16)
     except PermissionError:
         raise OrtuneError(f"{file}: permission denied (this user cannot read it); fix its permissions, "
-                          f"e.g. chmod a+r '{file}'") from None
-    if not head.strip():
+                          f"e.g. chmod a+r {shlex.quote(str(file))}") from None
+    if not head.strip() and file.stat().st_size <= len(head):
         raise OrtuneError(f"{file}: the file is empty; it needs labelled rows")
     if kind == "json":
         _refuse_list_of_non_objects(file, head)
