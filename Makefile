@@ -38,10 +38,11 @@ test: setup ## Run the whole test suite (unit + end-to-end pipeline on the tiny 
 test-fast: setup ## Unit tests only (skips the slow end-to-end pipeline tests)
 	$(PY) -m pytest -q -m "not slow"
 
-params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml by hand)
-	$(PY) -m ortune.config $(ARGS)
+params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml by hand; drops applied settings)
+	$(PY) -m ortune.params params $(ARGS)
 
 all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, NAME=experiment name)
+	$(PY) -m ortune.params all $(ARGS)
 	dvc exp run $(NAME_ARG) $(SET_ARGS)
 	@echo
 	@$(PY) -m ortune.experiments
@@ -49,7 +50,8 @@ all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, 
 plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS="HEAD exp-name" compares runs)
 	$(PY) scripts/report.py $(REVS)
 
-repro: params ## Compose params.yaml from conf/ + ARGS, then `dvc repro` (no experiment recorded)
+repro: setup ## `dvc repro` on conf/ + ARGS, or on an applied experiment's settings (make pull/best) (no experiment recorded)
+	$(PY) -m ortune.params repro $(ARGS)
 	dvc repro
 
 sweep: setup ## Queue and run a grid of experiments: make sweep SWEEP="lora.r=8,16 precision=int4,int8"

@@ -36,7 +36,7 @@ def test_hand_run_and_dvc_run_see_the_same_config(in_repo, tmp_path, monkeypatch
     compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "config", "", OVERRIDES)
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     monkeypatch.setenv("DVC_STAGE", "train_qlora")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     under_dvc = config.load("train_qlora")
     assert by_hand == under_dvc
     assert under_dvc.lora.r == 8 and under_dvc.train.learning_rate == 5e-4
@@ -77,7 +77,7 @@ def test_typo_in_params_yaml_fails_under_dvc(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(text.replace("  alpha: 64", "  lora_alpha: 64"))
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     monkeypatch.setenv("DVC_STAGE", "train_qlora")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(OrtuneError, match="lora.lora_alpha"):
         config.load("train_qlora")
 
@@ -98,3 +98,19 @@ def test_every_stage_declares_params_that_exist(in_repo):
     for stage in ("fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"):
         config.stage_view(full, config.declared_params(stage))
 
+
+
+def test_a_queued_experiment_reads_its_own_copy_not_the_parent_named_by_dvc_root(tmp_path, monkeypatch):
+    # DVC runs a queued experiment's stages in a copy of the repo and points DVC_ROOT at the parent
+    # workspace on purpose (dvc/repo/experiments/queue/base.py): the copy's params.yaml must win.
+    parent, copy = tmp_path / "workspace", tmp_path / "exp-copy"
+    for folder, rank in ((parent, 64), (copy, 8)):
+        (folder / "conf").mkdir(parents=True)
+        (folder / "params.yaml").write_text(config.params_yaml_text(config.compose([f"lora.r={rank}"], config_dir=REPO / "conf")))
+        (folder / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (copy / "scripts").mkdir()
+    monkeypatch.chdir(copy / "scripts")  # a stage run from a sub-folder finds its checkout too
+    monkeypatch.setenv("DVC_STAGE", "train_qlora")
+    monkeypatch.setenv("DVC_ROOT", str(parent))
+    assert config.project_root() == copy
+    assert config.load("train_qlora").lora.r == 8

@@ -117,41 +117,110 @@ def test_changing_the_data_reruns_everything_from_it(project):
     assert ran == {"fetch_model", "prepare_data", *TRAIN_ONWARD}
 
 
-def test_sweep_then_best_applies_the_winner(project):
-    root, _ = project
+def experiments_by(root: Path, env: dict, key: str) -> dict:
+    from ortune.experiments import load
+
+    found: dict = {}
+    for exp in load(cwd=str(root)):  # newest first: keep each setting's latest run
+        found.setdefault(exp.params.get(key), exp)
+    return found
+
+
+def dvc(project, *args: str) -> str:
+    root, env = project
+    done = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+def test_a_sweep_trains_and_builds_each_experiments_own_settings(project):
+    """Queued experiments run in a copy of the repo while DVC_ROOT names the workspace: each must still
+    read its own params.yaml (issue: every lora.r of a sweep trained the workspace's r = 64 adapter)."""
+    root, env = project
     make(project, "all")
-    make(project, "sweep", "SWEEP=eval.max_new_tokens=3,4")
+    workspace_loss = read_metrics(root, "train.json")["final_loss"]
+    make(project, "sweep", "SWEEP=lora.r=8,32")
+    by_rank = experiments_by(root, env, "lora.r")
+    losses = {r: by_rank[r].metrics["train.final_loss"] for r in (8, 32)}
+    assert len({workspace_loss, *losses.values()}) == 3, (workspace_loss, losses)
+    for r in (8, 32):
+        dvc(project, "exp", "apply", by_rank[r].name)
+        assert json.loads((root / "models/adapter/adapter_config.json").read_text())["r"] == r
+    make(project, "params")  # back to conf/'s settings: the applied ones are dropped on purpose
+
+    # a precision sweep retrains nothing: the run cache restores every stage whose inputs are unchanged
+    output = make(project, "sweep", "SWEEP=precision=int8,fp32")
+    assert ran_stages(output) == {"build_onnx", "eval"}, output[-3000:]
+    by_precision = experiments_by(root, env, "precision")
+    for precision in ("int8", "fp32"):
+        dvc(project, "exp", "apply", by_precision[precision].name)
+        assert read_metrics(root, "onnx.json")["precision"] == precision
+        quantized = b"MatMulNBits" in (root / "models/onnx/model.onnx").read_bytes()
+        assert quantized == (precision == "int8"), precision
+    make(project, "params")
+
     table = make(project, "compare")
-    assert "| eval.max_new_tokens |" in table and "| eval.accuracy |" in table
+    assert "| lora.r |" in table and "| precision |" in table
     picked = make(project, "best", "METRIC=accuracy", "MAX_MS_PER_TOKEN=1000")
     assert ": best eval.accuracy=" in picked
+    make(project, "params")
 
 
-def test_shared_experiment_reproduces_in_a_colleagues_clone(project, tmp_path_factory):
+def readme_block(after: str) -> list[str]:
+    """The commands of the first ```bash block after the line `after` in README.md's sharing section."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Share an experiment with a colleague"):]
+    block = section[section.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def run_block(commands: list[str], cwd: Path, env: dict) -> dict[str, str]:
+    """Run README commands in one shell, in order, stopping at the first failure; output per command."""
+    marker = f"--- {uuid.uuid4().hex} ---"
+    script = "set -euo pipefail\n" + "".join(f"echo '{marker}'\n{command}\n" for command in commands)
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return dict(zip(commands, done.stdout.split(marker + "\n")[1:]))
+
+
+def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tmp_path):
+    """README.md's "Share an experiment" blocks, command by command, between two fresh clones, a bare
+    git remote and a DVC remote both can reach (the "shared storage")."""
     root, env = project
-    origin = root.parent / "origin.git"
+    origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
     subprocess.run(["git", "remote", "set-url", "origin", str(origin)], cwd=root, env=env, check=True)
-    make(project, "all", "NAME=shared-exp")
-    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=root, env=env, check=True)
-    make(project, "push", "EXP=shared-exp")
+    yours = readme_block("You:")
+    assert any("lora.r=" in command for command in yours), "the shared experiment must differ from conf/'s settings"
+    run_block(yours, root, env)
 
-    colleague = root.parent / "colleague"  # a sibling, so the repo's relative DVC remote resolves to the same store
-    subprocess.run(["git", "clone", "-q", "-b", "main", str(origin), str(colleague)], env=env, check=True)
-    (colleague / ".venv").symlink_to(REPO / ".venv")
-    theirs = (colleague, env)
-    make(theirs, "pull", "EXP=shared-exp")
-    assert ran_stages(make(theirs, "repro")) == set()
-    for name in ("data.json", "train.json", "eval.json"):
+    machine = tmp_path / "colleague"
+    machine.mkdir()
+    # the shared storage: the repo's DVC remote (../../ortune-storage from .dvc/) seen from their checkout
+    (machine / "ortune-storage").symlink_to(root.parent / "ortune-storage")
+    # their `git clone` gets this venv linked in and `make setup` finds it installed (pip stays offline)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "post-checkout").write_text(
+        f"#!/bin/sh\nln -sfn {REPO / '.venv'} .venv\ntouch -d @0 requirements*.txt pyproject.toml\n")
+    (hooks / "post-checkout").chmod(0o755)
+    theirs_env = {**env, "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": str(hooks)}
+    commands = [c.replace("<repo-url>", str(origin)) for c in readme_block("Your colleague")]
+    outputs = run_block(commands, machine, theirs_env)
+    colleague = machine / "ortune"
+    repro = next(out for command, out in outputs.items() if command.startswith("make repro"))
+    assert ran_stages(repro) == set(), repro
+    assert "keeping the applied settings" in repro
+    for name in ("data.json", "train.json", "onnx.json", "eval.json"):
         assert (colleague / "metrics" / name).read_bytes() == (root / "metrics" / name).read_bytes(), name
-    status = subprocess.run(["dvc", "status"], cwd=colleague, env={**env, "PATH": f"{REPO}/.venv/bin:{env['PATH']}"},
-                            capture_output=True, text=True)
+    assert (colleague / "params.yaml").read_bytes() == (root / "params.yaml").read_bytes()
+    status = subprocess.run(["dvc", "status"], cwd=colleague, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     # and a deterministic stage recomputed there gives the very same bytes
-    subprocess.run(["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague,
-                   env={**env, "PATH": f"{REPO}/.venv/bin:{env['PATH']}"}, check=True, capture_output=True)
+    subprocess.run(["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague, env=env, check=True, capture_output=True)
     for name in ("train.jsonl", "eval.jsonl"):
         assert (colleague / "data/prepared" / name).read_bytes() == (root / "data/prepared" / name).read_bytes()
+    make(project, "params")
 
 
 def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):

@@ -144,7 +144,7 @@ def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
         "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
     }
-    subprocess.run([sys.executable, "-m", "ortune.config", *TINY, *RUN], cwd=root, env=environment, check=True)
+    subprocess.run([sys.executable, "-m", "ortune.params", "params", *TINY, *RUN], cwd=root, env=environment, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, env=environment, check=True)
     subprocess.run(["git", "commit", "-qm", "test state"], cwd=root, env=environment, check=True)
     dvc = [str(REPO / ".venv/bin/dvc"), "repro", "train_qlora"]

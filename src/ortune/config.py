@@ -190,8 +190,19 @@ class Config:
 
 
 def project_root() -> Path:
-    """Stages run from the repo root (DVC's wdir); DVC_ROOT also covers a run from a sub-folder."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    """The checkout a stage runs in: the nearest folder, from the working directory up, holding dvc.yaml
+    and conf/ (DVC runs stages in the folder of dvc.yaml; by hand a stage may run from a sub-folder).
+
+    Never DVC_ROOT: for queued and temp experiments DVC runs the stages in a copy of the repo but points
+    DVC_ROOT at the parent workspace on purpose, so reading params.yaml there would train the workspace's
+    settings instead of the experiment's. What must reach the parent repo (W&B runs) asks for it by name
+    (ortune.tracking.parent_workspace).
+    """
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
+            return folder
+    return cwd
 
 
 def _one_line(exc: BaseException) -> str:
@@ -454,24 +465,3 @@ def load(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raw = compose(overrides)
         source = "conf/ + overrides" if overrides else "conf/"
     return stage_view(validate(raw, source), declared_params(stage))
-
-
-def write_params(overrides: list[str], path: Path | None = None) -> Path:
-    """Compose conf/ + overrides into params.yaml (validated first, written atomically)."""
-    from ortune.artifacts import write_text_atomic
-
-    composed = compose(overrides)
-    validate(composed, "conf/ + overrides" if overrides else "conf/")
-    path = Path(path or project_root() / "params.yaml")
-    write_text_atomic(path, params_yaml_text(composed))
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        print(f"wrote {write_params(sys.argv[1:])}")
-    except OrtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -16,6 +16,8 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from ortune.config import project_root
+
 log = logging.getLogger("ortune")
 # How long an online run may wait for the W&B server before ortune falls back to offline.
 ONLINE_INIT_TIMEOUT_S = 20
@@ -66,6 +68,13 @@ def _has_credentials() -> bool:
     return False
 
 
+def parent_workspace() -> Path:
+    """Where runs must outlive the stage: a queued or temp experiment runs in a copy of the repo that DVC
+    deletes afterwards, and DVC_ROOT names the parent workspace only there. The one deliberate use of
+    DVC_ROOT: settings are read from the copy (ortune.config.project_root)."""
+    return Path(os.environ.get("DVC_ROOT") or project_root())
+
+
 def experiment_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
 
@@ -80,11 +89,11 @@ def open_run(stage: str, cfg: DictConfig) -> Iterator[Tracker]:
 
     from ortune import provenance
 
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    # a queued/temp experiment runs in a throwaway copy: ORTUNE_WANDB_DIR keeps its runs in the real repo
-    run_dir = Path(os.environ.get("ORTUNE_WANDB_DIR") or root / cfg.wandb.dir)
+    root = project_root()
+    run_dir = Path(os.environ.get("ORTUNE_WANDB_DIR") or parent_workspace() / cfg.wandb.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     group = experiment_name()
+    # the checkout that ran: for a queued experiment, its copy's commit and dvc.lock, not the parent's
     commit = provenance.git_commit(root)
     lock = provenance.dvc_lock_digest(root)
     tags = [f"git:{commit[:12]}" if commit else "git:none", f"dvc.lock:{lock}" if lock else "dvc.lock:none"]

@@ -1,0 +1,86 @@
+"""params.yaml's lifecycle: conf/ edits are picked up, an applied experiment's settings are never
+silently recomposed away (`make repro`, `make all`), and `make params` is the explicit reset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ortune.errors import OrtuneError
+from ortune.params import Workspace, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    space = Workspace(tmp_path)
+    space.compose([])
+    return space
+
+
+def rank(space: Workspace) -> int:
+    return yaml.safe_load(space.params.read_text())["lora"]["r"]
+
+
+def apply_experiment(space: Workspace, r: int) -> None:
+    """What `dvc exp apply` does to params.yaml: the experiment's settings, written by DVC, not ortune."""
+    params = yaml.safe_load(space.params.read_text())
+    params["lora"]["r"] = r
+    space.params.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def edit_conf(space: Workspace, r: int) -> None:
+    lora = space.root / "conf/lora/default.yaml"
+    lora.write_text(lora.read_text().replace("r: 64", f"r: {r}"))
+
+
+def test_repro_picks_up_an_edit_of_conf(workspace):
+    edit_conf(workspace, 32)
+    workspace.prepare_repro([])
+    assert rank(workspace) == 32
+
+
+def test_repro_keeps_an_applied_experiments_settings_and_says_so(workspace):
+    apply_experiment(workspace, 16)
+    message = workspace.prepare_repro([])
+    assert rank(workspace) == 16
+    assert "lora.r=16 (conf/: 64)" in message and "make params" in message
+
+
+def test_repro_with_args_refuses_to_discard_applied_settings(workspace):
+    apply_experiment(workspace, 16)
+    with pytest.raises(OrtuneError, match=r"lora.r=16 \(conf/: 64\).*make params"):
+        workspace.prepare_repro(["lora.dropout=0.05"])
+    assert rank(workspace) == 16
+
+
+def test_make_all_refuses_to_discard_applied_settings_but_args_can_keep_them(workspace, capsys):
+    apply_experiment(workspace, 16)
+    assert main(["all"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and 'ARGS="lora.r=16"' in error and "make repro" in error
+    workspace.prepare_experiment(["lora.r=16"])  # the same settings, now as explicit overrides: allowed
+    # DVC then composes exactly this, so the next `make all` without ARGS is a normal recomposition
+    assert workspace.last_composed() == workspace.params.read_text()
+
+
+def test_make_all_recomposes_freely_what_ortune_composed(workspace):
+    workspace.prepare_experiment(["lora.r=16"])
+    workspace.params.write_text(workspace.last_composed())  # what `dvc exp run -S lora.r=16` wrote
+    workspace.prepare_experiment([])  # overrides are not cumulative: back to conf/, no refusal
+
+
+def test_make_params_is_the_explicit_reset(workspace):
+    apply_experiment(workspace, 16)
+    workspace.compose([])
+    assert rank(workspace) == 64
+    workspace.prepare_repro([])
+    assert rank(workspace) == 64
