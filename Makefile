@@ -26,9 +26,10 @@ help: ## List the targets
 
 setup: $(VENV)/.installed ## Create .venv with the exact pins (idempotent; PyPI only)
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 

@@ -84,6 +84,14 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     keep = onnx_adapters.lora_node_names(layers)
     keep += [node for module, node in export.SAVED_MODULE_NODES.items() if module in saved]
     options = export.builder_options(precision, o, keep)
+    if saved & set(export.SAVED_MODULE_NODES) and json.loads((base / "config.json").read_text(encoding="utf-8")).get(
+            "tie_word_embeddings"):
+        # the builder shares one matrix between the embeddings and lm_head of a tied base; an adapter that
+        # replaces either one would then replace both (wrong logits): keep them apart, each an adapter input
+        if options.get("shared_embeddings", "false").lower() == "true":
+            raise OrtuneError(f"onnx.extra_options.shared_embeddings=true: the adapters save {', '.join(sorted(saved))} "
+                              "in full, which a shared embedding/lm_head matrix cannot hold; drop the option")
+        options["shared_embeddings"] = "false"
     graphs = {}
     for name, adapter_dir in adapters.items():
         target = out if name == export.PIPELINE_ADAPTER else scratch / name
@@ -161,7 +169,8 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
                 "max new tokens": task["max_new_tokens"], "adapters": ", ".join(metrics["adapters"]) or "none (merged)"}
     return model_card.render(
         model={**dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),
-               "resolved_revision": base_info.get("resolved_revision")},
+               "resolved_revision": base_info.get("resolved_revision"),
+               **{key: value for key, value in base_info.items() if key.startswith("gguf_")}},
         dataset={"path": cfg.data.path, "sha256": model_card.sha256(Path(cfg.data.path)),
                  "train_sha256": model_card.sha256(prepared / "train.jsonl") if (prepared / "train.jsonl").is_file() else "none",
                  "eval_sha256": model_card.sha256(prepared / "eval.jsonl"),

@@ -8,6 +8,11 @@ metrics/base.json (parameters, vocabulary, resolved revision).
   with a byte-level BPE tokenizer carrying Phi-3's special tokens and chat template.
 - model=phi3-mini-4k / phi3.5-mini: downloaded from the Hugging Face Hub at the pinned
   `model.revision` (HF_TOKEN from the environment if set).
+- model=smollm2-135m: the GGUF shipped by the pinned pip package `model.gguf_package` (installed by
+  `make setup`), dequantized to float32 safetensors with its tokenizer and chat template.
+- model.gguf_file=/local/model.gguf: any GGUF whose architecture transformers reads and the ONNX
+  GenAI builder exports, converted the same way. The GGUF's sha256 (and the package's version) go
+  to metrics/base.json.
 - model.path=/local/folder: copied from a local Hugging Face folder, any supported architecture.
 
     python scripts/fetch_model.py model.tiny.hidden_size=128
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, modeling, stage
+from ortune import config, data, modeling, stage
 from ortune.artifacts import atomic_dir
 from ortune.errors import OrtuneError
 
@@ -53,6 +58,19 @@ def run(cfg: DictConfig) -> dict:
         if model_cfg.path:
             log.info("copying local model from %s", model_cfg.path)
             info = modeling.copy_local_model(model_cfg.path, out_dir)
+        elif model_cfg.gguf_file:
+            path = Path(model_cfg.gguf_file).expanduser()
+            path = path if path.is_absolute() else config.project_root() / path
+            log.info("converting %s to float32 safetensors", path)
+            info = modeling.convert_gguf(path, out_dir, f"model.gguf_file={model_cfg.gguf_file}")
+            info.update(gguf_file=str(model_cfg.gguf_file), resolved_revision=None)
+        elif model_cfg.source == "gguf":
+            package = model_cfg.gguf_package
+            path, version = modeling.packaged_gguf(package)
+            log.info("converting %s from %s %s to float32 safetensors", package.file, package.name, version)
+            info = modeling.convert_gguf(path, out_dir, f"model.gguf_package={package.name}:{package.file}")
+            info.update(gguf_file=package.file, gguf_package=package.name, gguf_package_version=version,
+                        resolved_revision=None)
         elif model_cfg.source == "tiny":
             if model_cfg.tiny is None:
                 raise OrtuneError("model.tiny: missing; the tiny model needs its sizes (see conf/model/tiny-phi3.yaml)")

@@ -288,6 +288,33 @@ def test_lora_settings_reach_peft_and_unknown_modules_are_named(tiny_base):
         training.peft_config(full("lora.modules_to_save=[wte]").lora, model)
 
 
+@pytest.mark.parametrize("override", ["lora.target_modules=all-linear", "lora.target_modules=[all-linear]"])
+def test_all_linear_reaches_peft_and_adapts_every_linear_layer_but_the_head(override, tiny_base):
+    from peft import get_peft_model
+
+    from ortune import training
+
+    model = modeling.load_causal_lm(tiny_base)
+    peft = training.peft_config(full(override).lora, model)
+    assert peft.target_modules == "all-linear"  # PEFT's shorthand works only as a string
+    adapted = get_peft_model(model, peft)
+    leaves = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name}
+    assert leaves == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with pytest.raises(OrtuneError, match=r"all-linear already names every linear layer; list it alone"):
+        training.peft_config(full("lora.target_modules=[all-linear,o_proj]").lora, model)
+
+
+def test_separate_adapters_compare_targets_by_layer_name_as_all_linear_saves_full_paths():
+    from ortune import onnx_adapters
+
+    # what PEFT writes to adapter_config.json for all-linear: every module's full path
+    expanded = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                      "mlp.gate_up_proj", "mlp.down_proj")]
+    onnx_adapters.check_targets({"default": {"target_modules": expanded}, "b": {"target_modules": ["o_proj"]}}, "default")
+    with pytest.raises(OrtuneError, match=r"onnx.extra_adapters.b: adapts down_proj, gate_up_proj, qkv_proj"):
+        onnx_adapters.check_targets({"default": {"target_modules": ["o_proj"]}, "b": {"target_modules": expanded}}, "default")
+
+
 def test_qlora_loads_the_base_in_4bit_with_the_configured_quantization(tiny_base):
     import torch
 

@@ -84,6 +84,28 @@ def read_spec(path: Path | None = None) -> BuilderSpec:
     return BuilderSpec(path, _parse_pairs(pairs_text), options, deprecated, prefix.group(1) if prefix else None)
 
 
+@functools.lru_cache(maxsize=4)
+def exportable_architectures(path: Path | None = None) -> frozenset[str]:
+    """The Hugging Face architectures (config.architectures[0]) the builder dispatches on: anything else
+    it refuses only after loading the whole model."""
+    path = Path(path or builder_source())
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        # config.architectures[0] == "LlamaForCausalLM"
+        if (
+            isinstance(node, ast.Compare) and len(node.comparators) == 1 and isinstance(node.ops[0], ast.Eq)
+            and isinstance(node.left, ast.Subscript) and ast.unparse(node.left.value).endswith(".architectures")
+            and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str)
+        ):
+            names.add(node.comparators[0].value)
+    if not names:
+        raise OrtuneError(
+            f"{path}: cannot find the architectures the builder exports; this onnxruntime-genai version is not one "
+            "ortune knows (requirements.txt pins the supported one)"
+        )
+    return frozenset(names)
+
+
 def _parse_pairs(text: str) -> dict[str, tuple[str, ...]]:
     pairs: dict[str, list[str]] = {}
     for item in text.split(":", 1)[1].split(","):

@@ -37,12 +37,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class GgufPackageConfig:
+    name: str = MISSING  # the pip distribution, pinned in requirements-nodeps.txt
+    file: str = MISSING  # the .gguf inside it, relative to site-packages
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = MISSING  # tiny | hub
+    source: str = MISSING  # tiny | hub | gguf
     hub_id: Optional[str] = MISSING
     revision: Optional[str] = MISSING
     path: Optional[str] = MISSING
+    gguf_file: Optional[str] = MISSING  # a local .gguf; like path, it overrides source
+    gguf_package: Optional[GgufPackageConfig] = MISSING
     trust_remote_code: bool = MISSING
     tiny: Optional[TinyModelConfig] = None
 
@@ -233,6 +241,10 @@ def params_yaml_text(composed: dict) -> str:
 
 def validate(raw: dict, source: str) -> DictConfig:
     """Check a composed config against the schema and value ranges; return it typed and read-only."""
+    lora = raw.get("lora") if isinstance(raw, dict) else None
+    if isinstance(lora, dict) and isinstance(lora.get("target_modules"), str):
+        # PEFT's shorthand comes as a bare string (lora.target_modules=all-linear); the schema holds a list
+        raw = {**raw, "lora": {**lora, "target_modules": [lora["target_modules"]]}}
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
     except OmegaConfBaseException as exc:
@@ -255,8 +267,12 @@ def _range_problems(cfg: DictConfig):
         yield f"precision={cfg.precision} is unknown; use one of {', '.join(PRECISIONS)}"
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         yield f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)"
-    if cfg.model.source not in ("tiny", "hub"):
-        yield f"model.source={cfg.model.source} must be 'tiny' or 'hub'"
+    if cfg.model.source not in ("tiny", "hub", "gguf"):
+        yield f"model.source={cfg.model.source} must be 'tiny', 'hub' or 'gguf'"
+    if cfg.model.source == "gguf" and not cfg.model.gguf_file and cfg.model.gguf_package is None:
+        yield "model.source=gguf needs model.gguf_file=/path/to/model.gguf (or model.gguf_package)"
+    if cfg.model.path and cfg.model.gguf_file:
+        yield "model.path and model.gguf_file are both set; set one of them (the other to null)"
     if cfg.data.format not in ("text", "chat"):
         yield f"data.format={cfg.data.format} is not supported; use 'text' or 'chat'"
     if cfg.wandb.mode not in ("offline", "online", "disabled"):

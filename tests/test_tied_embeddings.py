@@ -1,0 +1,116 @@
+"""A base whose lm_head is its embedding matrix (tie_word_embeddings, as SmolLM2): LoRA merges and
+exports with the tie kept, and adapters that save lm_head/embed_tokens in full switch correctly in an
+onnx.adapter=separate build (the builder would otherwise share one matrix for both)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import build_onnx
+import merge
+from export_helpers import PROMPT, REPO, stage_cfg
+from ortune import config, data, modeling
+from ortune.generation import OnnxGenerator
+
+
+def tied_llama(out, texts, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = modeling.train_tiny_tokenizer(texts, 600)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def adapter(base, out, seed, modules_to_save=None):
+    """Random non-zero LoRA on the attention projections; saved modules nudged away from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(modeling.load_causal_lm(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
+        modules_to_save=modules_to_save, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(out)
+    modeling.load_tokenizer(base).save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_texts):
+    root = tmp_path_factory.mktemp("tied")
+    tied_llama(root / "base_model", tiny_texts)
+    adapter(root / "base_model", root / "adapter", seed=1)
+    adapter(root / "base_model", root / "adapter_saved", seed=2, modules_to_save=["lm_head", "embed_tokens"])
+    rows = [data.render(r, PROMPT, "{tone}", "tone") for r in data.read_records(REPO / "data/raw/tones.jsonl")]
+    (root / "prepared").mkdir()
+    data.write_jsonl(rows[::5][:40], root / "prepared" / "train.jsonl")
+    data.write_jsonl(rows[2::5][:8], root / "prepared" / "eval.jsonl")
+    (root / "prepared" / "labels.json").write_text(json.dumps(sorted({r["label"] for r in rows})))
+    (root / "metrics").mkdir()
+    (root / "metrics" / "base.json").write_text(json.dumps({"model": "tied-llama", "resolved_revision": None}))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def torch_logits(model_dir, prompt, adapter_dir=None):
+    import torch
+    from peft import PeftModel
+
+    model = modeling.load_causal_lm(model_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    ids = modeling.load_tokenizer(model_dir)(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**ids).logits[0, -1].numpy()
+
+
+@pytest.mark.slow
+def test_lora_merge_keeps_the_tie_and_the_merged_export_matches(project):
+    from safetensors import safe_open
+
+    paths = [f"paths.{n}={project / n}" for n in ("base_model", "prepared", "adapter", "merged", "metrics", "plots")]
+    full = config.validate(config.compose(paths, config_dir=REPO / "conf"), "test")
+    metrics = merge.run(config.stage_view(full, config.declared_params("merge", REPO / "dvc.yaml")))
+    assert metrics["max_abs_logit_diff"] < 1e-4
+    assert json.loads((project / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(project / "merged" / "model.safetensors"), "np") as weights:
+        assert "lm_head.weight" not in weights.keys()  # still one matrix
+    built = build_onnx.run(stage_cfg(project, "precision=fp32", onnx_dir="onnx-merged"))
+    assert built["parity"]["passed"] and built["parity"]["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_adapters_saving_lm_head_and_embeddings_switch_on_a_tied_base(project):
+    """The builder shares one matrix between a tied base's embeddings and lm_head; an adapter replacing
+    one of them used to replace both (logits off by ~1-3 in fp32)."""
+    built = build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.adapter=separate", "onnx.parity_prompts=8",
+                                     f"+onnx.extra_adapters.lora_only={project / 'adapter'}",
+                                     f"paths.adapter={project / 'adapter_saved'}",
+                                     f"paths.merged={project / 'base_model'}",  # only its tokenizer is read here
+                                     onnx_dir="onnx-separate"))
+    assert built["builder_options"]["shared_embeddings"] == "false"
+    generator = OnnxGenerator(project / "onnx-separate")
+    base = project / "base_model"
+    rows = data.read_jsonl(project / "prepared" / "eval.jsonl")[:3]
+    for prompt in [data.prompt_text(r["prompt"], base) for r in rows]:
+        for name, adapter_dir in (("default", project / "adapter_saved"), ("lora_only", project / "adapter"), (None, None)):
+            generator.use_adapter(name)
+            diff = np.abs(generator.last_logits(prompt) - torch_logits(base, prompt, adapter_dir)).max()
+            assert diff < 1e-4, (name, diff)
