@@ -14,8 +14,21 @@ MAX_MS_PER_TOKEN ?=
 BRANCH ?=
 EXP ?=
 REVS ?=
-SET_ARGS := $(foreach a,$(ARGS),-S '$(a)')
-NAME_ARG := $(if $(NAME),-n $(NAME),)
+# Values typed on the command line (ARGS, NAME, TEXT, ...) reach the programs through the environment,
+# unexpanded ($(value ...)), and are never spliced into a shell command line: quotes, spaces, `$`,
+# backslashes and non-ASCII arrive exactly as typed, `$(shell ...)` in them is only text, and a failing
+# program fails its target. Recipes read them as "$$ORTUNE_X" (one word, never evaluated again).
+# make exports command-line variables itself, expanding them first (a `$(shell ...)` in one would run
+# for every target): never under their own names.
+unexport ARGS NAME SWEEP METRIC MAX_MS_PER_TOKEN BRANCH EXP REVS QUICK TEXT FILE MODEL URL OUT HF_CONFIG HF_SPLIT
+params repro all: export ORTUNE_ARGS = $(value ARGS)
+all: export ORTUNE_NAME = $(value NAME)
+sweep: export ORTUNE_SWEEP = $(value SWEEP)
+compare best: export ORTUNE_METRIC = $(value METRIC)
+best: export ORTUNE_MAX_MS_PER_TOKEN = $(value MAX_MS_PER_TOKEN)
+best: export ORTUNE_BRANCH = $(value BRANCH)
+plots: export ORTUNE_REVS = $(value REVS)
+push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast params all repro sweep compare best push pull clean-outputs bench plots predict chat
@@ -40,54 +53,55 @@ test-fast: setup ## Unit tests only (skips the slow end-to-end pipeline tests)
 	$(PY) -m pytest -q -m "not slow"
 
 params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml by hand; drops applied settings)
-	$(PY) -m ortune.params params $(ARGS)
+	$(PY) -m ortune.params params
 
 all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, NAME=experiment name)
-	$(PY) -m ortune.params all $(ARGS)
-	dvc exp run $(NAME_ARG) $(SET_ARGS)
+	$(PY) -m ortune.params all
 	@echo
 	@$(PY) -m ortune.experiments
 
 plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS="HEAD exp-name" compares runs)
-	$(PY) scripts/report.py $(REVS)
+	set -f; $(PY) scripts/report.py -- $$ORTUNE_REVS
 
 repro: setup ## `dvc repro` on conf/ + ARGS, or on an applied experiment's settings (make pull/best) (no experiment recorded)
-	$(PY) -m ortune.params repro $(ARGS)
-	dvc repro
+	$(PY) -m ortune.params repro
 
 sweep: setup ## Queue and run a grid of experiments: make sweep SWEEP="lora.r=8,16 precision=int4,int8"
-	@test -n "$(SWEEP)" || { echo 'error: set SWEEP, e.g. make sweep SWEEP="lora.r=8,16,32 precision=int4,int8"'; exit 2; }
-	dvc exp run --queue $(foreach a,$(SWEEP),-S '$(a)')
-	dvc exp run --run-all --jobs 1
+	$(PY) -m ortune.params sweep
 
 compare: setup ## Table of every experiment: the params that differ and the headline metrics, best METRIC first
-	python scripts/best.py --table --metric $(METRIC)
+	$(PY) scripts/best.py --table "--metric=$$ORTUNE_METRIC"
 
 best: setup ## Apply (or BRANCH=name: branch) the best experiment on METRIC within MAX_MS_PER_TOKEN
-	python scripts/best.py --metric $(METRIC) $(if $(MAX_MS_PER_TOKEN),--max eval.ms_per_token=$(MAX_MS_PER_TOKEN)) \
-		$(if $(BRANCH),--branch $(BRANCH),--apply)
+	if [ -n "$$ORTUNE_BRANCH" ]; then set -- "--branch=$$ORTUNE_BRANCH"; else set -- --apply; fi; \
+	$(PY) scripts/best.py "--metric=$$ORTUNE_METRIC" \
+		$${ORTUNE_MAX_MS_PER_TOKEN:+"--max=eval.ms_per_token=$$ORTUNE_MAX_MS_PER_TOKEN"} "$$@"
 
 push: setup ## Upload data and models to the DVC remote (EXP=name also pushes that experiment)
-	dvc push
-	$(if $(EXP),dvc exp push origin $(EXP))
+	$(PY) -m dvc push
+	if [ -n "$$ORTUNE_EXP" ]; then $(PY) -m dvc exp push origin -- "$$ORTUNE_EXP"; fi
 
+# the apply and the checkout rewrite params.yaml and the outputs: not under a running pipeline (ortune.locks)
 pull: setup ## Download data and models from the DVC remote (EXP=name pulls and applies that experiment)
-	$(if $(EXP),dvc exp pull origin $(EXP) && dvc exp apply $(EXP))
-	dvc pull
+	$(PY) -m ortune.locks bash -c 'if [ -n "$$ORTUNE_EXP" ]; then dvc exp pull origin -- "$$ORTUNE_EXP" && \
+		dvc exp apply -- "$$ORTUNE_EXP" || exit; fi; dvc pull'
 
 QUICK ?=
 bench: setup ## Decode speed vs PyTorch and the bandwidth floor, pipeline overheads -> bench/results.{json,md} (QUICK=1: < 1 min)
-	$(PY) bench/bench.py $(if $(filter-out 0 no false,$(QUICK)),--quick)
+	$(PY) bench/bench.py $(if $(filter-out 0 no false,$(value QUICK)),--quick)
 
 TEXT ?=
 FILE ?=
 MODEL ?=
-MODEL_ARG = $(if $(MODEL),--model '$(MODEL)')
+predict chat: export ORTUNE_MODEL = $(value MODEL)
+predict: export ORTUNE_FILE = $(value FILE)
+predict: export ORTUNE_TEXT = $(value TEXT)
 predict: setup ## Label a phrase with the built model: make predict TEXT="cricket is a wonderful sport!" (or FILE=phrases.txt, or stdin)
-	@$(PY) scripts/predict.py $(MODEL_ARG) $(if $(FILE),--file '$(FILE)') $(if $(TEXT),'$(subst ','\'',$(TEXT))')
+	@$(PY) scripts/predict.py $${ORTUNE_MODEL:+"--model=$$ORTUNE_MODEL"} $${ORTUNE_FILE:+"--file=$$ORTUNE_FILE"} \
+		$${ORTUNE_TEXT:+-- "$$ORTUNE_TEXT"}
 
 chat: setup ## Chat with the built model through its chat template (/reset starts over, /quit leaves)
-	@$(PY) scripts/chat.py $(MODEL_ARG)
+	@$(PY) scripts/chat.py $${ORTUNE_MODEL:+"--model=$$ORTUNE_MODEL"}
 
 # URL, OUT, HF_CONFIG and HF_SPLIT reach the program through the environment, unexpanded ($(value ...))
 # and never through a shell command line, so quotes, spaces and `$` arrive exactly as typed.

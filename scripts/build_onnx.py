@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ortune import data, export, model_card, onnx_adapters, parity, stage
-from ortune.artifacts import atomic_dir
+from ortune.artifacts import atomic_dir, owned_temp_dir
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
@@ -39,8 +39,8 @@ def run(cfg: DictConfig) -> dict:
     labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
     started = time.perf_counter()
     with atomic_dir(final) as out:
-        # other adapters' builds; named so that the stage's leftover cleanup also removes it
-        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-scratch-", dir=final.parent))
+        # other adapters' builds; owner-named, so a later run's leftover cleanup removes it only once this run is gone
+        scratch = owned_temp_dir(final, "scratch-")
         try:
             options, adapter_files = build(cfg, out, scratch, final.parent / f"{final.name}.build")
         finally:
@@ -71,7 +71,7 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     o, precision, provider = cfg.onnx, cfg.precision, cfg.onnx.execution_provider
     export.check_k_quant_blocks(Path(cfg.paths.merged if o.adapter == "merged" else cfg.paths.base_model), precision, o)
     if o.adapter == "merged":
-        options = export.builder_options(precision, o)
+        options = export.builder_options(precision, o, trust_remote_code=cfg.model.trust_remote_code)
         export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"))
         return options, {}
     adapters = {export.PIPELINE_ADAPTER: Path(cfg.paths.adapter), **{k: Path(v) for k, v in o.extra_adapters.items()}}
@@ -83,7 +83,7 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     # adapter tensors must stay float to be graph inputs: the LoRA paths, and whatever modules_to_save replaces
     keep = onnx_adapters.lora_node_names(layers)
     keep += [node for module, node in export.SAVED_MODULE_NODES.items() if module in saved]
-    options = export.builder_options(precision, o, keep)
+    options = export.builder_options(precision, o, keep, trust_remote_code=cfg.model.trust_remote_code)
     if saved & set(export.SAVED_MODULE_NODES) and json.loads((base / "config.json").read_text(encoding="utf-8")).get(
             "tie_word_embeddings"):
         # the builder shares one matrix between the embeddings and lm_head of a tied base; an adapter that

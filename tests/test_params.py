@@ -84,3 +84,75 @@ def test_make_params_is_the_explicit_reset(workspace):
     assert rank(workspace) == 64
     workspace.prepare_repro([])
     assert rank(workspace) == 64
+
+
+# --- ARGS, NAME and SWEEP as the Makefile hands them over (environment), DVC run with an argument list
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        ("lora.r=32 precision=fp32", ["lora.r=32", "precision=fp32"]),
+        ("  lora.r=32\t\nprecision=fp32  ", ["lora.r=32", "precision=fp32"]),
+        ("data.template.prompt='Tone of: {phrase}' lora.r=8", ["data.template.prompt='Tone of: {phrase}'", "lora.r=8"]),
+        ("lora.target_modules=[qkv_proj, o_proj]", ["lora.target_modules=[qkv_proj, o_proj]"]),
+        ("wandb.project='it\\'s a b' x=\"c d\"", ["wandb.project='it\\'s a b'", 'x="c d"']),
+        ("wandb.project=a\\ b", ["wandb.project=a\\ b"]),
+        ("wandb.project=é\u00a0日本", ["wandb.project=é\u00a0日本"]),  # only ASCII blanks separate
+        ("", []),
+    ],
+)
+def test_args_split_at_blanks_outside_quotes_and_brackets_keeping_what_hydra_reads(typed, expected):
+    from ortune.params import split_overrides
+
+    assert split_overrides(typed) == expected
+
+
+@pytest.mark.parametrize(("typed", "needle"), [("wandb.project='it is", "ARGS: a ' is never closed"),
+                                               ("lora.target_modules=[a, b", "ARGS: a bracket is never closed"),
+                                               ("lora.r=8]", "ARGS: a ']' closes nothing")])
+def test_unbalanced_args_are_one_line(workspace, monkeypatch, capsys, typed, needle):
+    monkeypatch.setenv("ORTUNE_ARGS", typed)
+    assert main(["params"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {needle}") and error.count("\n") == 1
+
+
+def test_make_params_writes_quotes_dollars_and_non_ascii_verbatim(workspace, monkeypatch):
+    monkeypatch.setenv("ORTUNE_ARGS", "wandb.project='it\\'s $HOME cost $5 \"q\" `x` $(shell y) é 日本' lora.r=8")
+    assert main(["params"]) == 0
+    written = yaml.safe_load(workspace.params.read_text())
+    assert written["wandb"]["project"] == 'it\'s $HOME cost $5 "q" `x` $(shell y) é 日本' and written["lora"]["r"] == 8
+
+
+def test_make_all_runs_dvc_with_each_override_and_the_name_as_one_argument(workspace, monkeypatch):
+    from ortune import params
+
+    calls = []
+    monkeypatch.setattr(params, "run_command", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setenv("ORTUNE_ARGS", "wandb.project='a b $HOME' lora.target_modules=[qkv_proj, o_proj]")
+    monkeypatch.setenv("ORTUNE_NAME", "-my exp $HOME")
+    assert main(["all"]) == 0
+    assert calls == [["dvc", "exp", "run", "--name=-my exp $HOME", "-Swandb.project='a b $HOME'",
+                      "-Slora.target_modules=[qkv_proj, o_proj]"]]
+
+
+def test_dvcs_failure_is_the_targets_failure(workspace, monkeypatch):
+    from ortune import params
+
+    monkeypatch.setattr(params, "run_command", lambda argv: 3)
+    assert main(["repro"]) == 3 and main(["all"]) == 3
+    monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,16")
+    assert main(["sweep"]) == 3
+
+
+def test_sweep_queues_each_value_as_typed_then_runs_the_queue(workspace, monkeypatch, capsys):
+    from ortune import params
+
+    calls = []
+    monkeypatch.setattr(params, "run_command", lambda argv: calls.append(argv) or 0)
+    assert main(["sweep"]) == 2 and "set SWEEP" in capsys.readouterr().err and not calls
+    monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,16 wandb.project='a b'")
+    assert main(["sweep"]) == 0
+    assert calls == [["dvc", "exp", "run", "--queue", "-Slora.r=8,16", "-Swandb.project='a b'"],
+                     ["dvc", "exp", "run", "--run-all", "--jobs", "1"]]

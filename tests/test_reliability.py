@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,19 +103,81 @@ def test_disk_full_keeps_the_previous_output(tmp_path, monkeypatch):
     assert [p.name for p in target.parent.iterdir()] == ["eval.json"]
 
 
-def test_disk_full_in_a_stage_is_one_line(tmp_path, monkeypatch, capsys):
+def test_trust_remote_code_reaches_the_onnx_builder(tmp_path, monkeypatch):
+    """The builder loads the model's config and tokenizer itself: model.trust_remote_code must reach it
+    (its own hf_remote option is refused in favour of the setting)."""
+    import build_onnx
+    from export_helpers import stage_cfg
+
+    from ortune import export
+
+    given = []
+
+    def builder(model_dir, out_dir, precision, provider, options, log_file, **kwargs):
+        given.append(options)
+        raise RuntimeError("not built here")
+
+    monkeypatch.setattr(export, "run_builder", builder)
+    for trust in ("true", "false"):
+        cfg = stage_cfg(tmp_path, f"model.trust_remote_code={trust}")
+        with pytest.raises(RuntimeError, match="not built here"):
+            build_onnx.build(cfg, tmp_path / "out", tmp_path / "scratch", tmp_path / "build")
+    assert [options.get("hf_remote") for options in given] == ["true", None]
+
+
+def small_file_system_command(folder: Path, size_kb: int, setup: str = "") -> list[str] | None:
+    """A command prefix running the rest inside a new mount namespace where `folder` is a tmpfs of
+    size_kb: a real disk that fills up. Needs root or unprivileged user namespaces; None if neither."""
+    script = (f'mount -t tmpfs -o size={size_kb}k tmpfs "$0" && cd "$0" && {setup or "true"} && cd - >/dev/null '
+              '&& "$@"; status=$?; cd "$0" && find . -print | sort && cat prepared/train.jsonl; exit $status')
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        if shutil.which("unshare") and subprocess.run([*prefix, "--", "sh", "-c", 'mount -t tmpfs tmpfs "$0"', str(folder)],
+                                                      capture_output=True).returncode == 0:
+            return [*prefix, "--", "sh", "-c", script, str(folder)]
+    return None
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_real_stage_is_one_line_and_keeps_the_previous_output(tmp_path, tiny_texts):
+    """prepare_data writing its splits onto a 16 kB file system (its train split alone is larger)."""
+    full = tmp_path / "full"
+    full.mkdir()
+    command = small_file_system_command(full, 16, setup="mkdir prepared && echo previous > prepared/train.jsonl")
+    if command is None:
+        pytest.skip("neither root nor user namespaces: cannot mount a small tmpfs here")
+    base = tmp_path / "base"
+    modeling.build_tiny_phi3(OmegaConf.merge(TINY, {"max_position_embeddings": 256}), tiny_texts, seed=0, out_dir=base)
+    paths = [f"paths.base_model={base}", f"paths.prepared={full / 'prepared'}", f"paths.metrics={full / 'metrics'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("DVC_STAGE", None)
+    done = subprocess.run([*command, sys.executable, "scripts/prepare_data.py", *paths], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: disk full while stage prepare_data was writing"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    # what the full file system holds afterwards: the previous split, whole; no temp file, no metrics
+    assert done.stdout.splitlines()[-4:] == [".", "./prepared", "./prepared/train.jsonl", "previous"], done.stdout
+
+
+def test_disk_full_inside_a_native_writer_is_still_disk_full(tmp_path, monkeypatch, capsys):
+    """safetensors (Rust) reports a full disk as its own SafetensorError, with the OS message inside
+    (seen filling a tmpfs with fetch_model): that is a full disk, not an unexpected failure."""
+    class SafetensorError(Exception):
+        pass
+
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(sys, "argv", ["prepare_data.py", f"paths.metrics={tmp_path}"])
+    monkeypatch.setattr(sys, "argv", ["fetch_model.py", *(f"paths.{k}={tmp_path / k}" for k in
+                                                          ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots"))])
 
     def run(cfg):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data.json"))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     with pytest.raises(SystemExit) as exited:
-        stage.main("prepare_data", run, "data.json")
+        stage.main("fetch_model", run, "base.json")
     assert exited.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: disk full while stage prepare_data was writing")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: disk full while stage fetch_model was writing its outputs; free space (or move the DVC cache) and rerun"]
 
 
 def test_adapter_for_another_base_explains_the_shape_mismatch(tiny_model, tiny_texts, make_cfg, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, script, override, needle):
     assert len(error_lines) == 1 and needle in error_lines[0], done.stderr
 
 
-def test_unexpected_failure_is_still_one_line(tmp_path):
-    # merge with no adapter: a deep library error, reported as one line with the debug hint
-    done = run_stage("merge.py", tmp_path=tmp_path)
-    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+def test_unexpected_failure_is_one_line_naming_a_file_with_the_whole_traceback(tmp_path):
+    """A bug, not bad input: the line is cut short, the traceback kept whole, so a bug report needs no rerun."""
+    probe = ("import sys; sys.path.insert(0, 'scripts'); from ortune import stage\n"
+             "def run(cfg):\n    raise KeyError('x' * 1000)\n"
+             "stage.main('prepare_data', run, 'data.json')\n")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("DVC_STAGE", None)
+    env.pop("DVC_ROOT", None)
+    done = subprocess.run([sys.executable, "-c", probe, *path_overrides(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage prepare_data failed: KeyError: 'xxx") and len(last) < 600
+    log = Path(re.search(r"full traceback in (\S+);", last)[1])
+    try:
+        assert log.parent == REPO / ".dvc/tmp/ortune/errors"
+        kept = log.read_text()
+        assert "Traceback (most recent call last)" in kept and "x" * 1000 in kept and "in run" in kept
+    finally:
+        log.unlink()
 
 
 def test_failed_stage_leaves_no_partial_output(tmp_path):

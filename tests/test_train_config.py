@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,29 @@ def test_resume_picks_the_latest_complete_checkpoint_of_this_run_only(tmp_path):
     assert not other.exists() and not (mine / "checkpoint-30").exists()
     training.remove_checkpoints(mine)
     assert not (tmp_path / ".checkpoints").exists()
+
+
+def test_tidying_keeps_the_checkpoints_of_a_run_still_training(tmp_path):
+    """Another configuration's checkpoints go only once the process training into them is gone."""
+    import subprocess
+
+    from ortune import artifacts, training
+
+    live = subprocess.Popen(["sleep", "60"])
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    try:
+        mine, running, dead, old = (training.checkpoint_dir(tmp_path / "adapter", c * 64) for c in "abcd")
+        for folder, owner in ((running, live.pid), (dead, finished.pid)):
+            _checkpoint(folder, 10)
+            (folder / training.CHECKPOINT_OWNER).write_text(f"{artifacts.HOST}-{owner}\n")
+        _checkpoint(old, 10)  # no owner recorded: left by an earlier ortune
+        assert training.resumable_checkpoint(mine, world_size=1, tidy=True) is None
+        assert running.exists() and not dead.exists() and not old.exists()
+        assert (mine / training.CHECKPOINT_OWNER).read_text() == f"{artifacts.HOST}-{os.getpid()}\n"
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_checkpoints_are_ignored_by_git_and_dvc():

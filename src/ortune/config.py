@@ -241,6 +241,8 @@ def params_yaml_text(composed: dict) -> str:
 
 def validate(raw: dict, source: str) -> DictConfig:
     """Check a composed config against the schema and value ranges; return it typed and read-only."""
+    if problem := secret_problem(raw):  # first: later messages may quote values
+        raise OrtuneError(f"{source}: {problem}")
     lora = raw.get("lora") if isinstance(raw, dict) else None
     if isinstance(lora, dict) and isinstance(lora.get("target_modules"), str):
         # PEFT's shorthand comes as a bare string (lora.target_modules=all-linear); the schema holds a list
@@ -260,6 +262,43 @@ def validate(raw: dict, source: str) -> DictConfig:
         raise OrtuneError(f"{source}: " + "; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# Settings are written to params.yaml and dvc.lock (git), metrics/*.json, the model card, builder logs and the
+# W&B config: a secret in one would be published. Key words and token shapes that name or look like one.
+SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials"}
+SECRET_SHAPES = {
+    "a Hugging Face token": r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}",
+    "a GitHub token": r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})",
+    "an OpenAI/Anthropic key": r"(?<![A-Za-z0-9])sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}",
+    "an AWS access key": r"(?<![A-Z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Z0-9])",
+    "a Google API key": r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_-]{35}",
+    "a Slack token": r"(?<![A-Za-z0-9])xox[abprs]-[A-Za-z0-9-]{10,}",
+    "a private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "a URL with a password": r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@",
+}
+
+
+def secret_problem(raw, prefix: str = "") -> str | None:
+    """The first setting whose name says it holds a secret, or whose value looks like one (never echoed)."""
+    import re
+
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(raw, dict) else f"{prefix.rstrip('.')}[{key}]"
+        words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower()))
+        what = None
+        if isinstance(raw, dict) and words & SECRET_WORDS and value not in (None, "", False):
+            what = f"its name says it holds a {sorted(words & SECRET_WORDS)[0]}"
+        elif isinstance(value, str):
+            what = next((f"its value looks like {kind}" for kind, shape in SECRET_SHAPES.items() if re.search(shape, value)), None)
+        elif problem := secret_problem(value, f"{name}."):
+            return problem
+        if what:
+            return (f"{name}: {what}; settings are written to params.yaml and dvc.lock (git), metrics, the model card "
+                    "and W&B, so a secret never goes in one: export it in the environment instead (HF_TOKEN, "
+                    "WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) and drop the setting")
+    return None
 
 
 def _range_problems(cfg: DictConfig):

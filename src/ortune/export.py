@@ -66,10 +66,13 @@ def extra_option_problem(name: str) -> str | None:
     return builder_spec.option_name_problem(name)
 
 
-def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str] | tuple[str, ...] = (),
+                    trust_remote_code: bool = False) -> dict[str, str]:
     """The builder's --extra_options for these settings. Quantization options only apply to int4/int8;
     `keep_float_nodes` are more node names to leave unquantized (the LoRA paths of a separate adapter)."""
-    options: dict[str, str] = {}
+    # the builder loads the model's config and tokenizer itself: a model that needs its own code
+    # (model.trust_remote_code) cannot be exported without it
+    options: dict[str, str] = {"hf_remote": "true"} if trust_remote_code else {}
     if precision in QUANTIZED:
         options["block_size"] = str(onnx.block_size)
         if onnx.accuracy_level:

@@ -14,17 +14,29 @@ applied, so every make target that composes goes through here first:
 "What ortune last composed" is a copy kept in .dvc/tmp (git-ignored, per checkout), so an apply is told
 apart from an edit of conf/ without guessing.
 
+`all`, `repro` and `sweep` then run DVC themselves (`dvc exp run -S ...`, `dvc repro`, the queue), with
+an argument list: the Makefile hands ARGS, SWEEP and NAME over in the environment (ORTUNE_ARGS,
+ORTUNE_SWEEP, ORTUNE_NAME), never spliced into shell text, so quotes, `$`, backslashes and non-ASCII
+arrive as typed. ARGS splits at spaces outside quotes and brackets; quotes stay for Hydra to read
+(`ARGS="data.template.prompt='Tone of: {phrase}' lora.target_modules=[q_proj, v_proj]"`). Each action
+holds the write locks of params.yaml and of every stage's outputs while it runs (ortune.locks), so
+`make params` or a stage run by hand cannot change them under a running pipeline.
+
     python -m ortune.params repro lora.r=16
+    ORTUNE_ARGS="lora.r=16" ORTUNE_NAME=r16 python -m ortune.params all
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from ortune import config
+from ortune import config, locks
 from ortune.artifacts import write_text_atomic
 from ortune.errors import OrtuneError
 
@@ -122,21 +134,109 @@ class Workspace:
         return ""
 
 
-ACTIONS = {"params": Workspace.compose, "repro": Workspace.prepare_repro, "all": Workspace.prepare_experiment}
+ACTIONS = {"params": Workspace.compose, "repro": Workspace.prepare_repro, "all": Workspace.prepare_experiment,
+           "sweep": None}
+_BLANKS = " \t\n\r\f\v"
+
+
+def split_overrides(text: str, name: str = "ARGS") -> list[str]:
+    """Overrides as typed in ARGS/SWEEP: split at ASCII whitespace outside quotes and brackets. Quotes
+    and backslashes are kept: Hydra's override grammar reads them (key='a b', [a, b], it\\'s)."""
+    found: list[str] = []
+    current: list[str] = []
+    quote, depth, escaped = None, 0, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+            if depth < 0:
+                raise OrtuneError(f"{name}: a '{char}' closes nothing in {text.strip()!r}")
+        elif char in _BLANKS and depth == 0:
+            if current:
+                found.append("".join(current))
+                current = []
+            continue
+        current.append(char)
+    if quote:
+        raise OrtuneError(f"{name}: a {quote} is never closed in {text.strip()!r}; quote a value with spaces as "
+                          "key='a b' and write a quote inside it as \\'")
+    if depth:
+        raise OrtuneError(f"{name}: a bracket is never closed in {text.strip()!r}")
+    if current:
+        found.append("".join(current))
+    return found
+
+
+def run_command(argv: list[str]) -> int:
+    """Run DVC in the foreground and return its status. Ctrl-C reaches it too (one process group), so
+    this waits for it to clean up; a SIGTERM sent here is passed on, so the locks outlive the run."""
+    try:
+        process = subprocess.Popen(argv)
+    except FileNotFoundError:
+        raise OrtuneError(f"{argv[0]}: not found; run `make setup` (it installs DVC into .venv)") from None
+    forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pipeline_paths(space: Workspace, texts: list[str]) -> list[str]:
+    """params.yaml and every stage's outputs under each of these params.yaml texts."""
+    outputs = {path for text in texts for path in locks.pipeline_outputs(yaml.safe_load(text) or {}, space.root / "dvc.yaml")}
+    return [str(space.params), *sorted(outputs)]
+
+
+def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()) -> int:
+    space = Workspace()
+    what = f"make {action}"
+    if action == "params":
+        with locks.hold([space.params], what, space.root):
+            print(space.compose(overrides))
+        return 0
+    if action == "sweep":
+        if not sweep:
+            raise OrtuneError('set SWEEP, e.g. make sweep SWEEP="lora.r=8,16,32 precision=int4,int8"')
+        # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
+        with locks.hold([space.params], what, space.root):
+            status = run_command(["dvc", "exp", "run", "--queue", *(f"-S{o}" for o in sweep)])
+        return status or run_command(["dvc", "exp", "run", "--run-all", "--jobs", "1"])
+    target = composed_text(overrides)
+    with locks.hold(_pipeline_paths(space, [target, space.current() or ""]), what, space.root):
+        message = ACTIONS[action](space, overrides)
+        if message:
+            print(message, flush=True)
+        if action == "repro":
+            return run_command(["dvc", "repro"])
+        return run_command(["dvc", "exp", "run", *([f"--name={name}"] if name else []), *(f"-S{o}" for o in overrides)])
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ACTIONS:
-        print(f"usage: python -m ortune.params {{{'|'.join(ACTIONS)}}} [key=value ...]", file=sys.stderr)
+        print(f"usage: python -m ortune.params {{{'|'.join(ACTIONS)}}} [key=value ...]  (or ORTUNE_ARGS=...)",
+              file=sys.stderr)
         return 2
     try:
-        message = ACTIONS[argv[0]](Workspace(), argv[1:])
+        overrides = argv[1:] + split_overrides(os.environ.get("ORTUNE_ARGS", ""))
+        sweep = split_overrides(os.environ.get("ORTUNE_SWEEP", ""), "SWEEP")
+        return run(argv[0], overrides, os.environ.get("ORTUNE_NAME", ""), sweep)
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if message:
-        print(message)
-    return 0
 
 
 if __name__ == "__main__":

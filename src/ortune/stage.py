@@ -1,7 +1,9 @@
 """The thin entry point every stage script shares: config, seed, W&B, run, metrics file.
 
-It is also where failures become one line: a stage never ends in a library's stack trace
-(ORTUNE_DEBUG=1 shows it), and SIGTERM unwinds like an exception so temp outputs are removed.
+It is also where failures become one line: a stage never ends in a library's stack trace (an
+unexpected one goes to a log file the line names; ORTUNE_DEBUG=1 raises it), SIGTERM unwinds like an
+exception so temp outputs are removed, and a stage refuses to start while another live run writes
+its outputs (ortune.locks).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Callable
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError
 
-from ortune import config, provenance
+from ortune import config, locks, provenance
 from ortune.artifacts import write_json_atomic
-from ortune.errors import OrtuneError
+from ortune.errors import OrtuneError, unexpected
 
 
 class Terminated(BaseException):
@@ -52,14 +54,15 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
             random.seed(cfg.seed)
         from ortune import tracking
 
-        with tracking.open_run(stage, cfg) as tracker:
-            metrics = run(cfg)
-            tracker.log(metrics)
-            tracker.summary(metrics)
-        if _terminated:
-            raise Terminated()
-        metrics["environment"] = provenance.package_versions(config.project_root())
-        write_json_atomic(Path(cfg.paths.metrics) / metrics_file, metrics)
+        with locks.hold(_writes(stage, cfg), f"stage {stage}", config.project_root()):
+            with tracking.open_run(stage, cfg) as tracker:
+                metrics = run(cfg)
+                tracker.log(metrics)
+                tracker.summary(metrics)
+            if _terminated:
+                raise Terminated()
+            metrics["environment"] = provenance.package_versions(config.project_root())
+            write_json_atomic(Path(cfg.paths.metrics) / metrics_file, metrics)
     except OrtuneError as exc:
         _fail(f"error: {exc}", 2)
     except ConfigAttributeError as exc:
@@ -70,19 +73,37 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
         _fail(f"error: stage {stage} terminated (SIGTERM); its partial outputs were removed, rerun it", 143)
     except KeyboardInterrupt:
         _fail(f"error: stage {stage} interrupted; its partial outputs were removed, rerun it", 130)
-    except OSError as exc:
-        if os.environ.get("ORTUNE_DEBUG"):
-            raise
-        if exc.errno == errno.ENOSPC:
-            _fail(f"error: disk full while stage {stage} was writing {exc.filename or 'its outputs'}; "
-                  "free space (or move the DVC cache) and rerun", 1)
-        _fail(f"error: stage {stage}: {exc.strerror or exc} ({exc.filename or ''}); "
-              "set ORTUNE_DEBUG=1 for the traceback", 1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against deep library tracebacks
         if os.environ.get("ORTUNE_DEBUG"):
             raise
-        message = " ".join(str(exc).split())[:300]
-        _fail(f"error: stage {stage} failed: {type(exc).__name__}: {message} (set ORTUNE_DEBUG=1 for the traceback)", 1)
+        if (full := _disk_full(exc)) is not None:
+            _fail(f"error: disk full while stage {stage} was writing {full}; free space (or move the DVC cache) "
+                  "and rerun", 1)
+        _fail(unexpected(exc, f"stage {stage}"), 1)
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """What was being written when the disk filled, or None if it did not. Libraries writing in native
+    code (safetensors, onnx) report it in their own exception types, with the OS message inside."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(exc.filename or "its outputs")
+        if any(sign in str(exc) for sign in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return "its outputs"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _writes(stage: str, cfg: DictConfig) -> list[str]:
+    """What this stage writes (dvc.yaml's outs), and params.yaml under DVC: the stage read it at its
+    start, and later stages of the same run read it too."""
+    from omegaconf import OmegaConf
+
+    root = config.project_root()
+    writes = locks.stage_outputs(stage, OmegaConf.to_container(cfg, resolve=True), root / "dvc.yaml")
+    return writes + ([str(root / "params.yaml")] if os.environ.get("DVC_STAGE") else [])
 
 
 def _fail(message: str, status: int) -> None:

@@ -307,15 +307,31 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+# in a run's checkpoint folder: the process training into it (ortune.artifacts.owner_tag)
+CHECKPOINT_OWNER = ".owner"
+
+
 def resumable_checkpoint(folder: Path, world_size: int, tidy: bool) -> Path | None:
     """The latest complete checkpoint of this run, if any. With `tidy` (one process only), first
-    delete half-written checkpoints and the checkpoints of other runs (other settings or inputs)."""
-    if tidy and folder.parent.is_dir():
+    claim the folder for this process, then delete half-written checkpoints and the checkpoints of
+    other runs (other settings or inputs) whose training process is gone: a live one still uses them."""
+    from ortune.artifacts import owner_gone, owner_tag, write_text_atomic
+
+    if tidy:
+        write_text_atomic(folder / CHECKPOINT_OWNER, owner_tag() + "\n")
         prefix = folder.name.rsplit("-", 1)[0]
         for other in folder.parent.glob(f"{prefix}-*"):
-            if other != folder:
-                log.info("deleting checkpoints of another configuration: %s", other)
-                shutil.rmtree(other, ignore_errors=True)
+            if other == folder:
+                continue
+            try:
+                owner = (other / CHECKPOINT_OWNER).read_text(encoding="utf-8")
+            except OSError:
+                owner = ""  # written before checkpoints had owners, or half-created: nothing live
+            if owner and not owner_gone(owner):
+                log.info("keeping checkpoints of another configuration, still training (%s): %s", owner.strip(), other)
+                continue
+            log.info("deleting checkpoints of another configuration: %s", other)
+            shutil.rmtree(other, ignore_errors=True)
         for partial in folder.glob("checkpoint-*"):
             if not is_complete(partial, world_size):
                 log.info("deleting incomplete checkpoint %s", partial)
