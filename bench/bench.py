@@ -108,44 +108,23 @@ class PackagedGguf:
         return hashlib.sha256(f"{self.package} {version} {self.file}".encode()).hexdigest()[:10]
 
     def build(self, out_dir: Path) -> Path:
+        """fetch_model's own conversion (ortune.modeling), into the bench's cache."""
         if (out_dir / "config.json").is_file():
             return out_dir
-        from importlib import metadata
+        from types import SimpleNamespace
 
         from ortune.artifacts import atomic_dir
+        from ortune.modeling import convert_gguf, packaged_gguf
 
-        gguf = Path(metadata.distribution(self.package).locate_file(self.file))
+        gguf, _ = packaged_gguf(SimpleNamespace(name=self.package, file=self.file))
         with atomic_dir(out_dir) as tmp:
-            convert_gguf(gguf, tmp)
+            convert_gguf(gguf, tmp, f"bench: {self.package} {self.file}")
         return out_dir
 
     def describe(self, model: dict) -> str:
         return (f"SmolLM2-135M-Instruct (Llama: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
                 f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, tied "
                 f"embeddings; float32 from the GGUF of {self.package} {model.get('package_version')})")
-
-
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """GGUF -> float32 safetensors folder with tokenizer and chat template: fetch_model's conversion when
-    the library has it (ortune.modeling.convert_gguf), else the same few transformers calls."""
-    try:
-        from ortune.modeling import convert_gguf as library_convert
-    except ImportError:
-        library_convert = None
-    if library_convert is not None:
-        library_convert(gguf, out_dir, f"bench {gguf.name}")
-        return
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):  # save_pretrained refuses a model "quantized with gguf"
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
 
 
 FULL = BenchModel()
@@ -983,13 +962,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None,
                         help=f"comma-separated subset of {', '.join(MODELS)} (default: all; QUICK: a small random one)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the `make all` timing")
+    parser.add_argument("--retry-budget", type=float, default=None,
+                        help="seconds a model's decode may spend waiting for a quiet machine (900; QUICK 10)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default: bench/; QUICK and partial runs: bench/.cache/)")
     args = parser.parse_args(argv)
     default_out = ROOT / "bench"
     # only a full default run replaces the committed results (and the README table); QUICK and partial
     # runs (--variant, --engines, --models, --no-pipeline) write to the git-ignored cache unless --out says so
-    partial = args.quick or args.variant or args.engines or args.models or args.no_pipeline
+    partial = args.quick or args.variant or args.engines or args.models or args.no_pipeline or args.retry_budget
     args.out = args.out or (cache_dir() / ("quick" if args.quick else "partial") if partial else default_out)
 
     def log(message: str) -> None:
@@ -1012,8 +993,9 @@ def main(argv: list[str] | None = None) -> int:
     run["decode"] = []
     for spec in specs:
         log(f"decode benchmark ({'QUICK' if args.quick else 'full'}, {spec.name} model): building / loading engines")
-        run["decode"].append(run_decode(spec, engines, warmup, repeats, new_tokens, log,
-                                        10.0 if args.quick else 900.0, 1 if args.quick else 3))
+        budget = args.retry_budget if args.retry_budget is not None else 10.0 if args.quick else 900.0
+        run["decode"].append(run_decode(spec, engines, warmup, repeats, new_tokens, log, budget,
+                                        1 if args.quick else 3))
     if args.quick or args.no_pipeline:
         run["pipeline"] = {"skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
                            if args.quick else "skipped (--no-pipeline)"}

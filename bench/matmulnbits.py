@@ -112,24 +112,44 @@ def l3_bytes() -> int:
 
 
 def time_round_robin(runs: dict, repeats: int, warmup: int = 3) -> dict[str, dict]:
-    """Every setting runs in turn, round after round; per setting: the median seconds of one run and
-    the cores other processes used meanwhile."""
+    """Every setting runs in turn, round after round; per setting: the median seconds of one run (wall
+    clock, and CPU time of this thread: with 1 intra-op thread onnxruntime computes on the calling
+    thread, so that one excludes the time a busy machine kept it descheduled) and the cores other
+    processes used meanwhile."""
     import numpy as np
 
     feeds = {name: {"A": np.random.default_rng(1).random((1, k), dtype=np.float32)} for name, (_, k, _) in runs.items()}
     seconds: dict[str, list] = {name: [] for name in runs}
+    cpu: dict[str, list] = {name: [] for name in runs}
     busy: dict[str, list] = {name: [] for name in runs}
     for round_index in range(warmup + repeats):
         for name, (sess, _, _) in runs.items():
             before = bench.cpu_snapshot()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             sess.run(None, feeds[name])
-            elapsed = time.perf_counter() - started
+            elapsed, cpu_elapsed = time.perf_counter() - started, time.thread_time() - cpu_started
             if round_index >= warmup:
                 seconds[name].append(elapsed)
+                cpu[name].append(cpu_elapsed)
                 busy[name].append(bench.other_cores(before, bench.cpu_snapshot()))
     return {name: {"seconds": statistics.median(seconds[name]), "seconds_min": min(seconds[name]),
-                   "other_cores": statistics.median(busy[name])} for name in runs}
+                   "cpu_seconds": statistics.median(cpu[name]), "other_cores": statistics.median(busy[name])}
+            for name in runs}
+
+
+def one_core_copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """Copy bandwidth of one core (bytes read + written per CPU second of the copying thread): the
+    ceiling of a 1-thread kernel, robust to descheduling (not to others' memory traffic)."""
+    import numpy as np
+
+    source = np.ones(megabytes * 2**20, dtype=np.uint8)
+    target = np.zeros_like(source)
+    seconds = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        np.copyto(target, source)
+        seconds.append(time.thread_time() - started)
+    return 2 * source.nbytes / statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores, L3 {bench._l3_cache()}; onnxruntime {onnxruntime.__version__}", flush=True)
     l3 = l3_bytes()
     rows = []
-    bandwidths = []
+    bandwidths, one_core = [], []
     with tempfile.TemporaryDirectory(prefix="ortune-matmulnbits-") as tmp:
         scratch = Path(tmp)
         for k, n in shapes:
             bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
+            one_core.append(one_core_copy_bandwidth())
             for threads in threads_list:
                 runs: dict = {}
                 for block in blocks:
@@ -184,26 +205,37 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"shape": f"{k}x{n}", "what": SHAPES.get(f"{k}x{n}", ""), "setting": name,
                                  "threads": threads, "copies": copies, "weight_bytes": weight,
                                  "us_per_node": 1e6 * per_node, "us_per_node_min": 1e6 * timed[name]["seconds_min"] / copies,
+                                 "cpu_us_per_node": 1e6 * timed[name]["cpu_seconds"] / copies if threads == 1 else None,
                                  "gb_s": weight / per_node / 1e9, "other_cores": timed[name]["other_cores"]})
                 del runs
             bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
     bandwidth = statistics.median(b for b, _ in bandwidths)
+    core = statistics.median(one_core)
     for row in rows:
         row["floor_us"] = 1e6 * row["weight_bytes"] / bandwidth
         row["percent_of_floor"] = 100 * row["floor_us"] / row["us_per_node"]
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}: "
-          f"{', '.join(f'{b / 1e9:.0f}' for b, _ in bandwidths)}); others' cores during those: "
-          f"{', '.join(f'{c:.1f}' for _, c in bandwidths)}\n")
-    print("| K x N | what | setting | threads | µs/node | weight MB | GB/s | floor µs | % of floor | others' cores |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        if row["cpu_us_per_node"]:
+            # 1 thread, CPU time: against what one core copies per CPU second
+            row["one_core_floor_us"] = 1e6 * row["weight_bytes"] / core
+            row["percent_of_one_core_floor"] = 100 * row["one_core_floor_us"] / row["cpu_us_per_node"]
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, wall clock; median of {len(bandwidths)}: "
+          f"{', '.join(f'{b / 1e9:.0f}' for b, _ in bandwidths)}; others' cores during those: "
+          f"{', '.join(f'{c:.1f}' for _, c in bandwidths)}); one core, per CPU second: {core / 1e9:.1f} GB/s "
+          f"({', '.join(f'{b / 1e9:.0f}' for b in one_core)})\n")
+    print("| K x N | what | setting | threads | µs/node | CPU µs/node | weight MB | GB/s | % of floor "
+          "| % of one core's floor (CPU time) | others' cores |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        cpu = f"{row['cpu_us_per_node']:.1f}" if row["cpu_us_per_node"] else "-"
+        core_floor = f"{row['percent_of_one_core_floor']:.0f} %" if row["cpu_us_per_node"] else "-"
         print(f"| {row['shape']} | {row['what']} | {row['setting']} | {row['threads']} | {row['us_per_node']:.1f} | "
-              f"{row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['floor_us']:.1f} | "
-              f"{row['percent_of_floor']:.0f} % | {row['other_cores']:.1f} |")
+              f"{cpu} | {row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['percent_of_floor']:.0f} % | "
+              f"{core_floor} | {row['other_cores']:.1f} |")
     out = args.out or bench.cache_dir() / f"matmulnbits-{family['name'].replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu_family": family,
                                "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
+                               "one_core_copy_gb_s": core / 1e9,
                                "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths], "rows": rows},
                               indent=2) + "\n")
     print(f"\nwrote {out}")

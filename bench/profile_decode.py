@@ -51,21 +51,24 @@ def load(folder: Path, threads: int | None, profile_prefix: str | None):
     return og, model, og.Tokenizer(model)
 
 
-def decode(og, model, tokenizer, prompt: str, new_tokens: int) -> list[float]:
-    """Seconds at each new token (as bench's token_times)."""
+def decode(og, model, tokenizer, prompt: str, new_tokens: int) -> tuple[list[float], list[float]]:
+    """Seconds at each new token (as bench's token_times), wall clock and CPU time of this thread (with 1
+    intra-op thread onnxruntime computes on it: CPU time leaves out the time a busy machine kept it
+    descheduled)."""
     ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
     length = len(ids) + new_tokens
     params.set_search_options(do_sample=False, max_length=length, min_length=length)
     generator = og.Generator(model, params)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     generator.append_tokens(ids)
-    times = []
+    times, cpu_times = [], []
     while not generator.is_done():
         generator.generate_next_token()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.thread_time() - cpu_started)
     del generator
-    return times
+    return times, cpu_times
 
 
 def step_ms(times: list[float]) -> float:
@@ -82,6 +85,7 @@ def breakdown(events: list[dict], decodes: int = 2) -> dict:
                      key=lambda e: e["ts"])
     decode_runs = runs[skip_runs:]
     per_op: dict[str, list[float]] = {}
+    per_node: dict[str, tuple[str, list[float]]] = {}  # node -> (op type, its time in each step)
     counts: dict[str, int] = {}
     run_us, kernel_us = [], []
     index = 0
@@ -95,6 +99,7 @@ def breakdown(events: list[dict], decodes: int = 2) -> dict:
             op = kernels[index]["args"].get("op_name", "?")
             step[op] = step.get(op, 0.0) + kernels[index]["dur"]
             step_counts[op] = step_counts.get(op, 0) + 1
+            per_node.setdefault(kernels[index]["name"], (op, []))[1].append(kernels[index]["dur"])
             index += 1
         for op, us in step.items():
             per_op.setdefault(op, []).append(us)
@@ -102,11 +107,18 @@ def breakdown(events: list[dict], decodes: int = 2) -> dict:
         run_us.append(run["dur"])
         kernel_us.append(sum(step.values()))
     steps = len(decode_runs)
+    # typical step: each node's median over the steps, summed per op type; on a busy machine the mean
+    # also carries the few steps during which the thread was descheduled
+    typical: dict[str, float] = {}
+    for op, durations in per_node.values():
+        typical[op] = typical.get(op, 0.0) + statistics.median(durations)
     return {
         "steps": steps,
         "run_us": statistics.fmean(run_us),
         "kernel_us": statistics.fmean(kernel_us),
-        "ops": {op: {"us": sum(v) / steps, "nodes": counts.get(op, 0)} for op, v in
+        "run_us_median": statistics.median(run_us),
+        "gap_us_median": statistics.median(r - k for r, k in zip(run_us, kernel_us)),
+        "ops": {op: {"us": sum(v) / steps, "us_typical": typical[op], "nodes": counts.get(op, 0)} for op, v in
                 sorted(per_op.items(), key=lambda kv: -sum(kv[1]))},
     }
 
@@ -131,15 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     plain = []
     for _ in range(args.rounds):
         before = bench.cpu_snapshot()
-        plain.append((step_ms(decode(og, model, tokenizer, bench.PROMPT, args.tokens)),
-                      bench.other_cores(before, bench.cpu_snapshot())))
+        wall, cpu = decode(og, model, tokenizer, bench.PROMPT, args.tokens)
+        plain.append((step_ms(wall), bench.other_cores(before, bench.cpu_snapshot()), step_ms(cpu)))
     del model
 
     with tempfile.TemporaryDirectory(prefix="ortune-profile-") as tmp:
         og, model, tokenizer = load(folder, args.threads, str(Path(tmp) / "decode"))
         decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up (its runs are skipped below)
         before = bench.cpu_snapshot()
-        profiled = step_ms(decode(og, model, tokenizer, bench.PROMPT, args.tokens))
+        wall, cpu = decode(og, model, tokenizer, bench.PROMPT, args.tokens)
+        profiled, profiled_cpu = step_ms(wall), step_ms(cpu)
         busy = bench.other_cores(before, bench.cpu_snapshot())
         del model, tokenizer  # the session writes its profile when it ends
         files = sorted(Path(tmp).glob("decode*.json"))
@@ -148,24 +161,34 @@ def main(argv: list[str] | None = None) -> int:
         events = json.loads(files[-1].read_text())
     result = breakdown(events)  # the warm-up decode, then the profiled one
     step_us = 1000 * profiled
-    print(f"\nms/token: {statistics.median(p for p, _ in plain):.2f} unprofiled (others' cores "
-          f"{', '.join(f'{b:.1f}' for _, b in plain)}), {profiled:.2f} profiled ({busy:.1f}); "
+    print(f"\nms/token: {statistics.median(p for p, _, _ in plain):.2f} unprofiled (others' cores "
+          f"{', '.join(f'{b:.1f}' for _, b, _ in plain)}), {profiled:.2f} profiled ({busy:.1f}); "
           f"{result['steps']} decode runs profiled")
+    if args.threads == 1:
+        print(f"CPU ms/token of the decoding thread (1 intra-op thread): {statistics.median(c for _, _, c in plain):.2f} "
+              f"unprofiled, {profiled_cpu:.2f} profiled")
     print(f"per step: onnxruntime run {result['run_us']:.0f} µs, of which kernels {result['kernel_us']:.0f} µs; "
           f"outside the run (genai: logits, search) {step_us - result['run_us']:.0f} µs\n")
-    print("| op type | nodes/step | µs/step | % of step | µs/node |")
-    print("|---|---:|---:|---:|---:|")
+    typical_step = sum(r["us_typical"] for r in result["ops"].values()) + result["gap_us_median"]
+    print("mean = over the decode steps; typical = each node's median over the steps, summed (robust to the "
+          "steps a busy machine descheduled us in)\n")
+    print("| op type | nodes/step | mean µs/step | % of step | typical µs/step | % of typical run | typical µs/node |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for op, row in result["ops"].items():
         print(f"| {op} | {row['nodes']} | {row['us']:.0f} | {100 * row['us'] / step_us:.1f} % | "
-              f"{row['us'] / max(row['nodes'], 1):.1f} |")
+              f"{row['us_typical']:.0f} | {100 * row['us_typical'] / typical_step:.1f} % | "
+              f"{row['us_typical'] / max(row['nodes'], 1):.1f} |")
     gap = result["run_us"] - result["kernel_us"]
+    nodes = max(sum(r["nodes"] for r in result["ops"].values()), 1)
     print(f"| (onnxruntime between kernels) | | {gap:.0f} | {100 * gap / step_us:.1f} % | "
-          f"{gap / max(sum(r['nodes'] for r in result['ops'].values()), 1):.1f} |")
+          f"{result['gap_us_median']:.0f} | {100 * result['gap_us_median'] / typical_step:.1f} % | "
+          f"{result['gap_us_median'] / nodes:.1f} |")
     print(f"| (genai outside the run) | | {step_us - result['run_us']:.0f} | "
-          f"{100 * (step_us - result['run_us']) / step_us:.1f} % | |")
+          f"{100 * (step_us - result['run_us']) / step_us:.1f} % | | | |")
     if args.out:
         args.out.write_text(json.dumps({"folder": str(folder), "cpu_family": family, "threads": args.threads,
                                         "ms_per_token_plain": plain, "ms_per_token_profiled": profiled,
+                                        "cpu_ms_per_token_profiled": profiled_cpu,
                                         "other_cores": busy, **result}, indent=2) + "\n")
     return 0
 

@@ -291,15 +291,19 @@ def test_profile_breakdown_groups_the_last_decodes_kernels_by_op_type():
         return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
 
     def kernel(ts, dur, op):
-        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+        return {"cat": "Node", "name": f"{op}_node_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
 
     events = [run(0, 100), kernel(1, 90, "MatMulNBits"),                        # warm-up decode: prompt
-              run(200, 50), kernel(201, 40, "MatMulNBits"),                     # and two steps
+              run(200, 50), kernel(201, 40, "MatMulNBits"),                     # and three steps
               run(260, 50), kernel(261, 40, "MatMulNBits"),
-              run(300, 100), kernel(301, 90, "MatMulNBits"),                    # profiled decode: prompt
-              run(400, 50), kernel(401, 30, "MatMulNBits"), kernel(432, 10, "GroupQueryAttention"),
-              run(500, 60), kernel(501, 40, "MatMulNBits"), kernel(542, 10, "GroupQueryAttention")]
+              run(320, 50), kernel(321, 40, "MatMulNBits"),
+              run(400, 100), kernel(401, 90, "MatMulNBits"),                    # profiled decode: prompt
+              run(600, 50), kernel(601, 30, "MatMulNBits"), kernel(632, 10, "GroupQueryAttention"),
+              run(700, 60), kernel(701, 40, "MatMulNBits"), kernel(742, 10, "GroupQueryAttention"),
+              run(800, 950), kernel(801, 900, "MatMulNBits"), kernel(1702, 10, "GroupQueryAttention")]  # descheduled
     result = profile_decode.breakdown(events)
-    assert result["steps"] == 2
-    assert result["run_us"] == 55 and result["kernel_us"] == 45
-    assert result["ops"] == {"MatMulNBits": {"us": 35.0, "nodes": 1}, "GroupQueryAttention": {"us": 10.0, "nodes": 1}}
+    assert result["steps"] == 3
+    assert result["run_us"] == pytest.approx(1060 / 3) and result["kernel_us"] == pytest.approx(1000 / 3)
+    assert result["ops"]["MatMulNBits"] == {"us": pytest.approx(970 / 3), "us_typical": 40, "nodes": 1}
+    assert result["ops"]["GroupQueryAttention"] == {"us": 10.0, "us_typical": 10, "nodes": 1}
+    assert result["gap_us_median"] == 10
