@@ -396,10 +396,21 @@ BUILD_SOURCES = ("scripts/build_onnx.py", "src/ortune/export.py", "src/ortune/bu
                  "src/ortune/builder_spec.py")
 
 
+def build_overrides(precision: str, overrides: tuple[str, ...]) -> list[str]:
+    """The conf overrides of one engine's build: its precision as set (onnx.quantization=auto would build
+    its own candidates whatever the precision), then the engine's own overrides."""
+    from ortune import config
+
+    pinned = [f"precision={precision}"]
+    if "quantization" in config.compose(pinned, config_dir=ROOT / "conf")["onnx"]:
+        pinned.append("onnx.quantization=fixed")
+    return [*pinned, *overrides]
+
+
 def compose_build(precision: str, overrides: tuple[str, ...]) -> dict:
     from ortune import config
 
-    return config.compose([f"precision={precision}", *overrides], config_dir=ROOT / "conf")
+    return config.compose(build_overrides(precision, overrides), config_dir=ROOT / "conf")
 
 
 def build_key(precision: str, overrides: tuple[str, ...]) -> str:
@@ -441,7 +452,7 @@ def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...
             paths = {"merged": hf_dir, "base_model": hf_dir, "onnx": out, "prepared": prepared,
                      "metrics": scratch / f"metrics-{index}", "adapter": scratch / "adapter",
                      "plots": scratch / "plots"}
-            command = [sys.executable, "scripts/build_onnx.py", f"precision={precision}", *relaxed, *overrides,
+            command = [sys.executable, "scripts/build_onnx.py", *build_overrides(precision, overrides), *relaxed,
                        *(f"paths.{key}={value}" for key, value in paths.items())]
             log(f"  building {precision} {' '.join(overrides)} -> {out.name}")
             processes[out] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

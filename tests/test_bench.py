@@ -307,3 +307,10 @@ def test_profile_breakdown_groups_the_last_decodes_kernels_by_op_type():
     assert result["ops"]["MatMulNBits"] == {"us": pytest.approx(970 / 3), "us_typical": 40, "nodes": 1}
     assert result["ops"]["GroupQueryAttention"] == {"us": 10.0, "us_typical": 10, "nodes": 1}
     assert result["gap_us_median"] == 10
+
+
+def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
+    composed = bench.compose_build("fp32", ("onnx.block_size=64",))
+    assert composed["precision"] == "fp32" and composed["onnx"]["block_size"] == 64
+    # onnx.quantization=auto would build its own candidates (int4 first) for every engine
+    assert composed["onnx"].get("quantization", "fixed") == "fixed"
