@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
-from ortune import experiments
+from ortune import experiments, locks
 from ortune.errors import OrtuneError
 
 
@@ -55,7 +56,14 @@ def main(argv: list[str]) -> int:
         return 2
     print("\n".join(reasons))
     if args.apply:
-        return subprocess.run(["dvc", "exp", "apply", best.name]).returncode
+        # the apply rewrites params.yaml and the outputs: never under a running pipeline (ortune.locks)
+        root = Path.cwd()
+        try:
+            with locks.hold(locks.workspace_paths(root), "make best (dvc exp apply)", root):
+                return subprocess.run(["dvc", "exp", "apply", best.name]).returncode
+        except OrtuneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.branch:
         return subprocess.run(["dvc", "exp", "branch", best.name, args.branch]).returncode
     return 0

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ortune.app import DEFAULT_MODEL, App
-from ortune.errors import OrtuneError
+from ortune.errors import OrtuneError, unexpected
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
         while True:
             if interactive:
                 print("> ", end="", flush=True)
-            line = sys.stdin.readline()
+            raw = sys.stdin.buffer.readline()
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise OrtuneError("stdin: a line that is not UTF-8 text; type or pipe UTF-8") from None
             if not line or line.strip() == "/quit":
                 return 0
             if not line.strip():
@@ -62,6 +66,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 0
+    except Exception as exc:  # noqa: BLE001 - a bug: one line naming the traceback's file, not a traceback
+        print(unexpected(exc, "chat"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

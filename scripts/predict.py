@@ -8,7 +8,9 @@
 The prompt is rendered as in training (models/onnx/ortune.json), decoded greedily for at most the
 longest label plus the end token, and turned into a label by ortune.metrics.parse_label. A
 generation that names no label prints as `?` (`--show` prints what the model said). Exit status 2
-on bad input (missing model, empty file). No torch/transformers import: starts in well under a second.
+on bad input (missing model, empty file, text that is not UTF-8, a damaged model folder), 1 on
+anything unexpected (its traceback goes to the file the error line names). No torch/transformers
+import: starts in well under a second.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from ortune.app import DEFAULT_MODEL, App
 from ortune.data import text_lines
-from ortune.errors import OrtuneError
+from ortune.errors import OrtuneError, unexpected
 
 UNPARSED = "?"
 
@@ -41,20 +43,38 @@ def phrases(args: argparse.Namespace) -> tuple[list[tuple[str | None, str]], boo
     if args.text and args.file:
         raise OrtuneError("give phrases as arguments or --file, not both")
     if args.text:
-        return [(None, " ".join(args.text))], False
+        text = " ".join(args.text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode arrive as lone surrogates
+            raise OrtuneError("the phrase is not UTF-8 text; pass it as UTF-8") from None
+        return [(None, text)], False
     if args.file:
         if not args.file.is_file():
             raise OrtuneError(f"--file {args.file}: no such file")
-        lines = text_lines(args.file.read_text(encoding="utf-8"))
+        try:
+            payload = args.file.read_bytes()
+        except OSError as exc:
+            raise OrtuneError(f"--file {args.file}: cannot be read ({exc.strerror or exc})") from None
+        lines = text_lines(utf8(payload, f"--file {args.file}"))
     else:
         if sys.stdin.isatty():
             raise OrtuneError('nothing to classify: pass a phrase ("..."), --file FILE, or lines on stdin')
-        lines = text_lines(sys.stdin.read())
+        lines = text_lines(utf8(sys.stdin.buffer.read(), "stdin"))
     source = args.file or "stdin"
     found = [(f"{source}:{n}", line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
     if not found:
         raise OrtuneError(f"{source}: no phrases (one per line, blank lines skipped)")
     return found, True
+
+
+def utf8(payload: bytes, source: str) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = payload[: exc.start].count(b"\n") + 1
+        raise OrtuneError(f"{source}: not UTF-8 text (byte 0x{payload[exc.start]:02x} on line {line}); "
+                          "re-save it as UTF-8") from None
 
 
 def main(argv: list[str]) -> int:
@@ -72,6 +92,9 @@ def main(argv: list[str]) -> int:
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: one line naming the traceback's file, not a traceback
+        print(unexpected(exc, "predict"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,17 +24,22 @@ TINY = OmegaConf.create(
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_texts):
-    """base, adapter (LoRA with B = 0, so base + adapter == base), merged and an fp32 ONNX export,
-    plus a prepared split of the real dataset: the folders the eval stage reads."""
+    """base, adapter (taught the labels of the eval rows: base + adapter answers them, the bare random
+    base does not), merged and an fp32 ONNX export of it, plus a prepared split of the real dataset:
+    the folders the eval stage reads."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("eval-models")
+    records = data.read_records(REPO / "data/raw/tones.jsonl")
+    rendered = [data.render(r, "### Text: {phrase}\n### The tone is:\n", "{tone}", "tone") for r in records]
     modeling.build_tiny_phi3(TINY, tiny_texts, seed=5, out_dir=root / "base_model")
     tokenizer = modeling.load_tokenizer(root / "base_model")
     peft_model = get_peft_model(
         modeling.load_causal_lm(root / "base_model"),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], task_type="CAUSAL_LM"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], modules_to_save=["lm_head"],
+                   task_type="CAUSAL_LM"),
     )
+    teach(peft_model, tokenizer, rendered[1::4][:24])
     peft_model.save_pretrained(root / "adapter")
     tokenizer.save_pretrained(root / "adapter")
     peft_model.merge_and_unload().save_pretrained(root / "merged")
@@ -42,13 +47,40 @@ def models(tmp_path_factory, tiny_texts):
     (root / "onnx").mkdir()
     export.run_builder(root / "merged", root / "onnx", "fp32", "cpu", {}, log_file=root / "onnx.build.log")
 
-    records = data.read_records(REPO / "data/raw/tones.jsonl")
-    rendered = [data.render(r, "### Text: {phrase}\n### The tone is:\n", "{tone}", "tone") for r in records]
     (root / "prepared").mkdir()
     data.write_jsonl(rendered[::4][:100], root / "prepared" / "train.jsonl")
     data.write_jsonl(rendered[1::4][:24], root / "prepared" / "eval.jsonl")
     (root / "prepared" / "labels.json").write_text(json.dumps(sorted({r["label"] for r in rendered})))
     return root
+
+
+def teach(model, tokenizer, rows: list[dict], steps: int = 120) -> None:
+    """Train the adapter's weights until base + adapter answers these prompts with their labels."""
+    import torch
+
+    torch.manual_seed(5)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    pairs = []
+    for row in rows:
+        prompt, answer = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"])["input_ids"] + [end]
+        pairs.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.tensor([i + [end] * (width - len(i)) for i, _ in pairs])
+    labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in pairs])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small: a second thread only waits, and on a busy machine 20x slower
+    try:
+        model.train()
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
 
 
 def prompts(root: Path, n: int) -> list[str]:
@@ -126,9 +158,13 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
 
     lines = data.read_jsonl(tmp_path / "metrics" / "eval_predictions.jsonl")
     assert len(lines) == 24
-    # B = 0: base, base + adapter and merged are the same function, so greedy decoding must agree everywhere
-    assert all(line["predictions"]["base"] == line["predictions"]["adapter"] == line["predictions"]["merged"] for line in lines)
-    assert metrics["runtimes"]["adapter"]["accuracy"] == metrics["runtimes"]["merged"]["accuracy"] == metrics["base_accuracy"]
+    # base + adapter and merged are one function (the ONNX model is merged's fp32 export) that was taught
+    # these rows: their greedy answers agree everywhere and are mostly right; the bare random base's are not,
+    # so an eval that dropped the adapter (or the merge) would show here
+    assert all(line["predictions"]["adapter"] == line["predictions"]["merged"] == line["prediction"] for line in lines)
+    assert metrics["runtimes"]["adapter"]["accuracy"] == metrics["runtimes"]["merged"]["accuracy"] == metrics["accuracy"]
+    assert metrics["accuracy"] >= 0.75 and metrics["base_accuracy"] <= 0.5, metrics
+    assert sum(line["predictions"]["base"] != line["predictions"]["adapter"] for line in lines) >= 6
 
     png = (tmp_path / "plots" / "confusion_matrix.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 200_000

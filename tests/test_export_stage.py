@@ -37,8 +37,38 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     cfg = stage_cfg(project, "onnx.require_parity=false", "onnx.parity_prompts=8", onnx_dir="onnx-int4")
     metrics = build_onnx.run(cfg)
     out = project / "onnx-int4"
-    # parity measured on 8 prompts: label agreement for int4 (a random model has no target to meet here)
-    assert metrics["parity"]["prompts"] == 8 and 0.0 <= metrics["parity"]["label_agreement"] <= 1.0
+    # parity measured on 8 prompts: label agreement for int4 (a random model has no target to meet here),
+    # recounted here from both runtimes' own greedy answers (transformers, onnxruntime-genai)
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ortune.metrics import parse_label
+
+    prompts = [row["prompt"] for row in data.read_jsonl(project / "prepared" / "eval.jsonl")][:8]
+    answer_tokens = json.loads((out / "ortune.json").read_text())["max_new_tokens"]
+    labels = json.loads((project / "prepared" / "labels.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(project / "merged", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(project / "merged")
+    onnx_model = og.Model(str(out))
+    onnx_tokenizer = og.Tokenizer(onnx_model)
+    agree = 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            torch_ids = merged.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        search = og.GeneratorParams(onnx_model)
+        prompt_ids = onnx_tokenizer.encode(prompt)
+        search.set_search_options(do_sample=False, max_length=len(prompt_ids) + answer_tokens)
+        generator, onnx_ids = og.Generator(onnx_model, search), []
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            onnx_ids.append(int(generator.get_next_tokens()[0]))
+        del generator
+        agree += parse_label(tokenizer.decode(torch_ids, skip_special_tokens=True), labels) == parse_label(
+            onnx_tokenizer.decode(onnx_ids), labels)
+    assert metrics["parity"]["prompts"] == 8 and metrics["parity"]["label_agreement"] == agree / 8
     assert metrics["parity"]["target"] == "label_agreement >= 0.98"
     assert metrics["builder_options"]["algo_config"] == "default" and metrics["precision"] == "int4"
     genai = json.loads((out / "genai_config.json").read_text())

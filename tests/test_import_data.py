@@ -52,7 +52,7 @@ def project(tmp_path_factory):
 
 def make(project, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     root, env = project
-    return subprocess.run([*MAKE, *args], cwd=root, env={**env, **extra_env}, capture_output=True, text=True)
+    return subprocess.run([*MAKE, *args], cwd=root, env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
 
 
 def dvc(project, *args: str) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_import_and_update_round_trip_with_hostile_names(project, server):
     # the refresh command it prints, quoted for a shell, run as a user would paste it
     refresh = next(line for line in done.stdout.splitlines() if line.startswith("refresh it: "))
     command = refresh.removeprefix("refresh it: ").split("  (then", 1)[0]
-    subprocess.run(["bash", "-c", command], cwd=root, env=project[1], check=True, capture_output=True)
+    subprocess.run(["bash", "-c", command], cwd=root, env=project[1], check=True, capture_output=True, timeout=300)
     assert (root / out).read_bytes() == source.read_bytes()
     again = make(project, "import-data", f"URL={url}", f"OUT={out}")
     assert again.returncode == 2 and again.stderr.startswith(f"error: OUT={out}: already imported; fetch its newest")

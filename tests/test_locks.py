@@ -122,3 +122,22 @@ def test_a_stage_knows_what_it_writes_from_dvc_yaml():
     params = {"paths": {"adapter": "models/adapter", "metrics": "metrics", "plots": "plots"}}
     assert locks.stage_outputs("train_qlora", params, REPO / "dvc.yaml") == [
         "models/adapter", "metrics/train.json", "plots/train_loss.csv"]
+
+
+def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkout, monkeypatch, capsys):
+    import best
+
+    from ortune import experiments
+
+    shutil.copy(REPO / "dvc.yaml", checkout / "dvc.yaml")
+    (checkout / "params.yaml").write_text("paths: {metrics: metrics}\n")
+    monkeypatch.chdir(checkout)
+    monkeypatch.delenv(locks.OWNERS_ENV, raising=False)
+    monkeypatch.setattr(experiments, "load", lambda: ["exp-a"])
+    monkeypatch.setattr(experiments, "pick_best", lambda found, *a: (type("E", (), {"name": "exp-a"}), ["exp-a wins"]))
+    applied = []
+    monkeypatch.setattr(best.subprocess, "run", lambda argv: applied.append(argv) or subprocess.CompletedProcess(argv, 0))
+    with another_run(checkout, checkout / "params.yaml") as run:
+        assert best.main(["--apply"]) == 2
+    assert not applied and f"params.yaml is being written by another run (pid {run.pid}" in capsys.readouterr().err
+    assert best.main(["--apply"]) == 0 and applied == [["dvc", "exp", "apply", "exp-a"]]

@@ -31,7 +31,8 @@ def project(tmp_path_factory):
 def make(project, *args: str) -> str:
     root, env = project
     # -o: the venv is the repo's own (symlinked), never reinstalled from the clone
-    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=1500)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     return output
@@ -178,7 +179,7 @@ def run_block(commands: list[str], cwd: Path, env: dict) -> dict[str, str]:
     """Run README commands in one shell, in order, stopping at the first failure; output per command."""
     marker = f"--- {uuid.uuid4().hex} ---"
     script = "set -euo pipefail\n" + "".join(f"echo '{marker}'\n{command}\n" for command in commands)
-    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return dict(zip(commands, done.stdout.split(marker + "\n")[1:]))
 

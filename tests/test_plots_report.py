@@ -93,6 +93,25 @@ def render_dom(page: Path, scratch: Path, screenshot: Path | None = None) -> str
     return done.stdout
 
 
+def require_chromium() -> None:
+    """Skip on a machine without Chromium, but fail where it is required: CI (.ci/run) sets
+    ORTUNE_REQUIRE_CHROMIUM=1, and a skip there would let a report that renders nothing pass."""
+    if CHROMIUM is None:
+        if os.environ.get("ORTUNE_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is not installed but ORTUNE_REQUIRE_CHROMIUM=1: install it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium): rendering not checked")
+
+
+def test_without_chromium_ci_fails_where_a_developer_machine_skips(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", None)
+    monkeypatch.setenv("ORTUNE_REQUIRE_CHROMIUM", "1")
+    with pytest.raises(pytest.fail.Exception, match="ORTUNE_REQUIRE_CHROMIUM=1"):
+        require_chromium()
+    monkeypatch.delenv("ORTUNE_REQUIRE_CHROMIUM")
+    with pytest.raises(pytest.skip.Exception):
+        require_chromium()
+
+
 def check_report_renders(page: Path, scratch: Path) -> None:
     """Every Vega plot on the page drew its marks, every image is there, and nothing came from a network."""
     html = page.read_text(encoding="utf-8")
@@ -104,8 +123,7 @@ def check_report_renders(page: Path, scratch: Path) -> None:
     assert any("confusion_matrix" in src for src in images)
     for src in images:
         assert (page.parent / src).is_file(), src
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium): rendering not checked")
+    require_chromium()
     dom = render_dom(page, scratch)
     for div in vega_divs:
         start = dom.index(f'id="{div}"')

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,8 +29,41 @@ def test_requirements_are_exact_pins_with_cpu_torch():
         assert name in pinned, name
 
 
+def commands(text: str) -> list[str]:
+    """Shell lines, comments and surrounding space dropped (`make test-fast` is not `make test`)."""
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
 def test_ci_runs_the_readme_commands():
-    ci = (REPO / ".ci/run").read_text()
-    assert "make setup" in ci and "make test" in ci
-    readme = (REPO / "README.md").read_text()
+    ci = commands((REPO / ".ci/run").read_text())
+    assert ci.index("make setup") < ci.index("make test")
+    readme = commands((REPO / "README.md").read_text())
     assert "make setup" in readme and "make test" in readme
+
+
+def test_ci_fails_rather_than_skips_the_checks_it_must_run():
+    ci = commands((REPO / ".ci/run").read_text())
+    assert ci.index("export ORTUNE_REQUIRE_CHROMIUM=1") < ci.index("make test")
+
+
+def test_a_hung_test_fails_instead_of_hanging(pytestconfig, tmp_path):
+    # long enough for the slowest end-to-end test on 2 busy cores, short of hanging CI for hours
+    assert 900 <= float(pytestconfig.getini("timeout")) <= 3600
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=2",
+                           str(tmp_path / "test_hang.py")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Timeout" in done.stdout, done.stdout[-2000:]
+
+
+def test_every_make_run_in_the_tests_has_a_timeout():
+    """A make target that waits forever (a prompt, a lock) must fail its test, not hang CI."""
+    missing = []
+    for source in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if not (isinstance(node, ast.Call) and ast.unparse(node.func).startswith("subprocess.") and node.args):
+                continue
+            command = ast.unparse(node.args[0])
+            runs_make = re.search(r"\[\s*(['\"]make['\"]|\*\w*make\w*)", command, re.IGNORECASE) or "bash" in command
+            if runs_make and not any(k.arg == "timeout" for k in node.keywords):
+                missing.append(f"{source.name}:{node.lineno}")
+    assert not missing, missing

@@ -90,4 +90,51 @@ def test_online_with_unreachable_server_falls_back_to_offline(tmp_path, monkeypa
     with tracking.open_run("eval", cfg) as tracker:
         assert tracker.active
     assert modes == ["online", "offline"]
-    assert tracking.ONLINE_INIT_TIMEOUT_S <= 30  # bounded: a dead server never hangs a stage
+
+
+def test_a_server_that_never_answers_costs_the_configured_timeout_not_more(tmp_path):
+    """The real wandb.init against a server on 127.0.0.1 that accepts connections and never replies:
+    the stage goes on offline after ONLINE_INIT_TIMEOUT_S (wandb's own default wait is 90 s). A fresh
+    process: wandb keeps its first settings (the server's address among them) for the whole process."""
+    import json
+    import os
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def swallow():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=swallow, daemon=True).start()
+    code = (
+        "import json, time\n"
+        "from omegaconf import OmegaConf\n"
+        "from ortune import tracking\n"
+        "tracking.ONLINE_INIT_TIMEOUT_S = 3\n"
+        "cfg = OmegaConf.create({'wandb': {'mode': 'online', 'project': 'p', 'entity': None, 'dir': '.'}})\n"
+        "started = time.monotonic()\n"
+        "with tracking.open_run('eval', cfg) as tracker:\n"
+        "    print(json.dumps({'waited': time.monotonic() - started, 'mode': tracker._run.settings.mode}))\n"
+    )
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DVC_"))},
+           "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "WANDB_API_KEY": "x" * 40,
+           "WANDB_ERROR_REPORTING": "false", "DVC_ROOT": str(tmp_path), "HOME": str(tmp_path)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert accepted, "the online attempt must have reached the (silent) server"
+    assert result["mode"] == "offline" and result["waited"] < 3 + 25, result

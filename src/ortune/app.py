@@ -18,21 +18,64 @@ from ortune.metrics import parse_label
 DEFAULT_MODEL = "models/onnx"
 
 
+REBUILD = "rebuild the model (`dvc repro -f build_onnx`) or restore the file"
+# what the apps read from ortune.json (written by build_onnx)
+TASK_KEYS = ("format", "labels", "max_new_tokens")
+
+
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file, or one line naming the file and what is wrong with it."""
+    try:
+        loaded = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise OrtuneError(f"{path}: not UTF-8 text (byte {exc.start}); {REBUILD}") from None
+    except json.JSONDecodeError as exc:
+        raise OrtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {REBUILD}") from None
+    except OSError as exc:
+        raise OrtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(loaded, dict):
+        raise OrtuneError(f"{path}: holds a {type(loaded).__name__}, not an object; {REBUILD}")
+    return loaded
+
+
 def read_task(model_dir: Path) -> dict:
     path = Path(model_dir) / "ortune.json"
     if not path.is_file():
         raise OrtuneError(f"{model_dir}: no ortune.json; build the model with ortune (`dvc repro build_onnx`) "
                           "or pass --model with a folder build_onnx wrote")
-    return json.loads(path.read_text(encoding="utf-8"))
+    task = read_json(path)
+    needed = [*TASK_KEYS, *(("prompt_template",) if task.get("format") != "chat" else ())]
+    if missing := [key for key in needed if key not in task]:
+        raise OrtuneError(f"{path}: no {', '.join(missing)}; {REBUILD}")
+    if task["format"] not in ("text", "chat"):
+        raise OrtuneError(f"{path}: format={task['format']!r} is neither 'text' nor 'chat'; {REBUILD}")
+    if not isinstance(task["labels"], list) or not isinstance(task["max_new_tokens"], int) or task["max_new_tokens"] < 1:
+        raise OrtuneError(f"{path}: labels must be a list and max_new_tokens a positive integer; {REBUILD}")
+    return task
+
+
+def context_length(model_dir: Path) -> int:
+    path = model_dir / "genai_config.json"
+    try:
+        length = int(read_json(path)["model"]["context_length"])
+    except (KeyError, TypeError, ValueError):
+        raise OrtuneError(f"{path}: no positive integer model.context_length; {REBUILD}") from None
+    if length < 1:
+        raise OrtuneError(f"{path}: model.context_length={length} must be positive; {REBUILD}")
+    return length
 
 
 class App:
     def __init__(self, model_dir: str | Path = DEFAULT_MODEL, adapter: str | None = "auto"):
         model_dir = Path(model_dir)
         self.task = read_task(model_dir)
-        self.generator = OnnxGenerator(model_dir, adapter=adapter)
-        genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
-        self.context_length = int(genai["model"]["context_length"])
+        self.context_length = context_length(model_dir)
+        try:
+            self.generator = OnnxGenerator(model_dir, adapter=adapter)
+        except RuntimeError as exc:
+            # onnxruntime-genai's one error type for a config it cannot parse or a model it cannot load
+            message = " ".join(str(exc).split())[:300]
+            raise OrtuneError(f"{model_dir}: onnxruntime-genai cannot load the model ({message}); {REBUILD}") from None
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.generator.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
@@ -44,7 +87,11 @@ class App:
         if not field:
             raise OrtuneError("the model's prompt template has several fields "
                               f"({self.task['prompt_template']!r}); predict fills exactly one")
-        return self.task["prompt_template"].format(**{field: text})
+        try:
+            return self.task["prompt_template"].format(**{field: text})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise OrtuneError(f"ortune.json: prompt_template {self.task['prompt_template']!r} does not fill from "
+                              f"{field!r} alone ({type(exc).__name__}: {exc}); {REBUILD}") from None
 
     def classify(self, text: str) -> tuple[str | None, str]:
         """(label or None if the generation names none, the raw generation)."""

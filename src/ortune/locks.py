@@ -52,7 +52,12 @@ def _shown(path: Path, root: Path) -> str:
 def _acquire(folder: Path, path: Path, what: str, root: Path) -> int | None:
     """An fd holding `path`'s lock; None where an ancestor holds it or the file system has no locks."""
     file = folder / f"{hashlib.sha1(str(path).encode()).hexdigest()[:20]}.lock"
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)  # a colleague sharing the checkout must be able to take it too
+    except PermissionError:  # made by another user before: a read-only fd locks as well
+        fd = os.open(file, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -72,8 +77,9 @@ def _acquire(folder: Path, path: Path, what: str, root: Path) -> int | None:
         return None
     record = json.dumps({"pid": os.getpid(), "host": HOST, "what": what, "path": str(path),
                          "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record, 0)
+    with contextlib.suppress(OSError):  # read-only: the lock holds, only the note of who holds it is missing
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
     return fd
 
 
