@@ -34,46 +34,121 @@ log = logging.getLogger("ortune")
 
 
 def run(cfg: DictConfig) -> dict:
-    o, final, prepared = cfg.onnx, Path(cfg.paths.onnx), Path(cfg.paths.prepared)
-    rows = data.read_jsonl(prepared / "eval.jsonl")
-    labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
+    o, final = cfg.onnx, Path(cfg.paths.onnx)
     started = time.perf_counter()
+    logs = final.parent / f"{final.name}.build"
     with atomic_dir(final) as out:
         # other adapters' builds; owner-named, so a later run's leftover cleanup removes it only once this run is gone
         scratch = owned_temp_dir(final, "scratch-")
         try:
-            options, adapter_files = build(cfg, out, scratch, final.parent / f"{final.name}.build")
+            if o.quantization == "auto":
+                metrics, options, task, shipped_cfg = select_candidate(cfg, out, scratch, logs)
+            else:
+                metrics, options, task = build_checked(cfg, out, scratch, logs)
+                shipped_cfg = cfg
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        graph = export.check_graph(out)
-        threads = export.tune_genai_config(out, o.intra_op_num_threads)
-        texts = [dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
-                 for r in rows + _rows_if_any(prepared / "train.jsonl")]
-        task = export.task_spec(cfg.data, labels, _max_new_tokens(cfg, texts), adapter_files)
-        (out / export.TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
-        metrics = {"precision": cfg.precision, "execution_provider": o.execution_provider, "adapter": o.adapter,
-                   "adapters": sorted(adapter_files), "intra_op_num_threads": threads,
-                   "max_new_tokens": task["max_new_tokens"], "builder_options": export.describe_options(options),
-                   "logits_dtype": graph["logits_dtype"]}
-        metrics.update(check_parity(cfg, out, [t["prompt_text"] for t in texts[: len(rows)]], labels, task, adapter_files))
         metrics.update(build_seconds=time.perf_counter() - started, size_mb=export.folder_megabytes(out))
-        (out / "README.md").write_text(card(cfg, metrics, task, options), encoding="utf-8")
+        (out / "README.md").write_text(card(shipped_cfg, metrics, task, options), encoding="utf-8")
         failures = parity.summarize_failures({"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})})
         if failures and o.require_parity:
-            raise OrtuneError("parity with PyTorch: " + "; ".join(failures) + "; retrain, quantize less (onnx.keep_float="
-                              "[lm_head], onnx.last_matmul_int8=true, precision=int8), or set onnx.require_parity=false "
-                              "to ship it anyway")
+            advice = parity.advice(shipped_cfg.precision, f"{logs}*.log")
+            tried = "".join(f"; candidate {c['candidate']} ({c['precision']}) kept {c['label_agreement']:.3f}"
+                            for c in metrics.get("candidates", [])[:-1])
+            raise OrtuneError("parity with PyTorch: " + "; ".join(failures) + f"{tried}; {advice}; or set "
+                              "onnx.require_parity=false to ship it anyway")
     return metrics
 
 
-def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict]:
-    """Run the builder; returns the builder options used and {adapter name: file} (adapter=separate)."""
+def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict, dict]:
+    """Build into `out`, write the runtime files beside the model and measure parity: (metrics, builder
+    options, task spec)."""
+    o, prepared = cfg.onnx, Path(cfg.paths.prepared)
+    rows = data.read_jsonl(prepared / "eval.jsonl")
+    labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
+    options, adapter_files, target = build(cfg, out, scratch, logs)
+    graph = export.check_graph(out)
+    threads = export.tune_genai_config(out, o.intra_op_num_threads)
+    texts = [dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
+             for r in rows + _rows_if_any(prepared / "train.jsonl")]
+    task = export.task_spec(cfg.data, labels, _max_new_tokens(cfg, texts), adapter_files)
+    (out / export.TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+    metrics = {"precision": cfg.precision, "execution_provider": o.execution_provider, "adapter": o.adapter,
+               "adapters": sorted(adapter_files), "intra_op_num_threads": threads,
+               "max_new_tokens": task["max_new_tokens"], "builder_options": export.describe_options(options),
+               "logits_dtype": graph["logits_dtype"]}
+    if target:
+        metrics["int8_nodes"] = [o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"]
+                                 if o.get("type") == "int8"]
+    metrics.update(check_parity(cfg, out, [t["prompt_text"] for t in texts[: len(rows)]], labels, task, adapter_files))
+    return metrics, options, task
+
+
+# Decode speed of each auto candidate: a short, comparable measurement on the first eval prompt (eval
+# measures the shipped model properly, with its eval.latency settings).
+CANDIDATE_TIMING = dict(new_tokens=16, warmup=1, repeats=3)
+
+
+def select_candidate(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict, dict, DictConfig]:
+    """onnx.quantization=auto: build onnx.candidates in order (fastest first) and ship the first that meets
+    parity. Every candidate built is reported in metrics["candidates"], the shipped one by its index."""
+    from ortune.evaluation import measure_latency
+    from ortune.generation import OnnxGenerator
+
+    tried = []
+    for index, entry in enumerate(cfg.onnx.candidates):
+        candidate = candidate_config(cfg, dict(entry))
+        folder, own_scratch = scratch / f"candidate-{index}", scratch / f"candidate-{index}-scratch"
+        folder.mkdir()
+        own_scratch.mkdir()
+        log.info("auto candidate %d: precision=%s %s", index, candidate.precision, dict(entry) or "(onnx.* as set)")
+        metrics, options, task = build_checked(candidate, folder, own_scratch, Path(f"{logs}-candidate{index}"))
+        prompt = data.prompt_text(data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[0]["prompt"], cfg.paths.merged)
+        speed = measure_latency(OnnxGenerator(folder, cpu=cfg.onnx.execution_provider != "cpu"), prompt, **CANDIDATE_TIMING)
+        result = metrics.get("parity") or {}
+        tried.append({"candidate": index, "settings": dict(entry), "precision": candidate.precision,
+                      "label_agreement": result.get("label_agreement"), "passed": result.get("passed"), "ms_per_token": speed["ms_per_token"],
+                      "size_mb": export.folder_megabytes(folder), "int8_nodes": len(metrics.get("int8_nodes", []))})
+        log.info("auto candidate %d: label agreement %s, %.2f ms/token, %.0f MB: %s", index, result.get("label_agreement"),
+                 speed["ms_per_token"], tried[-1]["size_mb"], "ships" if result.get("passed") else "not enough")
+        last = index == len(cfg.onnx.candidates) - 1
+        if result.get("passed") or last:
+            for item in folder.iterdir():
+                shutil.move(str(item), out / item.name)
+            metrics.update(candidates=tried, shipped_candidate=index)
+            return metrics, options, task, candidate
+        shutil.rmtree(folder, ignore_errors=True)
+    raise AssertionError("unreachable: the config requires at least one candidate")
+
+
+def candidate_config(cfg: DictConfig, entry: dict) -> DictConfig:
+    """The stage config with one candidate's precision and onnx.* settings in place."""
+    from omegaconf import OmegaConf
+
+    from ortune.config import onnx_candidate
+
+    precision, onnx_settings = onnx_candidate(cfg.precision, cfg.onnx, entry)
+    view = OmegaConf.to_container(cfg)
+    view.update(precision=precision, onnx=OmegaConf.to_container(onnx_settings))
+    candidate = OmegaConf.create(view)
+    OmegaConf.set_struct(candidate, True)
+    OmegaConf.set_readonly(candidate, True)
+    return candidate
+
+
+def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, dict, dict | None]:
+    """Run the builder; returns the builder options used, {adapter name: file} (adapter=separate) and the
+    structured target options (onnx.int8_share) or None."""
     o, precision, provider = cfg.onnx, cfg.precision, cfg.onnx.execution_provider
-    export.check_k_quant_blocks(Path(cfg.paths.merged if o.adapter == "merged" else cfg.paths.base_model), precision, o)
+    source = Path(cfg.paths.merged if o.adapter == "merged" else cfg.paths.base_model)
+    export.check_k_quant_blocks(source, precision, o)
+    export.check_tied_asymmetric(source, precision, o)
     if o.adapter == "merged":
         options = export.builder_options(precision, o, trust_remote_code=cfg.model.trust_remote_code)
-        export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"))
-        return options, {}
+        target = mixed_precision(cfg, options) if o.int8_share else None
+        export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"),
+                           target_options=target)
+        return options, {}, target
     adapters = {export.PIPELINE_ADAPTER: Path(cfg.paths.adapter), **{k: Path(v) for k, v in o.extra_adapters.items()}}
     configs = {name: onnx_adapters.adapter_config(d) for name, d in adapters.items()}
     onnx_adapters.check_targets(configs, export.PIPELINE_ADAPTER)  # before any build: the graph has LoRA paths for these only
@@ -105,13 +180,49 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
         export.run_builder(base, scratch / "base", precision, provider, options, log_file=Path(f"{logs}-base.log"))
         base_graph = export.model_file(scratch / "base")
     tensors = {name: onnx_adapters.adapter_tensors(graph, base_graph) for name, graph in graphs.items()}
-    return options, onnx_adapters.make_switchable(out, tensors, base_graph)
+    return options, onnx_adapters.make_switchable(out, tensors, base_graph), None
+
+
+# Training rows whose inputs to every linear layer measure its sensitivity: more adds little to the
+# ranking (the errors are averages over thousands of tokens) and costs a forward pass each.
+CALIBRATION_ROWS = 64
+
+
+def mixed_precision(cfg: DictConfig, options: dict) -> dict:
+    """Builder target options keeping the onnx.int8_share most sensitive units of the merged model int8."""
+    import torch
+
+    from ortune import modeling, quantize
+
+    o, merged = cfg.onnx, Path(cfg.paths.merged)
+    model = modeling.load_causal_lm(merged, cfg.model.trust_remote_code).eval()
+    tokenizer = modeling.load_tokenizer(merged, cfg.model.trust_remote_code)
+    rows = data.read_jsonl(Path(cfg.paths.prepared) / "train.jsonl")[:CALIBRATION_ROWS]
+    texts = [data.prompt_text(r["prompt"], merged) + _content(r["completion"]) for r in rows]
+    errors = quantize.output_errors(model, tokenizer, texts, o.block_size)
+    sizes = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    units = quantize.pick_int8(errors, sizes, o.int8_share)
+    log.info("int8 for %d of %d units (onnx.int8_share=%g), worst int4 output error first: %s", len(units),
+             len(quantize.unit_errors(errors)), o.int8_share, ", ".join(f"layer {i} {u}" for i, u in units[:6]))
+    excluded = [node for node in options.get("nodes_to_exclude", "").split(",") if node]
+    target = quantize.int8_overrides(units, options.get("fuse_mlp_gate_up", "").lower() == "true", excluded)
+    # structured options replace the legacy op types, and with them the builder's own addition of Gather for
+    # a tied model's shared int4 embedding/lm_head matrix: state them (measured: 201 vs 90 MB otherwise)
+    shared = bool(getattr(model.config, "tie_word_embeddings", False)) and options.get("shared_embeddings", "true") != "false"
+    target["quant_config"]["weights"]["op_types"] = sorted(set(o.quantize_ops) | ({"MatMul", "Gather"} if shared else set()))
+    if o.last_matmul_int8:
+        target["quant_config"]["weights"]["overrides"].append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
+    return target
 
 
 def check_parity(cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict) -> dict:
     if cfg.onnx.parity_prompts:
         prompts = prompts[: cfg.onnx.parity_prompts]
     if why := parity.runnable_on_cpu(out):
+        if cfg.onnx.execution_provider == "cpu":
+            # a CPU graph the CPU provider cannot load is a broken build, never something to ship unjudged
+            raise OrtuneError(f"the {cfg.precision}/cpu graph the builder wrote does not load in onnxruntime ({why[:200]}); "
+                              f"it cannot be shipped: change the quantization settings (onnx.extra_options, onnx.*) or the precision")
         log.warning("parity not measured: the %s graph does not run on the CPU provider here (%s)", cfg.precision, why)
         return {"parity": {"skipped": f"no CPU kernel for this graph ({why[:160]})", "passed": None}}
     from ortune.generation import OnnxGenerator
@@ -132,8 +243,9 @@ def check_parity(cfg: DictConfig, out: Path, prompts: list[str], labels: list[st
             generator.use_adapter(name or None)
         result = parity.compare(parity.TorchReference(model_dir, adapter_dir, trust), generator, prompts, labels, n,
                                 cfg.precision, cfg.onnx.min_label_agreement)
-        log.info("parity %s: max |logit diff| %.2e, label agreement %.3f (%s: %s)", "model" if name is None else name or "no adapter",
-                 result["max_abs_logit_diff"], result["label_agreement"], result["target"], "ok" if result["passed"] else "MISSED")
+        log.info("parity %s: max |logit diff| %.2e (%.2e of the logits' spread), label agreement %.3f (%s: %s)",
+                 "model" if name is None else name or "no adapter", result["max_abs_logit_diff"],
+                 result["max_rel_logit_diff"], result["label_agreement"], result["target"], "ok" if result["passed"] else "MISSED")
         results[name] = result
     if not adapter_files:
         return {"parity": results[None]}

@@ -1,8 +1,8 @@
 """Stage 5: judge the shipped ONNX model on labelled rows, beside its baselines and PyTorch twins.
 
 Reads: models/onnx/ (+ models/base, adapter, merged for `eval.compare`), data/prepared/ (labels,
-training rows for the majority baseline), `eval.path` (default: the prepared eval split; any other
-labelled file is rendered with `data.template`), `eval.*`, `data.*`.
+training rows for the majority baseline and the prompted baseline's shots), `eval.path` (default: the
+prepared eval split; any other labelled file is rendered with `data.template`), `eval.*`, `data.*`.
 Writes: metrics/eval.json (headline numbers of the shipped model at the top level, the baselines,
 the quantization loss, per-class scores and every runtime's scores and latency nested beside
 them), metrics/eval_predictions.jsonl, plots/confusion_matrix.png, plots/per_class_f1.csv;
@@ -35,11 +35,19 @@ def run(cfg: DictConfig) -> dict:
     # chat rows hold messages: every runtime gets the string the shipped model's chat template makes of them
     prompts = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in rows]
     log.info("judging %d rows of %s", len(rows), cfg.eval.path)
+    asked = {}
+    if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded
+        asked["prompts"], asked["format"] = evaluation.prompted_prompts(cfg, rows, labels, train)
+        log.info("prompted baseline (%s, %d shots), first prompt: %r", asked["format"], cfg.eval.baseline_shots,
+                 asked["prompts"][0])
     results = {}
     for kind in ["onnx", *cfg.eval.compare]:
-        results[kind] = evaluation.judge_in_fresh_process(evaluation.job(kind, cfg, prompts))
+        spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts)
+        results[kind] = evaluation.judge_in_fresh_process(spec)
         log.info("%-7s judged in %.1f s: %.2f ms/token, %.0f MB peak", kind, results[kind]["eval_seconds"],
                  results[kind]["ms_per_token"], results[kind]["peak_memory_mb"])
+    if asked:
+        results["prompted"].update(prompt_format=asked["format"], shots=cfg.eval.baseline_shots)
     metrics, predictions = evaluation.summarize(rows, labels, train, results)
     lines = evaluation.prediction_rows(rows, prompts, results, predictions)
     write_text_atomic(
@@ -60,6 +68,9 @@ def run(cfg: DictConfig) -> dict:
     log.info("shipped ONNX: accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, TTFT %.1f ms, %.2f ms/token",
              metrics["accuracy"], metrics["majority_baseline"], metrics["macro_f1"], metrics["ttft_ms"],
              metrics["ms_per_token"])
+    if "prompted_baseline_accuracy" in metrics:
+        log.info("prompted untuned base: accuracy %.3f, %d of %d answers name no label", metrics["prompted_baseline_accuracy"],
+                 metrics["prompted_baseline_unparsed"], metrics["n"])
     return metrics
 
 

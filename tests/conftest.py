@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,15 @@ os.environ.pop("DVC_STAGE", None)
 os.environ.pop("ORTUNE_WANDB_DIR", None)
 
 
+# The fast tests run on the tiny random model; the default of `make all` (conf/config.yaml) is the real
+# SmolLM2-135M, which tests/test_real_model.py runs end to end.
+TINY_MODEL = "model=tiny-phi3"
+
+
 def path_overrides(root: Path) -> list[str]:
+    """Every output in root, on the tiny model."""
     names = ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
-    return [f"paths.{name}={root / name}" for name in names]
+    return [TINY_MODEL] + [f"paths.{name}={root / name}" for name in names]
 
 
 @pytest.fixture
@@ -49,9 +56,10 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def clone_project(tmp_path_factory, name: str, **extra_env: str) -> tuple[Path, dict]:
+def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: str) -> tuple[Path, dict]:
     """A fresh git clone holding this working tree as it is (new files included, run outputs left out),
-    committed, with the repo's .venv linked in and DVC/git isolated from the user's config."""
+    committed, with the repo's .venv linked in and DVC/git isolated from the user's config. `tiny`: the
+    clone's conf/ defaults to the tiny model (and its params.yaml follows), so `make all` there is fast."""
     import shutil
     import subprocess
 
@@ -78,6 +86,11 @@ def clone_project(tmp_path_factory, name: str, **extra_env: str) -> tuple[Path, 
     }
     for key in ("DVC_STAGE", "DVC_ROOT", "ORTUNE_WANDB_DIR"):
         env.pop(key, None)
+    if tiny:
+        conf = root / "conf/config.yaml"
+        conf.write_text(re.sub(r"(?m)^  - model: .*$", "  - model: tiny-phi3", conf.read_text()))
+        subprocess.run([str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params"], cwd=root, env=env, check=True,
+                       capture_output=True)
     subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
     subprocess.run(["git", "commit", "-qm", "test state", "--allow-empty"], cwd=root, env=env, check=True)
     return root, env

@@ -64,5 +64,5 @@ def stage_cfg(root: Path, *overrides: str, onnx_dir: str = "onnx"):
     """build_onnx's config view (only its declared params), every path in root."""
     names = ("base_model", "prepared", "adapter", "merged", "metrics", "plots")
     paths = [f"paths.{name}={root / name}" for name in names] + [f"paths.onnx={root / onnx_dir}"]
-    full = config.validate(config.compose([*paths, *overrides], config_dir=REPO / "conf"), "test")
+    full = config.validate(config.compose(["model=tiny-phi3", *paths, *overrides], config_dir=REPO / "conf"), "test")
     return config.stage_view(full, config.declared_params("build_onnx", REPO / "dvc.yaml"))

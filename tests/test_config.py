@@ -83,7 +83,7 @@ def test_typo_in_params_yaml_fails_under_dvc(tmp_path, monkeypatch):
 
 
 def test_model_choice_sets_its_own_lora_targets(in_repo):
-    tiny = config.validate(config.compose([]), "t")
+    tiny = config.validate(config.compose(["model=tiny-phi3"]), "t")
     hub = config.validate(config.compose(["model=phi3-mini-4k"]), "t")
     assert hub.model.hub_id == "microsoft/Phi-3-mini-4k-instruct" and len(hub.model.revision) == 40
     assert list(hub.lora.target_modules) == ["qkv_proj", "o_proj"]

@@ -198,3 +198,100 @@ def test_bad_eval_settings_fail_naming_the_setting(make_cfg, override, needle):
     with pytest.raises(OrtuneError, match=needle) as caught:
         make_cfg(override)
     assert "\n" not in str(caught.value)
+
+
+# ---- the prompted baseline: the untuned base asked as a user would ---------------------------------------
+
+def test_summary_reports_the_prompted_baseline_beside_the_others():
+    prompted = {**fake_result(["Joy", "fear.", "The tone is fear", "sadness"], ms=3.0), "prompt_format": "chat", "shots": 0}
+    metrics, predictions = evaluation.summarize(ROWS, LABELS, TRAIN, {"onnx": fake_result(["joy"] * 4),
+                                                                      "prompted": prompted})
+    # truth joy, joy, fear, sadness; a sentence is unparsed under the same rule as every runtime
+    assert predictions["prompted"] == ["joy", "fear", None, "sadness"]
+    assert metrics["prompted_baseline_accuracy"] == 0.5 and metrics["prompted_baseline_unparsed"] == 1
+    assert metrics["runtimes"]["prompted"]["prompt_format"] == "chat" and metrics["runtimes"]["prompted"]["shots"] == 0
+    assert "base_accuracy" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("template", "prompt", "expected"),
+    [
+        ("### Text: {phrase}\n### The tone is:\n", "### Text: Wow, you came!\n### The tone is:\n", "Wow, you came!"),
+        # the text may itself hold the template's literal parts
+        ("### Text: {phrase}\n### The tone is:\n", "### Text: a\n### Text: b\n### The tone is:\n", "a\n### Text: b"),
+        ("Title: {title}\nBody: {body}\n", "Title: Hi\nBody: It went {well}\n", "Hi\nIt went {well}"),
+        ("{phrase} / {phrase}?", "so / so?", "so"),
+    ],
+)
+def test_row_input_reads_the_text_back_out_of_a_rendered_prompt(template, prompt, expected):
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.create({"template": {"prompt": template}})
+    assert evaluation.row_input(prompt, spec) == expected
+
+
+def test_row_input_of_a_chat_prompt_is_its_user_turn_and_a_stale_prompt_is_an_error(make_cfg):
+    spec = make_cfg().data
+    assert evaluation.row_input([{"role": "user", "content": "A spider"}], spec) == "A spider"
+    with pytest.raises(OrtuneError, match="rerun prepare_data"):
+        evaluation.row_input("Text: made with another template", spec)
+
+
+def test_shots_show_every_label_before_any_label_twice():
+    train = [{"prompt": f"t{i}", "label": label} for i, label in enumerate(["joy", "joy", "joy", "fear", "sadness"])]
+    assert [r["prompt"] for r in evaluation.pick_shots(train, 4)] == ["t3", "t0", "t4", "t1"]
+    assert evaluation.pick_shots(train, 0) == []
+    with pytest.raises(OrtuneError, match="eval.baseline_shots=6: the training split has only 5 rows"):
+        evaluation.pick_shots(train, 6)
+
+
+@pytest.fixture
+def base_tokenizer(tmp_path):
+    """A Phi-3-style tokenizer (chat template included) saved where paths.base_model points."""
+    from ortune import modeling
+
+    tokenizer = modeling.train_tiny_tokenizer(["I am scared of spiders", "what a lovely day"], 300)
+    tokenizer.chat_template = modeling.PHI3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "base_model")
+    return tmp_path / "base_model"
+
+
+ASK = "Classify the tone of the text. Answer with exactly one of: fear, joy.\n\nText: "
+
+
+def test_prompted_baseline_asks_through_the_chat_template_with_the_label_set(make_cfg, prepared, base_tokenizer):
+    cfg = make_cfg()
+    rows, labels, train = evaluation.load_rows(cfg)
+    prompts, how = evaluation.prompted_prompts(cfg, rows, labels, train)
+    assert how == "chat" and len(prompts) == 5
+    assert prompts[0] == f"<|user|>\n{ASK}e0<|end|>\n<|assistant|>\n"
+    prompts, _ = evaluation.prompted_prompts(make_cfg("eval.baseline_shots=1"), rows, labels, train)
+    # the training row "a" (joy) answered first, as an earlier turn
+    assert prompts[1] == f"<|user|>\n{ASK}a<|end|>\n<|assistant|>\njoy<|end|>\n<|user|>\n{ASK}e1<|end|>\n<|assistant|>\n"
+
+
+def test_prompted_baseline_without_a_chat_template_asks_in_plain_text(make_cfg, prepared, base_tokenizer, caplog):
+    config = json.loads((base_tokenizer / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base_tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    (base_tokenizer / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = make_cfg("eval.baseline_shots=1")
+    rows, labels, train = evaluation.load_rows(cfg)
+    prompts, how = evaluation.prompted_prompts(cfg, rows, labels, train)
+    assert how == "text" and prompts[0] == f"{ASK}a\nAnswer: joy\n\n{ASK}e0\nAnswer:"
+    assert "no chat template" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("eval.baseline_prompt='Which tone? {labels}'", "has no {input}"),
+        ("eval.baseline_prompt='{text} -> one of {labels}, {input}'", r"\{text\} unknown; its placeholders are \{labels\}"),
+        ("eval.baseline_prompt='Tone of {input'", "not a valid template"),
+        ("eval.baseline_shots=-1", "eval.baseline_shots=-1 must be >= 0"),
+    ],
+)
+def test_bad_prompted_baseline_settings_fail_naming_the_setting(make_cfg, override, needle):
+    with pytest.raises(OrtuneError, match=needle) as caught:
+        make_cfg(override)
+    assert "\n" not in str(caught.value)

@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory, tiny_texts):
 
 def build(model_dir: Path, out: Path, precision: str, provider: str = "cpu", *overrides: str, options=None) -> Path:
     if options is None:
-        onnx_cfg = config.validate(config.compose([f"precision={precision}", f"onnx.execution_provider={provider}", *overrides],
+        onnx_cfg = config.validate(config.compose(["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}", *overrides],
                                                   config_dir=REPO / "conf"), "t").onnx
         options = export.builder_options(precision, onnx_cfg)
     opts = options
@@ -87,7 +87,7 @@ def test_valid_pairs_come_from_the_builder_and_match_the_readme_table():
 def test_invalid_pair_fails_at_config_load_listing_the_valid_pairs(pair):
     precision, provider = pair
     with pytest.raises(OrtuneError) as caught:
-        config.validate(config.compose([f"precision={precision}", f"onnx.execution_provider={provider}"],
+        config.validate(config.compose(["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}"],
                                        config_dir=REPO / "conf"), "t")
     message = str(caught.value)
     assert f"precision={precision} with onnx.execution_provider={provider}" in message and "\n" not in message
@@ -108,7 +108,7 @@ def test_invalid_pair_stops_the_stage_before_any_work(tmp_path):
 
 def test_fp32_cuda_is_refused_up_front():
     with pytest.raises(OrtuneError, match="fp16 or bf16"):
-        config.validate(config.compose(["precision=fp32", "onnx.execution_provider=cuda"], config_dir=REPO / "conf"), "t")
+        config.validate(config.compose(["model=tiny-phi3", "precision=fp32", "onnx.execution_provider=cuda"], config_dir=REPO / "conf"), "t")
 
 
 @pytest.mark.slow
@@ -136,13 +136,13 @@ def test_fp32_cuda_is_refused_because_the_builder_still_emits_a_broken_graph(tin
 )
 def test_unknown_deprecated_or_managed_builder_options_are_errors(name, needle):
     with pytest.raises(OrtuneError) as caught:
-        config.validate(config.compose([f"+onnx.extra_options.{name}=64"], config_dir=REPO / "conf"), "t")
+        config.validate(config.compose(["model=tiny-phi3", f"+onnx.extra_options.{name}=64"], config_dir=REPO / "conf"), "t")
     message = str(caught.value)
     assert f"onnx.extra_options.{name}" in message and re.search(needle, message) and "\n" not in message
 
 
 def test_real_builder_options_pass_through():
-    cfg = config.validate(config.compose(["precision=int4", "onnx.execution_provider=cuda",
+    cfg = config.validate(config.compose(["model=tiny-phi3", "precision=int4", "onnx.execution_provider=cuda",
                                           "+onnx.extra_options.enable_cuda_graph=1"], config_dir=REPO / "conf"), "t")
     assert export.builder_options("int4", cfg.onnx)["enable_cuda_graph"] == "1"
 
@@ -178,7 +178,7 @@ def test_the_builder_silently_ignores_the_deprecated_alias(tiny_model, tmp_path)
     ],
 )
 def test_quantization_settings_map_to_builder_options(overrides, expected):
-    cfg = config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "t")
+    cfg = config.validate(config.compose(["model=tiny-phi3", *overrides], config_dir=REPO / "conf"), "t")
     assert export.builder_options("int4", cfg.onnx) == expected
     # float precisions take no quantization options, only onnx.extra_options (default: fuse_mlp_gate_up)
     assert export.builder_options("fp32", cfg.onnx) == {"fuse_mlp_gate_up": "true"}
@@ -223,10 +223,10 @@ def test_algorithm_changes_the_quantized_weights(tiny_model, tmp_path):
 
 def test_gather_needs_the_default_algorithm():
     with pytest.raises(OrtuneError, match="onnx.algorithm=default"):
-        config.validate(config.compose(["onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=k_quant"],
+        config.validate(config.compose(["model=tiny-phi3", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=k_quant"],
                                        config_dir=REPO / "conf"), "t")
     with pytest.raises(OrtuneError, match="int4 only"):
-        config.validate(config.compose(["precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=default"],
+        config.validate(config.compose(["model=tiny-phi3", "precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=default"],
                                        config_dir=REPO / "conf"), "t")
 
 
@@ -237,7 +237,7 @@ def test_gather_needs_the_default_algorithm_because_the_builder_ignores_it_other
 
 
 def onnx_settings(*overrides: str):
-    return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "t").onnx
+    return config.validate(config.compose(["model=tiny-phi3", *overrides], config_dir=REPO / "conf"), "t").onnx
 
 
 def test_k_quant_with_an_odd_block_count_is_refused_before_building(tiny_model):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ortune import config, data
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_attention_heads=2",
+TINY = ["model=tiny-phi3", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_attention_heads=2",
         "model.tiny.vocab_size=600", "model.tiny.max_position_embeddings=128"]
 # short runs that still cross epochs, checkpoints, evals and logging
 SHORT = ["train.max_steps=10", "train.save_steps=4", "train.logging_steps=2", "train.eval_strategy=steps",

@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def full(*overrides: str):
-    return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "test")
+    """The config on the tiny model unless an override names another."""
+    tiny = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny-phi3"]
+    return config.validate(config.compose([*tiny, *overrides], config_dir=REPO / "conf"), "test")
 
 
 def test_defaults_are_the_seed_workflows():

@@ -138,7 +138,10 @@ class OnnxConfig:
     quantize_ops: list[str] = MISSING  # MatMul, Gather
     keep_float: list[str] = MISSING  # lm_head, embeddings
     last_matmul_int8: bool = MISSING
+    int8_share: float = MISSING  # int4 only: share of linear weights kept int8, most sensitive first
     extra_options: dict[str, str] = MISSING
+    quantization: str = MISSING  # fixed | auto (try `candidates` in order, ship the first that meets parity)
+    candidates: list[dict[str, Any]] = MISSING  # each overrides precision and onnx.* settings
     adapter: str = MISSING  # merged | separate
     extra_adapters: dict[str, str] = MISSING
     intra_op_num_threads: int = MISSING
@@ -159,7 +162,9 @@ class EvalConfig:
     path: str = MISSING
     max_new_tokens: int = MISSING
     limit: int = MISSING
-    compare: list[str] = MISSING  # base | adapter | merged
+    compare: list[str] = MISSING  # base | prompted | adapter | merged
+    baseline_prompt: str = MISSING  # the prompted baseline's question: {labels} and {input}
+    baseline_shots: int = MISSING
     batch_size: int = MISSING
     latency: EvalLatencyConfig = field(default_factory=EvalLatencyConfig)
 
@@ -408,7 +413,8 @@ def _train_problems(t: DictConfig):
         yield "train.seed and train.data_seed must be >= 0 (or null)"
 
 
-EVAL_COMPARABLE = ("base", "adapter", "merged")
+EVAL_COMPARABLE = ("base", "prompted", "adapter", "merged")
+BASELINE_FIELDS = ("labels", "input")  # eval.baseline_prompt's placeholders
 
 
 def _eval_problems(e: DictConfig):
@@ -418,18 +424,67 @@ def _eval_problems(e: DictConfig):
     if len(set(e.compare)) != len(e.compare):
         yield f"eval.compare={list(e.compare)} names a model twice"
     minimum = {"max_new_tokens": 1, "limit": 0, "batch_size": 1, "latency.new_tokens": 2, "latency.warmup": 0,
-               "latency.repeats": 1}
+               "latency.repeats": 1, "baseline_shots": 0}
     for key, low in minimum.items():
         value = OmegaConf.select(e, key)
         if value < low:
             yield f"eval.{key}={value} must be >= {low}"
     if not e.path.strip():
         yield "eval.path is empty; leave it at its default (the prepared eval split) or name a labelled file"
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(e.baseline_prompt) if name is not None}
+    except ValueError as exc:
+        yield f"eval.baseline_prompt is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+        return
+    if unknown := sorted(fields - set(BASELINE_FIELDS)):
+        named = ", ".join("{" + name + "}" for name in unknown)
+        yield f"eval.baseline_prompt: {named} unknown; its placeholders are {{labels}} (the label set) and {{input}} (the text)"
+    elif "input" not in fields:
+        yield "eval.baseline_prompt has no {input}: the model would never see the text to classify; add it"
+
+
+# What an onnx.candidates entry may set (the rest of the export settings is shared by every candidate).
+CANDIDATE_KEYS = ("precision", "block_size", "accuracy_level", "algorithm", "keep_float", "last_matmul_int8", "int8_share")
+
+
+def onnx_candidate(precision: str, o: DictConfig, overrides: dict) -> tuple[str, DictConfig]:
+    """(precision, onnx settings) of one onnx.candidates entry."""
+    settings = OmegaConf.to_container(o)
+    settings.update({k: v for k, v in overrides.items() if k != "precision"})
+    settings.update(quantization="fixed", candidates=[])
+    return overrides.get("precision", precision), OmegaConf.create(settings)
 
 
 def _onnx_problems(precision: str, o: DictConfig):
     """The export settings, checked against what the installed builder accepts (before any stage runs)."""
+    yield from _onnx_setting_problems(precision, o)
+    if problem := _choice("onnx.quantization", o.quantization, ("fixed", "auto")):
+        yield problem
+    if o.quantization == "auto" and not o.candidates:
+        yield "onnx.quantization=auto needs onnx.candidates (fastest first), e.g. [{}, {precision: int8}]"
+    # candidates are inert unless quantization=auto builds them
+    for index, entry in enumerate(o.candidates if o.quantization == "auto" else ()):
+        unknown = sorted(set(entry) - set(CANDIDATE_KEYS))
+        if unknown:
+            yield f"onnx.candidates[{index}]: {', '.join(unknown)} unknown; a candidate sets any of {', '.join(CANDIDATE_KEYS)}"
+            continue
+        if (wanted := entry.get("precision", precision)) not in PRECISIONS:
+            yield f"onnx.candidates[{index}]: precision={wanted} is unknown; use one of {', '.join(PRECISIONS)}"
+            continue
+        for problem in _onnx_setting_problems(*onnx_candidate(precision, o, dict(entry))):
+            yield f"onnx.candidates[{index}]: {problem}"
+
+
+def _onnx_setting_problems(precision: str, o: DictConfig):
     from ortune import builder_spec, export
+
+    if not 0.0 <= o.int8_share <= 1.0:
+        yield f"onnx.int8_share={o.int8_share} must be in [0, 1]"
+    if o.int8_share and (precision != "int4" or o.adapter != "merged"):
+        yield (f"onnx.int8_share={o.int8_share} mixes int8 into an int4 model built from the merged model: "
+               "set precision=int4 and onnx.adapter=merged, or onnx.int8_share=0")
 
     if problem := _choice("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
         yield problem

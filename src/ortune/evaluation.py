@@ -4,14 +4,20 @@ summary that becomes metrics/eval.json.
 The shipped model is the ONNX one; `eval.compare` names the PyTorch models judged beside it on the
 same rows with the same prompts and parse rule: `base` (untuned: a baseline), `adapter` (base +
 LoRA, as trained) and `merged` (what the ONNX model was exported from, so ONNX vs merged is the
-quantization loss). Each runtime runs in a fresh process, so its peak memory is its own.
+quantization loss). `prompted` is the untuned base asked as a user would ask it without fine-tuning:
+an instruction listing the labels (eval.baseline_prompt), through its chat template, optionally after
+eval.baseline_shots answered training rows; the same parse rule reads its answer. Each runtime runs
+in a fresh process, so its peak memory is its own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import statistics
+import string
 import time
 from pathlib import Path
 
@@ -103,7 +109,7 @@ def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
         raise OrtuneError(f"eval.compare: unknown model '{kind}'; use {', '.join(EVAL_COMPARABLE)}")
     from ortune import modeling
 
-    folder = Path(dirs[kind])
+    folder = Path(dirs["base" if kind == "prompted" else kind])
     if not (folder / ("adapter_config.json" if kind == "adapter" else "config.json")).is_file():
         raise OrtuneError(f"{folder}: no {kind} model there; run the pipeline up to it, or drop '{kind}' from eval.compare")
     from transformers.utils import logging as hf_logging
@@ -193,7 +199,7 @@ def judge_in_fresh_process(spec: dict) -> dict:
 
 def model_megabytes(kind: str, dirs: dict) -> float:
     """On-disk size of what a runtime loads (the adapter needs its base too)."""
-    folders = {"onnx": ["onnx"], "base": ["base"], "merged": ["merged"], "adapter": ["base", "adapter"]}[kind]
+    folders = {"onnx": ["onnx"], "base": ["base"], "prompted": ["base"], "merged": ["merged"], "adapter": ["base", "adapter"]}[kind]
     return sum(f.stat().st_size for name in folders for f in Path(dirs[name]).rglob("*") if f.is_file()) / 2**20
 
 
@@ -219,6 +225,10 @@ def summarize(rows: list[dict], labels: list[str], train: list[dict], results: d
     if "base" in results:
         base = classification_scores(truth, predictions["base"], labels)
         metrics.update(base_accuracy=base["accuracy"], base_macro_f1=base["macro_f1"], base_unparsed=base["unparsed"])
+    if "prompted" in results:
+        prompted = classification_scores(truth, predictions["prompted"], labels)
+        metrics.update(prompted_baseline_accuracy=prompted["accuracy"], prompted_baseline_macro_f1=prompted["macro_f1"],
+                       prompted_baseline_unparsed=prompted["unparsed"])
     if "merged" in results:
         merged = classification_scores(truth, predictions["merged"], labels)
         metrics["quantization_accuracy_delta"] = metrics["accuracy"] - merged["accuracy"]
@@ -237,6 +247,7 @@ def summarize(rows: list[dict], labels: list[str], train: list[dict], results: d
             "model_size_mb": result["model_size_mb"],
             "load_seconds": result["load_seconds"],
             "eval_seconds": result["eval_seconds"],
+            **{key: result[key] for key in ("prompt_format", "shots") if key in result},  # the prompted baseline's
         }
     return metrics, predictions
 
@@ -253,3 +264,76 @@ def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dic
 
 def shipped_confusion(rows: list[dict], labels: list[str], predictions: dict[str, list]) -> list[list[int]]:
     return confusion_matrix([r["label"] for r in rows], predictions["onnx"], labels)
+
+
+# ---- the prompted zero-shot (or few-shot) baseline --------------------------------------------------
+
+def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict]) -> tuple[list[str], str]:
+    """(each row as the untuned base is asked it, and how: "chat" through its chat template, or "text"
+    when its tokenizer has none). The question is eval.baseline_prompt with {labels} and {input} (the
+    row's own text, recovered from its rendered prompt); eval.baseline_shots answered training rows go
+    first, as earlier turns of the conversation."""
+    from ortune import modeling
+
+    e, spec = cfg.eval, cfg.data
+    shots = pick_shots(train, e.baseline_shots)
+    listed = ", ".join(labels)
+    ask = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in shots]
+    turns = [turn for question, row in zip(ask, shots)
+             for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})]
+    questions = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in rows]
+    tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([*turns, {"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True) for q in questions], "chat"
+    # A base model without a chat template is a plain LM: the same question and shots as a text to continue.
+    log.warning("%s: the tokenizer has no chat template; the prompted baseline asks in plain text "
+                "('<question>\\nAnswer:') instead", cfg.paths.base_model)
+    examples = "".join(f"{question}\nAnswer: {row['label']}\n\n" for question, row in zip(ask, shots))
+    return [f"{examples}{q}\nAnswer:" for q in questions], "text"
+
+
+def pick_shots(train: list[dict], k: int) -> list[dict]:
+    """k training rows, the labels taking turns (sorted), each label's rows in split order: every label
+    is shown once before any is shown twice."""
+    if k > len(train):
+        raise OrtuneError(f"eval.baseline_shots={k}: the training split has only {len(train)} rows; lower it")
+    by_label: dict[str, list[dict]] = {}
+    for row in train:
+        by_label.setdefault(row["label"], []).append(row)
+    queues = [by_label[label] for label in sorted(by_label)]
+    turns = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+    return turns[:k]
+
+
+def row_input(prompt: str | list[dict], spec: DictConfig) -> str:
+    """The text a prepared prompt was rendered from: a chat prompt's (last) user turn, or the fields of
+    data.template.prompt read back out of a text prompt (joined by newlines when there are several)."""
+    if not isinstance(prompt, str):
+        return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    groups, pattern = _template_pattern(spec.template.prompt)
+    if not groups:
+        raise OrtuneError("data.template.prompt has no {field}, so a prompt holds no text to ask the prompted "
+                          "baseline about; drop 'prompted' from eval.compare")
+    match = pattern.fullmatch(prompt)
+    if match is None:
+        raise OrtuneError(f"data.template.prompt does not produce the prompt {prompt[:60]!r}; the prepared split "
+                          "is older than the template: rerun prepare_data (dvc repro), or drop 'prompted' from eval.compare")
+    return "\n".join(match.group(group) for group in groups)
+
+
+@functools.lru_cache(maxsize=8)
+def _template_pattern(template: str) -> tuple[list[str], re.Pattern]:
+    """A regex that matches exactly what `template` renders, one group per field (a repeated field must repeat)."""
+    names: list[str] = []
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is None:
+            continue
+        if field in names:
+            parts.append(f"(?P=f{names.index(field)})")
+        else:
+            parts.append(f"(?P<f{len(names)}>.*?)")
+            names.append(field)
+    return [f"f{i}" for i in range(len(names))], re.compile("".join(parts), re.DOTALL)

@@ -150,6 +150,10 @@ def run_summary(root: Path) -> str:
         f"speed: {scores['ms_per_token']:.2f} ms/token, first token {scores['ttft_ms']:.1f} ms, "
         f"{scores['model_size_mb']:.1f} MB on disk",
     ]
+    if "prompted_baseline_accuracy" in scores:
+        lines.insert(1, _prompted_line(scores))
+    if onnx.get("candidates"):
+        lines.append(_auto_line(onnx))
     if "quantization_agreement" in scores:
         lines.append(f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows, "
                      f"accuracy delta {scores['quantization_accuracy_delta']:+.3f}")
@@ -161,6 +165,29 @@ def run_summary(root: Path) -> str:
         f"pictures: {paths['plots']}/confusion_matrix.png, `make plots` (HTML report); every experiment: `make compare`",
     ]
     return "\n".join(lines)
+
+
+def _auto_line(onnx: dict) -> str:
+    """onnx.quantization=auto: what was tried before the shipped candidate, and why it was not shipped."""
+    def named(c: dict) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in c["settings"].items() if k != "precision")
+        return f"{c['precision']}" + (f" ({extra})" if extra else "")
+
+    shipped = onnx["candidates"][onnx["shipped_candidate"]]
+    missed = [f"{named(c)} kept {100 * c['label_agreement']:.1f} % of labels" for c in onnx["candidates"][: onnx["shipped_candidate"]]]
+    return (f"quantization (auto): shipped {named(shipped)}, {shipped['ms_per_token']:.2f} ms/token, {shipped['size_mb']:.0f} MB"
+            + (f"; not enough: {'; '.join(missed)}" if missed else ", the first candidate"))
+
+
+def _prompted_line(scores: dict) -> str:
+    """Was fine-tuning worth it: the shipped model against the untuned base asked as a user would ask it."""
+    how = {"chat": "through its chat template", "text": "in plain text (its tokenizer has no chat template)"}
+    prompted = (scores.get("runtimes") or {}).get("prompted") or {}
+    asked = how.get(prompted.get("prompt_format"), "with an instruction")
+    shown = f"{prompted['shots']}-shot" if prompted.get("shots") else "zero-shot"
+    return (f"vs the untuned base asked {asked}, {shown}: accuracy {scores['prompted_baseline_accuracy']:.3f} "
+            f"({scores['prompted_baseline_unparsed']} of {scores['n']} answers named no label); "
+            f"fine-tuning gained {scores['accuracy'] - scores['prompted_baseline_accuracy']:+.3f}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def check_k_quant_blocks(model_dir: Path, precision: str, onnx: DictConfig) -> N
                           f"{fix}, or use onnx.algorithm=default")
 
 
+def check_tied_asymmetric(model_dir: Path, precision: str, onnx: DictConfig) -> None:
+    """onnxruntime-genai 0.18 builds a tied model's shared int4 embedding with asymmetric weights as a Gather
+    whose output is uint8 where float is expected: onnxruntime refuses to load that graph. Refuse it up front."""
+    symmetric = str(onnx.extra_options.get("is_symmetric", "true")).lower() != "false"
+    shared = str(onnx.extra_options.get("shared_embeddings", "true")).lower() != "false"
+    if precision != "int4" or symmetric or not shared:
+        return
+    config_file = Path(model_dir) / "config.json"
+    tied = config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get("tie_word_embeddings", False)
+    if tied:
+        raise OrtuneError("onnx.extra_options.is_symmetric=false with a model that ties its embeddings to lm_head: the "
+                          "builder (onnxruntime-genai 0.18) writes an int4 graph onnxruntime cannot load (uint8 "
+                          "embedding output); keep int4 symmetric, or add onnx.extra_options.shared_embeddings=false")
+
+
 def describe_options(options: dict[str, str]) -> dict[str, str]:
     """The options for metrics and the model card: a long node list (LoRA paths) shortened to a count."""
     described = dict(options)
@@ -140,8 +155,9 @@ def describe_options(options: dict[str, str]) -> dict[str, str]:
 
 
 def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, options: dict[str, str],
-                log_file: Path, adapter_dir: Path | None = None) -> None:
-    """Run the builder (through ortune.builder_shim, which fixes its LM-head detection) into out_dir."""
+                log_file: Path, adapter_dir: Path | None = None, target_options: dict | None = None) -> None:
+    """Run the builder (through ortune.builder_shim, which fixes its LM-head detection) into out_dir.
+    `target_options`: the builder's structured options (per-node quantization overrides, ortune.quantize)."""
     import shutil
 
     out_dir, log_file = Path(out_dir), Path(log_file)
@@ -156,6 +172,8 @@ def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, o
     ]
     if options:
         command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+    if target_options:
+        command += ["--target_options", json.dumps(target_options)]
     log.info("building %s/%s ONNX model from %s (builder log: %s)", precision, provider, model_dir, log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     try:

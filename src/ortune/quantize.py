@@ -1,0 +1,140 @@
+"""Accuracy-aware weight-only quantization: the exact int4/int8 grid the builder will use, how much each
+linear layer's quantization moves its outputs, and which layers therefore stay int8 in an int4 model.
+
+The builder's default int4/int8 quantizer is MLAS's blockwise round-to-nearest (onnxruntime's
+MatMulNBitsQuantizer without algo_config). `fake_quantize` calls that same C++ kernel and dequantizes
+its output, so PyTorch sees exactly the weights the ONNX model will hold, to the bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ortune")
+
+
+def fake_quantize(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> np.ndarray:
+    """A Linear weight (out, in) rounded to the builder's blockwise grid and back to float32.
+
+    Blocks run along the input dimension, one scale per block and output column, as MatMulNBits stores
+    them; symmetric grids have an implicit zero point (8 for int4, 128 for int8)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    matrix = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)  # MatMul's B: (in, out)
+    rows, cols = matrix.shape
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        matrix = np.pad(matrix, ((0, blocks * block_size - rows), (0, 0)))
+    per_byte = 8 // bits
+    packed = np.zeros((cols, blocks, block_size // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
+    scales = np.zeros((cols, blocks), dtype=np.float32)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, matrix, scales, zero_points, block_size, cols, blocks * block_size, symmetric)
+    if bits == 4:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(cols, blocks, block_size)
+        zeros = (np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(cols, -1)[:, :blocks]
+                 if not symmetric else np.full((cols, blocks), 8))
+    else:
+        codes = packed.reshape(cols, blocks, block_size)
+        zeros = zero_points[:, :blocks] if not symmetric else np.full((cols, blocks), 128)
+    values = (codes.astype(np.float32) - zeros[..., None].astype(np.float32)) * scales[..., None]
+    return values.reshape(cols, blocks * block_size)[:, :rows]
+
+
+def output_errors(model, tokenizer, texts: list[str], block_size: int, batch_size: int = 16) -> dict[str, float]:
+    """{Linear name: ||X (W - Q4(W))^T|| / ||X W^T||}: the relative output error each linear layer's int4
+    grid causes on its real inputs X (every token of `texts`), the objective GPTQ minimises per layer.
+    One forward pass for the inputs; then a matrix product per layer. Tied LM heads count once."""
+    import torch
+
+    inputs: dict[str, list] = {}
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    masks: list = []
+
+    def keep(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in linears.items()]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+                masks.append(batch["attention_mask"].reshape(-1).bool())
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    with torch.inference_mode():
+        for name, module in linears.items():
+            # padding tokens are not real inputs: drop their rows
+            x = torch.cat([chunk[mask] for chunk, mask in zip(inputs[name], masks)]).float()
+            weight = module.weight.detach().float()
+            rounded = torch.from_numpy(fake_quantize(weight.numpy(), 4, block_size))
+            errors[name] = float((x @ (weight - rounded).T).norm() / (x @ weight.T).norm().clamp_min(1e-12))
+    return errors
+
+
+# A unit is what ortune upgrades to int8 as a whole: each attention projection on its own (an override naming
+# q, k or v makes the builder emit that layer's q/k/v as three MatMuls instead of one packed qkv_proj, so v,
+# by far the most sensitive on SmolLM2 and the smallest, is upgraded alone), and gate/up together when
+# onnx.extra_options.fuse_mlp_gate_up fuses them into one gate_up_proj MatMul.
+_LINEAR = re.compile(r"^(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$")
+# Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj Linear layers): those are units of their own.
+_UNIT_OF = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down",
+            "qkv": "qkv", "gate_up": "gate_up"}
+
+
+def unit_errors(errors: dict[str, float]) -> dict[tuple[int, str], float]:
+    """{(layer, unit): error}: a unit takes its worst member's error (it is upgraded as a whole)."""
+    units: dict[tuple[int, str], float] = {}
+    for linear, error in errors.items():
+        if (match := _LINEAR.match(linear)) and match.group(3) in _UNIT_OF:
+            key = (int(match.group(1)), _UNIT_OF[match.group(3)])
+            units[key] = max(units.get(key, 0.0), error)
+    return units
+
+
+def unit_nodes(layer: int, unit: str, fused_gate_up: bool) -> list[str]:
+    """The builder node names an int8 override of this unit must name."""
+    prefix = f"/model/layers.{layer}"
+    if unit in ("q", "k", "v", "o"):
+        return [f"{prefix}/attn/{unit}_proj/MatMul"]
+    if unit == "qkv":  # the builder unpacks a fused qkv_proj; naming the parts keeps them apart
+        return [f"{prefix}/attn/{p}_proj/MatMul" for p in ("q", "k", "v")]
+    if unit == "gate_up":
+        return [f"{prefix}/mlp/gate_up_proj/MatMul"] if fused_gate_up else [f"{prefix}/mlp/{p}_proj/MatMul" for p in ("gate", "up")]
+    return [f"{prefix}/mlp/down_proj/MatMul"]
+
+
+def pick_int8(errors: dict[str, float], sizes: dict[str, int], share: float) -> list[tuple[int, str]]:
+    """The units with the largest errors, worst first, whose weights (`sizes`: Linear name -> elements)
+    together stay within `share` of all the units' weights."""
+    units = unit_errors(errors)
+    unit_size: dict[tuple[int, str], int] = {}
+    for linear, size in sizes.items():
+        if (match := _LINEAR.match(linear)) and match.group(3) in _UNIT_OF:
+            key = (int(match.group(1)), _UNIT_OF[match.group(3)])
+            unit_size[key] = unit_size.get(key, 0) + size
+    budget, used, picked = share * sum(unit_size.values()), 0, []
+    for unit in sorted(units, key=units.get, reverse=True):
+        if used + unit_size[unit] <= budget:
+            picked.append(unit)
+            used += unit_size[unit]
+    return picked
+
+
+def int8_overrides(units: list[tuple[int, str]], fused_gate_up: bool, excluded: list[str]) -> dict:
+    """The builder's --target_options for an int4 model with these units in int8. Structured overrides
+    replace the legacy nodes_to_exclude list, so the float nodes (onnx.keep_float, LoRA paths) go in too."""
+    overrides = [{"match": {"name": node}, "exclude": True} for node in excluded]
+    overrides += [{"match": {"name": node}, "type": "int8"}
+                  for layer, unit in units for node in unit_nodes(layer, unit, fused_gate_up)]
+    return {"quant_config": {"weights": {"overrides": overrides}}}

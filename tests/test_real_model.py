@@ -1,0 +1,54 @@
+"""The default `make all` as a new user runs it: the real SmolLM2-135M-Instruct, offline, every stage.
+
+Slow (about 10 minutes on 2 cores); CI runs it as part of `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import clone_project, ran_stages
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return clone_project(tmp_path_factory, "real", tiny=False, WANDB_MODE="disabled")
+
+
+def make(project, *args: str) -> str:
+    root, env = project
+    # the default run takes ~10 min on 2 quiet cores: an hour means something hangs
+    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=3600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+def metrics(root, name: str) -> dict:
+    return json.loads((root / "metrics" / name).read_text())
+
+
+def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_labels(project):
+    root, _ = project
+    output = make(project, "all")
+    assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
+    base = metrics(root, "base.json")
+    assert base["model"] == "smollm2-135m" and base["architecture"] == "LlamaForCausalLM" and len(base["gguf_sha256"]) == 64
+    evaluation, onnx = metrics(root, "eval.json"), metrics(root, "onnx.json")
+    # fine-tuning is worth it: far above the untuned model asked through its chat template with the labels
+    assert evaluation["accuracy"] >= 0.9, evaluation
+    assert evaluation["accuracy"] >= evaluation["prompted_baseline_accuracy"] + 0.10, evaluation
+    # auto quantization shipped a candidate that keeps the merged model's labels, and says which
+    shipped = onnx["candidates"][onnx["shipped_candidate"]]
+    assert shipped["passed"] and onnx["parity"]["label_agreement"] >= 0.98 and onnx["precision"] == shipped["precision"]
+    assert all(not c["passed"] for c in onnx["candidates"][: onnx["shipped_candidate"]])
+    assert evaluation["quantization_agreement"] >= 0.98
+    summary = output[output.rindex("eval ("):]
+    assert f"{onnx['precision']} ONNX" in summary and "untuned base asked through its chat template" in summary
+    assert "quantization (auto): shipped" in summary
+    answer = make(project, "predict", "TEXT=I can't believe I won the lottery!")
+    assert answer.strip().splitlines()[-1] in {"fear", "joy", "sadness", "surprise"}
