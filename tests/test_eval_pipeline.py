@@ -71,7 +71,8 @@ def test_eval_json_has_the_shipped_model_beside_its_baselines(project):
     # int4 vs the merged model it was exported from: the quantization loss is small and measured
     assert metrics["quantization_agreement"] >= 0.9 and abs(metrics["quantization_accuracy_delta"]) <= 0.1
     runtimes = metrics["runtimes"]
-    assert set(runtimes) == {"onnx", "base", "adapter", "merged"}
+    assert set(runtimes) == {"onnx", "base", "prompted", "adapter", "merged"}
+    assert 0.0 <= metrics["prompted_baseline_accuracy"] <= 1.0 and runtimes["prompted"]["prompt_format"] == "chat"
     assert runtimes["adapter"]["accuracy"] == pytest.approx(runtimes["merged"]["accuracy"], abs=0.02)
     assert runtimes["onnx"]["model_size_mb"] < runtimes["merged"]["model_size_mb"]
     for name, scores in runtimes.items():

@@ -137,7 +137,7 @@ def test_missing_compared_model_says_how_to_fix_it(models, tmp_path):
 
 @pytest.mark.slow
 def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
-    overrides = [f"paths.{key}={models / key}" for key in ("base_model", "adapter", "merged", "onnx", "prepared")]
+    overrides = ["model=tiny-phi3"] + [f"paths.{key}={models / key}" for key in ("base_model", "adapter", "merged", "onnx", "prepared")]
     overrides += [f"paths.metrics={tmp_path / 'metrics'}", f"paths.plots={tmp_path / 'plots'}",
                   f"wandb.dir={tmp_path}", "eval.latency.repeats=2", "eval.batch_size=5"]
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -148,7 +148,11 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert metrics["n"] == 24 and set(metrics["runtimes"]) == {"onnx", "base", "adapter", "merged"}
+    assert metrics["n"] == 24 and set(metrics["runtimes"]) == {"onnx", "base", "prompted", "adapter", "merged"}
+    # the untuned base asked through its (Phi-3) chat template: scored, and told apart from the plain base
+    assert metrics["runtimes"]["prompted"]["prompt_format"] == "chat" and metrics["runtimes"]["prompted"]["shots"] == 0
+    assert isinstance(metrics["prompted_baseline_accuracy"], float) and 0 <= metrics["prompted_baseline_unparsed"] <= 24
+    assert "prompted baseline (chat, 0 shots), first prompt: '<|user|>\\nClassify the tone" in done.stderr
     for key in ("accuracy", "macro_f1", "unparsed", "majority_baseline", "base_accuracy", "quantization_accuracy_delta",
                 "quantization_agreement", "ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb", "model_size_mb"):
         assert isinstance(metrics[key], (int, float)), key
