@@ -46,7 +46,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
-test: setup ## Run the whole test suite (unit + end-to-end pipeline on the tiny model)
+test: setup ## Run the whole test suite (unit, end-to-end runs on the tiny model, one default make all on the real model)
 	$(PY) -m pytest -q
 
 test-fast: setup ## Unit tests only (skips the slow end-to-end pipeline tests)
