@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Makes this machine look like one with AVX512-BF16 and without `kernels` (whatever it really has), so
-# bitsandbytes' import takes the path that warns; then imports PEFT as merge/eval/build_onnx do.
+# bitsandbytes' import takes the path that warns; then imports bitsandbytes as PEFT's import does
+# (peft/helpers.py, whenever bitsandbytes is installed) in merge, eval and build_onnx.
 SIMULATE = textwrap.dedent("""
     import importlib.abc, importlib.machinery, logging, sys
 
@@ -34,7 +35,6 @@ SIMULATE = textwrap.dedent("""
 
     sys.meta_path.insert(0, AVX512BF16())
     {first}
-    from peft import PeftModel
     import bitsandbytes.backends.cpu.ops as ops
     assert ops.has_avx512bf16(), "the simulated CPU path was not taken"
     ops.logger.warning("another bitsandbytes warning")
