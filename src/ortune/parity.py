@@ -26,9 +26,10 @@ log = logging.getLogger("ortune")
 # 2-layer toy (logits ~1.5) and failed a correct 30-layer SmolLM2 export (logits ~30) at 1.1e-4. An error
 # in the final hidden state reaches the logits scaled by the lm_head rows, as their spread over the
 # vocabulary does (a shift shared by every logit changes no probability): measured against that spread,
-# fp32 rounding is the same size on both, 2-3e-5, and so is PyTorch float32 against float64 (README,
-# Export). An export bug is far above: one of SmolLM2's 210 weight tensors off by 1e-4 of its own spread
-# gives 2.7e-4, by 1e-3 2.7e-3 (with every label unchanged); a missing layer or a wrong rope, ~1.
+# fp32 rounding is the same size on both, 1-3e-5, and so is PyTorch float32 against float64 (README,
+# Export). An export bug is far above: one of SmolLM2's 210 linear weight tensors off by 1e-4 of its own
+# spread gives 2.7e-4, by 1e-3 2.7e-3 (with every label unchanged); a missing layer or a wrong rope theta
+# 3.5-6.3 on the tiny model (tests/test_export_stage.py).
 FP32_REL_TOLERANCE = 1e-4
 
 
@@ -133,9 +134,12 @@ def advice(precision: str, builder_logs: str) -> str:
         return ("fp32 rounds nothing, so this is an export bug (wrong or missing weights, a layer, rope or "
                 f"attention setting the builder got wrong), not a setting to tune: check the builder log ({builder_logs}), "
                 "rerun with ORTUNE_DEBUG=1 and report both")
-    if precision in ("int4", "int8"):
-        smaller = "precision=int8, " if precision == "int4" else "precision=fp32, "
-        return (f"quantize less: onnx.keep_float=[lm_head], {'onnx.last_matmul_int8=true, ' if precision == 'int4' else ''}"
-                f"a smaller onnx.block_size, {smaller}or train longer (decisive logits survive rounding)")
+    if precision == "int4":
+        return ("quantize less: onnx.keep_float=[lm_head], onnx.last_matmul_int8=true, a larger onnx.int8_share, "
+                "a smaller onnx.block_size, precision=int8 (or onnx.quantization=auto), or train longer (decisive "
+                "logits survive rounding)")
+    if precision == "int8":
+        return ("quantize less: onnx.keep_float=[lm_head], a smaller onnx.block_size, precision=fp32, or train "
+                "longer (decisive logits survive rounding)")
     # fp16 / bf16: half-precision activations, not weight quantization
     return "half precision changes labels here: precision=fp32 (or bf16 instead of fp16, whose range is narrower)"
