@@ -180,6 +180,7 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
     tables = [p for p in (run / "files" / "media" / "table").rglob("*.table.json")]
     predictions_table = next(json.loads(p.read_text()) for p in tables if "predictions" in p.name)
     assert predictions_table["columns"][:3] == ["text", "label", "prediction"]
+    assert "prediction_prompted" in predictions_table["columns"]  # what the prompted base answered, row by row
     assert len(predictions_table["data"]) == 24
     assert any("confusion_matrix" in p.name for p in tables), media
     assert list((run / "files" / "media" / "images").rglob("*.png")), "the confusion-matrix picture"
