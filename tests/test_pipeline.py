@@ -189,7 +189,9 @@ def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tm
     git remote and a DVC remote both can reach (the "shared storage")."""
     root, env = project
     origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    # a hosted remote's HEAD is the branch pushed to it (main); a bare `git init` points at master unless
+    # init.defaultBranch says otherwise, and the colleague's clone would then check out nothing
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], check=True)
     subprocess.run(["git", "remote", "set-url", "origin", str(origin)], cwd=root, env=env, check=True)
     yours = readme_block("You:")
     assert any("lora.r=" in command for command in yours), "the shared experiment must differ from conf/'s settings"

@@ -195,6 +195,14 @@ def run_command(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def failed_experiments() -> set[str]:
+    """The queued experiments DVC records as failed (names, or stash revisions for unnamed ones)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return {done.entry.name or done.entry.stash_rev[:7] for done in repo.experiments.celery_queue.iter_failed()}
+
+
 def _pipeline_paths(space: Workspace, texts: list[str]) -> list[str]:
     """params.yaml and every stage's outputs under each of these params.yaml texts."""
     outputs = {path for text in texts for path in locks.pipeline_outputs(yaml.safe_load(text) or {}, space.root / "dvc.yaml")}
@@ -214,7 +222,16 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
         # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
         with locks.hold([space.params], what, space.root):
             status = run_command(["dvc", "exp", "run", "--queue", *(f"-S{o}" for o in sweep)])
-        return status or run_command(["dvc", "exp", "run", "--run-all", "--jobs", "1"])
+        if status:
+            return status
+        failed_before = failed_experiments()
+        status = run_command(["dvc", "exp", "run", "--run-all", "--jobs", "1"])
+        # `--run-all` exits 0 when queued experiments fail: their failure must still fail `make sweep`
+        if failed := sorted(failed_experiments() - failed_before):
+            print(f"error: {len(failed)} experiment(s) of the sweep failed: {', '.join(failed)}; "
+                  f"`dvc queue logs {failed[0]}` shows why", file=sys.stderr)
+            return status or 1
+        return status
     target = composed_text(overrides)
     with locks.hold(_pipeline_paths(space, [target, space.current() or ""]), what, space.root):
         message = ACTIONS[action](space, overrides)
