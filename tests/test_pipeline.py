@@ -140,7 +140,8 @@ def test_a_sweep_trains_and_builds_each_experiments_own_settings(project):
     root, env = project
     make(project, "all")
     workspace_loss = read_metrics(root, "train.json")["final_loss"]
-    make(project, "sweep", "SWEEP=lora.r=8,32")
+    # fp32: the gate then checks the export alone; int4 on the random toy can miss 98 % by one near-tie (r=32: 0.965)
+    make(project, "sweep", "SWEEP=lora.r=8,32 precision=fp32")
     by_rank = experiments_by(root, env, "lora.r")
     losses = {r: by_rank[r].metrics["train.final_loss"] for r in (8, 32)}
     assert len({workspace_loss, *losses.values()}) == 3, (workspace_loss, losses)
