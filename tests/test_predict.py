@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import build_onnx
+from conftest import TINY_MODEL
 from export_helpers import PROMPT, REPO, make_project, stage_cfg
 
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
@@ -274,9 +275,11 @@ def test_make_predict_and_make_chat(model, tmp_path):
 
 @pytest.mark.slow
 def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
-    """fetch -> prepare -> train -> merge -> build_onnx (int4, parity gate on) with the default settings,
-    then predict on eval phrases: the labels are right, and int4 agrees with PyTorch >= 98 %."""
-    paths = [f"paths.{name}={tmp_path / name}" for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")]
+    """fetch -> prepare -> train -> merge -> build_onnx (int4, parity gate on) with the tiny model's defaults,
+    then predict on eval phrases: the labels are right, and int4 agrees with PyTorch >= 98 %. (The real
+    model's default run has its own test: tests/test_real_model.py.)"""
+    paths = [TINY_MODEL] + [f"paths.{name}={tmp_path / name}"
+                            for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")]
     for stage in ("fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx"):
         done = run(*paths, script=f"scripts/{stage}.py")
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"

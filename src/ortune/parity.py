@@ -25,12 +25,13 @@ log = logging.getLogger("ortune")
 # rounded and compounds through the layers, so an absolute bound cannot fit every model: 1e-4 passed the
 # 2-layer toy (logits ~1.5) and failed a correct 30-layer SmolLM2 export (logits ~30) at 1.1e-4. An error
 # in the final hidden state reaches the logits scaled by the lm_head rows, as their spread over the
-# vocabulary does (a shift shared by every logit changes no probability): measured against that spread,
-# fp32 rounding is the same size on both, 1-3e-5, and so is PyTorch float32 against float64 (README,
-# Export). An export bug is far above: one of SmolLM2's 210 linear weight tensors off by 1e-4 of its own
-# spread gives 2.7e-4, by 1e-3 2.7e-3 (with every label unchanged); a missing layer or a wrong rope theta
-# 3.5-6.3 on the tiny model (tests/test_export_stage.py).
-FP32_REL_TOLERANCE = 1e-4
+# vocabulary does (a shift shared by every logit changes no probability). Correct exports measured
+# 1-3e-5 of that spread on an AMD EPYC, but onnxruntime's kernels differ per CPU family: on an Intel Xeon
+# (AVX-512) the random two-adapter test model measured 1.9e-4, with every label and 3e-5 absolute
+# (README, Export). Export bugs sit far above 1e-3: a missing layer or a wrong rope theta 3.5-6.3, one
+# attention tensor of the tiny model off by 1e-4 of its own spread 1.6e-2 (tests/test_export_stage.py),
+# one SmolLM2 v_proj off by 1e-3 of its spread 2.7e-3 (by 1e-4: 2.7e-4, no label changed).
+FP32_REL_TOLERANCE = 1e-3
 
 
 class TorchReference:
