@@ -1,5 +1,9 @@
 """Stage 3: merge the LoRA adapter into the full-precision base (also after QLoRA).
 
+An adapter trained with train.method=qat (models/adapter/quantization_aware.json) is merged as it was
+trained: every linear weight of the merged model is written on that int4 grid, which the builder's
+quantizer then reproduces exactly.
+
 Reads: models/base/, models/adapter/, data/prepared/eval.jsonl (a few prompts for the check).
 Writes: models/merged/ (safetensors + tokenizer), metrics/merge.json (max |logit difference|
 between the merged model and base+adapter on those prompts).
@@ -9,12 +13,13 @@ between the merged model and base+adapter on those prompts).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, modeling, stage
+from ortune import data, modeling, quantize, stage
 from ortune.artifacts import atomic_dir
 from ortune.errors import OrtuneError
 
@@ -41,20 +46,27 @@ def run(cfg: DictConfig) -> dict:
             "it was trained on another base: retrain it on this one (dvc repro train_qlora)"
         ) from None
     model.eval()
+    grid = quantize.read_grid(cfg.paths.adapter)
+    if grid:
+        quantize.make_quantization_aware(model, grid["block_size"])
     rows = data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]
     prompts = [data.prompt_text(r["prompt"], cfg.paths.adapter) for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         adapter_logits = model(**batch).logits
         merged = model.merge_and_unload()
+        if grid:
+            quantize.round_merged(merged, grid["block_size"])
         merged_logits = merged(**batch).logits
     mask = batch["attention_mask"].bool()
     max_diff = (adapter_logits - merged_logits).abs()[mask].max().item()
     with atomic_dir(cfg.paths.merged) as out:
         merged.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    log.info("merged; max |logit diff| vs adapter model = %.2e", max_diff)
-    return {"max_abs_logit_diff": max_diff, "check_prompts": len(prompts)}
+        if grid:
+            (out / quantize.GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n", encoding="utf-8")
+    log.info("merged%s; max |logit diff| vs adapter model = %.2e", f" on the int4 grid (block {grid['block_size']})" if grid else "", max_diff)
+    return {"max_abs_logit_diff": max_diff, "check_prompts": len(prompts), "quantization_aware": grid}
 
 
 if __name__ == "__main__":

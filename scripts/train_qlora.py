@@ -6,6 +6,11 @@ Reads: models/base/, data/prepared/{train,eval}.jsonl, `lora.*`, `train.*`, `see
 
 - `train.method=qlora` trains against the base loaded in 4-bit (bitsandbytes nf4, double
   quantization; CPU and CUDA); merge later folds the adapter into the full-precision base.
+- `train.method=qat` trains the LoRA through the int4 grid the export will use (`train.qat.block_size`,
+  the builder's symmetric round-to-nearest): frozen layers hold their rounded weights, adapted layers
+  compute with their rounded merged weight (straight-through gradient), so the int4 model ships what
+  was trained (ortune.quantize; merge writes the rounded weights, models/adapter/quantization_aware.json
+  records the grid).
 - `train.loss=completion` (default) trains on the answer tokens only, `full` on the whole text.
 - Checkpoints every `train.save_steps` go to models/.checkpoints/adapter-<fingerprint>/, outside the
   outs DVC deletes: a run killed mid-training (SIGTERM: checkpoint at the next step; SIGKILL: the
@@ -13,19 +18,21 @@ Reads: models/base/, data/prepared/{train,eval}.jsonl, `lora.*`, `train.*`, `see
 - `train.num_processes=N` runs N processes (DDP) through torchrun or accelerate (ortune.launch).
 
     python scripts/train_qlora.py lora.r=8 train.method=qlora
+    python scripts/train_qlora.py train.method=qat train.qat.block_size=32 onnx.block_size=32 lora.dropout=0
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, launch, modeling, tracking
+from ortune import data, launch, modeling, quantize, tracking
 from ortune.artifacts import write_text_atomic
 from ortune.stage import Terminated
 
@@ -41,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
     base, prepared, adapter = Path(cfg.paths.base_model), Path(cfg.paths.prepared), Path(cfg.paths.adapter)
     train_rows = data.read_jsonl(prepared / "train.jsonl")
     eval_rows = data.read_jsonl(prepared / "eval.jsonl") if cfg.train.eval_strategy != "no" else []
-    code = [Path(__file__), Path(training.__file__), Path(modeling.__file__)]
+    code = [Path(__file__), Path(training.__file__), Path(modeling.__file__), Path(quantize.__file__)]
     checkpoints = training.checkpoint_dir(
         adapter, training.fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "eval.jsonl", *code])
     )
@@ -60,6 +67,10 @@ def run(cfg: DictConfig) -> dict:
         peft_config=training.peft_config(cfg.lora, model),
     )
     training.keep_adapter_dtype(cfg, trainer)
+    grid = quantize.grid_record(cfg.train.qat.block_size) if cfg.train.method == "qat" else None
+    if grid:
+        layers = quantize.make_quantization_aware(trainer.model, grid["block_size"])
+        log.info("quantization-aware: %d linear layers compute on the int4 grid (block %d)", layers, grid["block_size"])
     stopper = training.StopOnSigterm(can_save=cfg.train.save_steps > 0)
     trainer.add_callback(stopper)
     if tracking.current().active:
@@ -83,7 +94,8 @@ def run(cfg: DictConfig) -> dict:
         log.warning("%d training rows are longer than train.max_length=%d: truncated (rows that lost their "
                     "whole answer are dropped)", metrics["truncated_rows"], cfg.train.max_length)
 
-    training.save_adapter(trainer, checkpoints / "final", adapter)
+    extra = {quantize.GRID_FILE: json.dumps(grid, indent=2) + "\n"} if grid else None
+    training.save_adapter(trainer, checkpoints / "final", adapter, extra_files=extra)
     if trainer.is_world_process_zero():
         write_text_atomic(Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *training.loss_history(trainer)]))
         training.remove_checkpoints(checkpoints)

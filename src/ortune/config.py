@@ -93,9 +93,15 @@ class QloraConfig:
 
 
 @dataclass
+class QatConfig:
+    block_size: int = MISSING  # the int4 grid trained through; onnx.block_size must match
+
+
+@dataclass
 class TrainConfig:
-    method: str = MISSING  # lora | qlora
+    method: str = MISSING  # lora | qlora | qat
     qlora: QloraConfig = field(default_factory=QloraConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
     loss: str = MISSING  # completion | full
     seed: Optional[int] = MISSING
     data_seed: Optional[int] = MISSING
@@ -325,6 +331,36 @@ def _range_problems(cfg: DictConfig):
     yield from _train_problems(cfg.train)
     yield from _eval_problems(cfg.eval)
     yield from _onnx_problems(cfg.precision, cfg.onnx)
+    yield from _qat_problems(cfg)
+
+
+def _qat_problems(cfg: DictConfig):
+    """train.method=qat trains through one int4 grid: every int4 build must use exactly that grid."""
+    from ortune import export
+
+    if cfg.train.method != "qat":
+        return
+    block = cfg.train.qat.block_size
+    if problem := _choice("train.qat.block_size", block, export.BLOCK_SIZES):
+        yield problem
+    if cfg.lora.dropout:
+        yield (f"lora.dropout={cfg.lora.dropout} cannot apply with train.method=qat (the adapter trains through the "
+               "merged, rounded weight): set lora.dropout=0")
+    o = cfg.onnx
+    builds = ([onnx_candidate(cfg.precision, o, dict(entry)) for entry in o.candidates]
+              if o.quantization == "auto" else [(cfg.precision, o)])
+    for index, (precision, settings) in enumerate(builds):
+        if precision != "int4":
+            continue  # int8 and float builds hold the rounded weights as they are
+        where = f"onnx.candidates[{index}]" if o.quantization == "auto" else "onnx"
+        differs = [f"block_size={settings.block_size} (train.qat.block_size={block})"] if settings.block_size != block else []
+        differs += [f"{key}={settings[key]}" for key, plain in (("algorithm", "default"), ("int8_share", 0.0),
+                    ("keep_float", []), ("last_matmul_int8", False), ("adapter", "merged")) if settings[key] != plain]
+        if str(settings.extra_options.get("is_symmetric", "true")).lower() == "false":
+            differs.append("extra_options.is_symmetric=false")
+        if differs:
+            yield (f"train.method=qat trains through int4 block {block}, symmetric, onnx.algorithm=default, every layer "
+                   f"int4, merged; {where} builds int4 with {', '.join(differs)}: make them agree")
 
 
 # Schedulers that need no extra arguments (the others of transformers' SchedulerType fail without them).
@@ -373,7 +409,7 @@ def _lora_problems(lora: DictConfig):
 
 def _train_problems(t: DictConfig):
     choices = {
-        "method": ("lora", "qlora"), "loss": ("completion", "full"), "lr_scheduler_type": LR_SCHEDULERS,
+        "method": ("lora", "qlora", "qat"), "loss": ("completion", "full"), "lr_scheduler_type": LR_SCHEDULERS,
         "eval_strategy": ("no", "steps", "epoch"), "launcher": ("torchrun", "accelerate"),
     }
     for key, allowed in choices.items():

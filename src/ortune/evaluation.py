@@ -107,7 +107,7 @@ def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
         return OnnxGenerator(dirs["onnx"])
     if kind not in EVAL_COMPARABLE:
         raise OrtuneError(f"eval.compare: unknown model '{kind}'; use {', '.join(EVAL_COMPARABLE)}")
-    from ortune import modeling
+    from ortune import modeling, quantize
 
     folder = Path(dirs["base" if kind == "prompted" else kind])
     if not (folder / ("adapter_config.json" if kind == "adapter" else "config.json")).is_file():
@@ -120,6 +120,8 @@ def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
 
         # full-precision base, as merge uses: adapter vs merged then isolates merging, ONNX vs merged quantization
         model = PeftModel.from_pretrained(modeling.load_causal_lm(dirs["base"], trust_remote_code), str(folder))
+        if grid := quantize.read_grid(folder):  # trained through the int4 grid: judged as it computes
+            quantize.make_quantization_aware(model, grid["block_size"])
     else:
         model = modeling.load_causal_lm(folder, trust_remote_code)
     return TorchGenerator(model, modeling.load_tokenizer(folder, trust_remote_code))

@@ -138,3 +138,105 @@ def int8_overrides(units: list[tuple[int, str]], fused_gate_up: bool, excluded: 
     overrides += [{"match": {"name": node}, "type": "int8"}
                   for layer, unit in units for node in unit_nodes(layer, unit, fused_gate_up)]
     return {"quant_config": {"weights": {"overrides": overrides}}}
+
+
+# Quantization-aware LoRA (train.method=qat). The adapter trains through the weight the export will hold:
+# each adapted layer computes with round(W + scale * B @ A) on the builder's int4 grid, the rounding passed
+# over by the gradient (straight-through); every other linear layer holds its rounded weight from the start.
+# merge then writes that rounded merged weight, which the builder's quantizer reproduces exactly (a value on
+# the grid rounds to itself), so the int4 model computes what training optimised instead of a rounding of it.
+GRID_FILE = "quantization_aware.json"
+
+
+def round_to_grid(weight, block_size: int, bits: int = 4):
+    """A Linear weight (out, in) on MLAS's symmetric blockwise grid (`fake_quantize` in torch, bit-exact for
+    int4: the builder's default quantizer). Per block of `block_size` inputs (zero-padded), the value of largest
+    magnitude (the block's minimum on a tie) maps to the most negative code (scale = value / -2^(bits-1));
+    the rest round half away from zero."""
+    import torch
+
+    rows, cols = weight.shape
+    blocks = -(-cols // block_size)
+    padded = torch.nn.functional.pad(weight, (0, blocks * block_size - cols)).reshape(rows, blocks, block_size)
+    low, high = padded.amin(-1, keepdim=True), padded.amax(-1, keepdim=True)
+    peak = torch.where(high.abs() > low.abs(), high, low)  # MLAS: the minimum wins a tie in magnitude
+    half = 2 ** (bits - 1)
+    scale = peak / -half
+    reciprocal = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    # MLAS adds the zero point before rounding, in float32 (-0.50000006 + 8 is 7.5, which rounds to 8), and
+    # rounds half away from zero (C's roundf; floor(y + 0.5) would round 0.49999997 up in float32)
+    shifted = padded * reciprocal + half
+    whole = torch.trunc(shifted)
+    codes = (whole + torch.sign(shifted) * ((shifted - whole).abs() >= 0.5)).clamp(0, 2 * half - 1)
+    return ((codes - half) * scale).reshape(rows, blocks * block_size)[:, :cols]
+
+
+def _straight_through(weight, block_size: int):
+    return weight + (round_to_grid(weight.detach(), block_size) - weight).detach()
+
+
+def make_quantization_aware(model, block_size: int) -> int:
+    """Make a PEFT LoRA model compute as its int4 export will: frozen linear layers rounded in place (once),
+    LoRA layers through their rounded merged weight, trainable full layers (modules_to_save) through their
+    rounded weight. Returns how many linear layers are now on the grid."""
+    import types
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    def lora_forward(self, x, *args, **kwargs):
+        weight = self.get_base_layer().weight
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                weight = weight + self.get_delta_weight(name)
+        return torch.nn.functional.linear(x, _straight_through(weight, block_size), self.get_base_layer().bias)
+
+    def trainable_forward(self, x):
+        return torch.nn.functional.linear(x, _straight_through(self.weight, block_size), self.bias)
+
+    adapted = [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), torch.nn.Linear)]
+    inside = {id(p) for layer in adapted for m in (layer.lora_A, layer.lora_B) for p in m.parameters()}
+    inside |= {id(layer.get_base_layer().weight) for layer in adapted}
+    rounded: set[int] = set()
+    trainable = 0
+    for layer in adapted:
+        layer.forward = types.MethodType(lora_forward, layer)
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or id(module.weight) in inside:
+            continue
+        if module.weight.requires_grad:
+            module.forward = types.MethodType(trainable_forward, module)
+            trainable += 1
+        elif id(module.weight) not in rounded:  # a tied lm_head rounds the embeddings too: the builder shares them
+            with torch.no_grad():
+                module.weight.copy_(round_to_grid(module.weight, block_size))
+            rounded.add(id(module.weight))
+    return len(adapted) + trainable + len(rounded)
+
+
+def round_merged(model, block_size: int) -> None:
+    """After merge_and_unload: every linear layer's weight on the grid, as the adapter was trained."""
+    import torch
+
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.__dict__.pop("forward", None)  # a trainable copy's straight-through forward
+                if id(module.weight) not in seen:
+                    module.weight.copy_(round_to_grid(module.weight, block_size))
+                    seen.add(id(module.weight))
+
+
+def read_grid(folder) -> dict | None:
+    """The grid an adapter (or a merged model) was trained on, or None for plain LoRA."""
+    import json
+
+    path = Path(folder) / GRID_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def grid_record(block_size: int) -> dict:
+    return {"bits": 4, "block_size": block_size, "symmetric": True, "algorithm": "default",
+            "what": "trained through the builder's int4 grid (ortune.quantize.round_to_grid); build it as int4 "
+                    "with this block_size, onnx.algorithm=default"}

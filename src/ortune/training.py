@@ -34,7 +34,7 @@ TRANSLATED = (
     "gradient_checkpointing",
 )
 BEFORE_TRAINER = (
-    "method", "qlora", "num_processes", "num_nodes", "node_rank", "master_addr", "master_port", "launcher",
+    "method", "qlora", "qat", "num_processes", "num_nodes", "node_rank", "master_addr", "master_port", "launcher",
     "accelerate_config",
 )
 # Inputs whose versions change the trained weights: part of the checkpoint fingerprint.
@@ -346,15 +346,17 @@ def remove_checkpoints(folder: Path) -> None:
         folder.parent.rmdir()
 
 
-def save_adapter(trainer: Trainer, staging: Path, adapter: Path) -> None:
+def save_adapter(trainer: Trainer, staging: Path, adapter: Path, extra_files: dict[str, str] | None = None) -> None:
     """Every process calls this: under FSDP or DeepSpeed the adapter's shards are gathered first.
-    Process 0 then moves it (and the tokenizer) into place atomically."""
+    Process 0 then moves it (the tokenizer, and `extra_files`: name -> text) into place atomically."""
     from ortune.artifacts import atomic_dir
 
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         with atomic_dir(adapter) as out:
             for item in staging.iterdir():
                 # the pickled trainer arguments hold this run's paths: not part of the adapter
