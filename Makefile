@@ -110,5 +110,5 @@ import-data: export ORTUNE_IMPORT_URL = $(value URL)
 import-data: export ORTUNE_IMPORT_OUT = $(value OUT)
 import-data: export ORTUNE_IMPORT_HF_CONFIG = $(value HF_CONFIG)
 import-data: export ORTUNE_IMPORT_HF_SPLIT = $(value HF_SPLIT)
-import-data: setup ## Bring a remote dataset under DVC: make import-data URL=https://.../x.jsonl [OUT=data/raw/x.jsonl] (s3, gs, azure, hf: README)
+import-data: setup ## Bring a remote dataset under DVC: make import-data URL=https://.../x.jsonl [OUT=data/raw/x.jsonl] (s3, gs, azure, hf: docs/data.md)
 	@$(PY) scripts/import_data.py
