@@ -56,8 +56,8 @@ def build(model_dir: Path, out: Path, precision: str, provider: str = "cpu", *ov
 
 
 def readme_pairs() -> dict[str, dict[str, str]]:
-    """The README's precision x provider table: {precision: {provider: cell}}."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """docs/export.md's precision x provider table: {precision: {provider: cell}}."""
+    text = (REPO / "docs/export.md").read_text(encoding="utf-8")
     header = "| precision | cpu | cuda | dml | webgpu |"
     assert header in text
     rows = {}

@@ -86,7 +86,7 @@ def test_a_runs_own_stages_and_their_workers_may_write_what_it_holds(checkout):
 
 
 def test_a_stage_run_by_hand_is_refused_while_a_pipeline_writes_its_outputs(tmp_path):
-    """The README advertises running a stage by hand; during `make all` that must not clobber its outputs."""
+    """The README and docs/ advertise running a stage by hand; during `make all` that must not clobber its outputs."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
     env.pop(locks.OWNERS_ENV, None)

@@ -169,15 +169,15 @@ def test_a_sweep_trains_and_builds_each_experiments_own_settings(project):
 
 
 def readme_block(after: str) -> list[str]:
-    """The commands of the first ```bash block after the line `after` in README.md's sharing section."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("### Share an experiment with a colleague"):]
+    """The commands of the first ```bash block after the line `after` in docs/experiments.md's sharing section."""
+    text = (REPO / "docs/experiments.md").read_text(encoding="utf-8")
+    section = text[text.index("## Share an experiment with a colleague"):]
     block = section[section.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
 def run_block(commands: list[str], cwd: Path, env: dict) -> dict[str, str]:
-    """Run README commands in one shell, in order, stopping at the first failure; output per command."""
+    """Run documented commands in one shell, in order, stopping at the first failure; output per command."""
     marker = f"--- {uuid.uuid4().hex} ---"
     script = "set -euo pipefail\n" + "".join(f"echo '{marker}'\n{command}\n" for command in commands)
     done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
@@ -186,7 +186,7 @@ def run_block(commands: list[str], cwd: Path, env: dict) -> dict[str, str]:
 
 
 def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tmp_path):
-    """README.md's "Share an experiment" blocks, command by command, between two fresh clones, a bare
+    """docs/experiments.md's "Share an experiment" blocks, command by command, between two fresh clones, a bare
     git remote and a DVC remote both can reach (the "shared storage")."""
     root, env = project
     origin = tmp_path / "origin.git"

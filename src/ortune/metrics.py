@@ -1,4 +1,4 @@
-"""Turning generations into labels, and classification scores (documented in the README)."""
+"""Turning generations into labels, and classification scores (documented in docs/evaluation.md)."""
 
 from __future__ import annotations
 

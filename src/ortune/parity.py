@@ -28,7 +28,7 @@ log = logging.getLogger("ortune")
 # vocabulary does (a shift shared by every logit changes no probability). Correct exports measured
 # 1-3e-5 of that spread on an AMD EPYC, but onnxruntime's kernels differ per CPU family: on an Intel Xeon
 # (AVX-512) the random two-adapter test model measured 1.9e-4, with every label and 3e-5 absolute
-# (README, Export). Export bugs sit far above 1e-3: a missing layer or a wrong rope theta 3.5-6.3, one
+# (docs/export.md). Export bugs sit far above 1e-3: a missing layer or a wrong rope theta 3.5-6.3, one
 # attention tensor of the tiny model off by 1e-4 of its own spread 1.6e-2 (tests/test_export_stage.py),
 # one SmolLM2 v_proj off by 1e-3 of its spread 2.7e-3 (by 1e-4: 2.7e-4, no label changed).
 FP32_REL_TOLERANCE = 1e-3
