@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, export, model_card, onnx_adapters, parity, stage
+from ortune import data, export, model_card, onnx_adapters, parity, quantize, stage
 from ortune.artifacts import atomic_dir, owned_temp_dir
 from ortune.errors import OrtuneError
 
@@ -143,6 +143,7 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     source = Path(cfg.paths.merged if o.adapter == "merged" else cfg.paths.base_model)
     export.check_k_quant_blocks(source, precision, o)
     export.check_tied_asymmetric(source, precision, o)
+    quantize.check_grid(source, precision, o.block_size, o.algorithm, o.int8_share)
     if o.adapter == "merged":
         options = export.builder_options(precision, o, trust_remote_code=cfg.model.trust_remote_code)
         target = mixed_precision(cfg, options) if o.int8_share else None
@@ -192,7 +193,7 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
     """Builder target options keeping the onnx.int8_share most sensitive units of the merged model int8."""
     import torch
 
-    from ortune import modeling, quantize
+    from ortune import modeling
 
     o, merged = cfg.onnx, Path(cfg.paths.merged)
     model = modeling.load_causal_lm(merged, cfg.model.trust_remote_code).eval()

@@ -90,6 +90,7 @@ def test_merge_writes_every_linear_weight_on_the_grid(qat_run):
     (["onnx.block_size=32", "onnx.keep_float=[lm_head]"], r"onnx builds int4 with keep_float=\['lm_head'\]"),
     (["onnx.block_size=32", "onnx.quantization=auto", "onnx.candidates=[{},{precision:int4,block_size:64},{precision:int8}]"],
      r"onnx.candidates\[1\] builds int4 with block_size=64"),
+    (["onnx.block_size=32", "onnx.adapter=separate"], r"set onnx.adapter=merged"),
 ])
 def test_settings_that_would_build_another_grid_are_refused_in_one_line(tmp_path, overrides, message):
     with pytest.raises(OrtuneError, match=message) as caught:
@@ -101,3 +102,28 @@ def test_qat_with_int8_and_float_candidates_is_accepted(tmp_path):
     cfg = compose(tmp_path, "train.method=qat", "train.qat.block_size=32", "onnx.block_size=32", "lora.dropout=0",
                   "onnx.quantization=auto", "onnx.candidates=[{},{precision:int8},{precision:fp32}]", stage=None)
     assert cfg.train.method == "qat" and len(cfg.onnx.candidates) == 3
+
+
+def test_a_merged_model_on_one_grid_is_not_built_on_another(tmp_path):
+    """A merged model trained through block 16, built at block 32 by settings that do not say qat: refused."""
+    (tmp_path / quantize.GRID_FILE).write_text(json.dumps(quantize.grid_record(16)))
+    with pytest.raises(OrtuneError, match=r"trained through int4 block 16 .* set onnx.block_size=16"):
+        quantize.check_grid(tmp_path, "int4", 32, "default", 0.0)
+    quantize.check_grid(tmp_path, "int4", 16, "default", 0.0)
+    quantize.check_grid(tmp_path, "int8", 32, "default", 0.0)  # int8 holds the rounded weights as they are
+
+
+@pytest.mark.slow
+def test_the_int4_build_computes_what_the_quantization_aware_model_computes(qat_run):
+    """The builder's int4 model of a qat-merged model holds exactly its weights: with float activations
+    (accuracy_level 1) its logits match PyTorch's within the fp32 target, as an fp32 export's do."""
+    import build_onnx
+
+    root, _, _, merged, _ = qat_run
+    out = root / "qat" / "onnx"
+    cfg = compose(root, f"paths.merged={merged}", f"paths.onnx={out}", f"paths.metrics={root / 'qat' / 'metrics'}",
+                  "train.method=qat", "train.qat.block_size=16", "onnx.block_size=16", "lora.dropout=0",
+                  "precision=int4", "onnx.accuracy_level=1", "onnx.parity_prompts=16", stage="build_onnx")
+    metrics = build_onnx.run(cfg)
+    assert metrics["parity"]["label_agreement"] == 1.0
+    assert metrics["parity"]["max_rel_logit_diff"] < 1e-3, metrics["parity"]

@@ -347,6 +347,9 @@ def _qat_problems(cfg: DictConfig):
         yield (f"lora.dropout={cfg.lora.dropout} cannot apply with train.method=qat (the adapter trains through the "
                "merged, rounded weight): set lora.dropout=0")
     o = cfg.onnx
+    if o.adapter != "merged":
+        yield ("train.method=qat ships its adapter merged into the rounded weights (an unmerged base would be "
+               "float or another rounding): set onnx.adapter=merged")
     builds = ([onnx_candidate(cfg.precision, o, dict(entry)) for entry in o.candidates]
               if o.quantization == "auto" else [(cfg.precision, o)])
     for index, (precision, settings) in enumerate(builds):
@@ -355,7 +358,7 @@ def _qat_problems(cfg: DictConfig):
         where = f"onnx.candidates[{index}]" if o.quantization == "auto" else "onnx"
         differs = [f"block_size={settings.block_size} (train.qat.block_size={block})"] if settings.block_size != block else []
         differs += [f"{key}={settings[key]}" for key, plain in (("algorithm", "default"), ("int8_share", 0.0),
-                    ("keep_float", []), ("last_matmul_int8", False), ("adapter", "merged")) if settings[key] != plain]
+                    ("keep_float", []), ("last_matmul_int8", False)) if settings[key] != plain]
         if str(settings.extra_options.get("is_symmetric", "true")).lower() == "false":
             differs.append("extra_options.is_symmetric=false")
         if differs:

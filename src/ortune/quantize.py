@@ -236,6 +236,17 @@ def read_grid(folder) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def check_grid(merged, precision: str, block_size: int, algorithm: str, int8_share: float) -> None:
+    """A merged model trained through an int4 grid builds int4 on that grid only (one line otherwise)."""
+    from ortune.errors import OrtuneError
+
+    grid = read_grid(merged)
+    if grid and precision == "int4" and (block_size, algorithm, int8_share) != (grid["block_size"], "default", 0.0):
+        raise OrtuneError(f"{merged}: trained through int4 block {grid['block_size']} (train.method=qat), built as int4 "
+                          f"block {block_size}, onnx.algorithm={algorithm}, onnx.int8_share={int8_share}: set "
+                          f"onnx.block_size={grid['block_size']} onnx.algorithm=default onnx.int8_share=0, or retrain")
+
+
 def grid_record(block_size: int) -> dict:
     return {"bits": 4, "block_size": block_size, "symmetric": True, "algorithm": "default",
             "what": "trained through the builder's int4 grid (ortune.quantize.round_to_grid); build it as int4 "
