@@ -20,7 +20,9 @@ from ortune.errors import OrtuneError, unexpected
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with the built ONNX model.")
-    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help=f"model folder (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model", type=Path, default=Path(DEFAULT_MODEL), help=f"model folder (default {DEFAULT_MODEL})"
+    )
     parser.add_argument("--adapter", default="auto", help="adapter to activate; 'none': the bare base")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens (default 128)")
     parser.add_argument("--system", default=None, help="a system message opening the conversation")

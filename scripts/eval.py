@@ -38,14 +38,23 @@ def run(cfg: DictConfig) -> dict:
     asked = {}
     if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded
         asked["prompts"], asked["format"] = evaluation.prompted_prompts(cfg, rows, labels, train)
-        log.info("prompted baseline (%s, %d shots), first prompt: %r", asked["format"], cfg.eval.baseline_shots,
-                 asked["prompts"][0])
+        log.info(
+            "prompted baseline (%s, %d shots), first prompt: %r",
+            asked["format"],
+            cfg.eval.baseline_shots,
+            asked["prompts"][0],
+        )
     results = {}
     for kind in ["onnx", *cfg.eval.compare]:
         spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts)
         results[kind] = evaluation.judge_in_fresh_process(spec)
-        log.info("%-7s judged in %.1f s: %.2f ms/token, %.0f MB peak", kind, results[kind]["eval_seconds"],
-                 results[kind]["ms_per_token"], results[kind]["peak_memory_mb"])
+        log.info(
+            "%-7s judged in %.1f s: %.2f ms/token, %.0f MB peak",
+            kind,
+            results[kind]["eval_seconds"],
+            results[kind]["ms_per_token"],
+            results[kind]["peak_memory_mb"],
+        )
     if asked:
         results["prompted"].update(prompt_format=asked["format"], shots=cfg.eval.baseline_shots)
     metrics, predictions = evaluation.summarize(rows, labels, train, results)
@@ -57,20 +66,37 @@ def run(cfg: DictConfig) -> dict:
     matrix = evaluation.shipped_confusion(rows, labels, predictions)
     png = Path(cfg.paths.plots) / "confusion_matrix.png"
     plots.write_confusion_png(
-        matrix, labels, png,
+        matrix,
+        labels,
+        png,
         f"ONNX model on {len(rows)} rows: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
     )
     plots.write_per_class_csv(metrics["per_class"], Path(cfg.paths.plots) / "per_class_f1.csv")
     _log_media(tracking.current(), lines, labels, png)
     for kind, scores in metrics["runtimes"].items():
-        log.info("%-7s accuracy %.3f, macro-F1 %.3f, unparsed %d, agrees with ONNX on %.1f%%", kind,
-                 scores["accuracy"], scores["macro_f1"], scores["unparsed"], 100 * scores["agreement_with_onnx"])
-    log.info("shipped ONNX: accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, TTFT %.1f ms, %.2f ms/token",
-             metrics["accuracy"], metrics["majority_baseline"], metrics["macro_f1"], metrics["ttft_ms"],
-             metrics["ms_per_token"])
+        log.info(
+            "%-7s accuracy %.3f, macro-F1 %.3f, unparsed %d, agrees with ONNX on %.1f%%",
+            kind,
+            scores["accuracy"],
+            scores["macro_f1"],
+            scores["unparsed"],
+            100 * scores["agreement_with_onnx"],
+        )
+    log.info(
+        "shipped ONNX: accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, TTFT %.1f ms, %.2f ms/token",
+        metrics["accuracy"],
+        metrics["majority_baseline"],
+        metrics["macro_f1"],
+        metrics["ttft_ms"],
+        metrics["ms_per_token"],
+    )
     if "prompted_baseline_accuracy" in metrics:
-        log.info("prompted untuned base: accuracy %.3f, %d of %d answers name no label", metrics["prompted_baseline_accuracy"],
-                 metrics["prompted_baseline_unparsed"], metrics["n"])
+        log.info(
+            "prompted untuned base: accuracy %.3f, %d of %d answers name no label",
+            metrics["prompted_baseline_accuracy"],
+            metrics["prompted_baseline_unparsed"],
+            metrics["n"],
+        )
     return metrics
 
 
@@ -83,16 +109,23 @@ def _log_media(tracker: tracking.Tracker, lines: list[dict], labels: list[str], 
     others = [kind for kind in lines[0]["predictions"] if kind != "onnx"] if lines else []
     table = wandb.Table(columns=["text", "label", "prediction", "generation", *(f"prediction_{k}" for k in others)])
     for line in lines:
-        table.add_data(line["prompt"], line["label"], line["prediction"] or UNPARSED, line["generation"],
-                       *(line["predictions"][k] or UNPARSED for k in others))
+        table.add_data(
+            line["prompt"],
+            line["label"],
+            line["prediction"] or UNPARSED,
+            line["generation"],
+            *(line["predictions"][k] or UNPARSED for k in others),
+        )
     classes = [*labels, UNPARSED]
     truth = [classes.index(line["label"]) for line in lines]
     predicted = [classes.index(line["prediction"] or UNPARSED) for line in lines]
-    tracker.log_media({
-        "eval/predictions": table,
-        "eval/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted, class_names=classes),
-        "eval/confusion_matrix_png": wandb.Image(str(png)),
-    })
+    tracker.log_media(
+        {
+            "eval/predictions": table,
+            "eval/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted, class_names=classes),
+            "eval/confusion_matrix_png": wandb.Image(str(png)),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def run(cfg: DictConfig) -> dict:
             path, version = modeling.packaged_gguf(package)
             log.info("converting %s from %s %s to float32 safetensors", package.file, package.name, version)
             info = modeling.convert_gguf(path, out_dir, f"model.gguf_package={package.name}:{package.file}")
-            info.update(gguf_file=package.file, gguf_package=package.name, gguf_package_version=version,
-                        resolved_revision=None)
+            info.update(
+                gguf_file=package.file, gguf_package=package.name, gguf_package_version=version, resolved_revision=None
+            )
         elif model_cfg.source == "tiny":
             if model_cfg.tiny is None:
                 raise OrtuneError("model.tiny: missing; the tiny model needs its sizes (see conf/model/tiny-phi3.yaml)")

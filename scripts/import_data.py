@@ -29,8 +29,18 @@ from ortune.data import FORMATS
 from ortune.errors import OrtuneError
 
 # scheme -> the `dvc[...]` extra (and its module) that lets DVC read it; http(s) ships with dvc
-PLUGINS = {"s3": "s3", "gs": "gs", "azure": "azure", "ssh": "ssh", "gdrive": "gdrive", "oss": "oss",
-           "webdav": "webdav", "webdavs": "webdav", "hdfs": "hdfs", "webhdfs": "webhdfs"}
+PLUGINS = {
+    "s3": "s3",
+    "gs": "gs",
+    "azure": "azure",
+    "ssh": "ssh",
+    "gdrive": "gdrive",
+    "oss": "oss",
+    "webdav": "webdav",
+    "webdavs": "webdav",
+    "hdfs": "hdfs",
+    "webhdfs": "webhdfs",
+}
 BUILT_IN = ("http", "https")
 
 
@@ -38,15 +48,19 @@ def hf_url(url: str, config: str, split: str, endpoint: str) -> tuple[str, str]:
     """(the https URL DVC downloads, a default file name) for an hf://datasets/... address."""
     parts = url.removeprefix("hf://datasets/").strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
-        raise OrtuneError(f"URL={url}: a Hugging Face dataset is hf://datasets/OWNER/NAME (one config and split, "
-                          "HF_CONFIG/HF_SPLIT) or hf://datasets/OWNER/NAME[@REV]/PATH (one file of the repo)")
+        raise OrtuneError(
+            f"URL={url}: a Hugging Face dataset is hf://datasets/OWNER/NAME (one config and split, "
+            "HF_CONFIG/HF_SPLIT) or hf://datasets/OWNER/NAME[@REV]/PATH (one file of the repo)"
+        )
     owner, name = parts[0], parts[1]
     name, _, revision = name.partition("@")
     base = f"{endpoint.rstrip('/')}/datasets/{owner}/{name}/resolve"
     if len(parts) == 2:
         if revision:
-            raise OrtuneError(f"URL={url}: the Parquet conversion of a dataset has no revisions; drop @{revision}, "
-                              "or import a file of that revision: hf://datasets/OWNER/NAME@REV/PATH")
+            raise OrtuneError(
+                f"URL={url}: the Parquet conversion of a dataset has no revisions; drop @{revision}, "
+                "or import a file of that revision: hf://datasets/OWNER/NAME@REV/PATH"
+            )
         # the Hub's Parquet conversion holds every config and split of a dataset, whatever its own format
         path = f"{quote(config, safe='')}/{quote(split, safe='')}/0000.parquet"
         return f"{base}/{quote('refs/convert/parquet', safe='')}/{path}", f"{name}-{config}-{split}.parquet"
@@ -60,8 +74,10 @@ def resolve(url: str, out: str, config: str, split: str, endpoint: str, root: Pa
         raise OrtuneError("URL is empty: make import-data URL=https://host/path/data.jsonl [OUT=data/raw/name.jsonl]")
     scheme = urlsplit(url).scheme.lower()
     if scheme == "azureml":
-        raise OrtuneError(f"URL={url}: DVC cannot read Azure ML datastore URIs; use the storage behind the datastore, "
-                          "azure://CONTAINER/PATH (needs dvc[azure]), or an https URL with a SAS token")
+        raise OrtuneError(
+            f"URL={url}: DVC cannot read Azure ML datastore URIs; use the storage behind the datastore, "
+            "azure://CONTAINER/PATH (needs dvc[azure]), or an https URL with a SAS token"
+        )
     if scheme == "hf":
         url, name = hf_url(url, config or "default", split or "train", endpoint)
     elif scheme in PLUGINS:
@@ -69,32 +85,41 @@ def resolve(url: str, out: str, config: str, split: str, endpoint: str, root: Pa
         if importlib.util.find_spec(f"dvc_{extra}") is None:
             import dvc
 
-            raise OrtuneError(f"URL={url}: DVC reads {scheme}:// with its '{extra}' extra, not installed here: "
-                              f".venv/bin/pip install 'dvc[{extra}]=={dvc.__version__}'")
+            raise OrtuneError(
+                f"URL={url}: DVC reads {scheme}:// with its '{extra}' extra, not installed here: "
+                f".venv/bin/pip install 'dvc[{extra}]=={dvc.__version__}'"
+            )
         name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
     elif scheme in BUILT_IN:
         name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
     elif scheme in ("", "file") or len(scheme) == 1:  # a local path (a Windows drive letter looks like a scheme)
         name = Path(unquote(urlsplit(url).path) if scheme == "file" else url).name
     else:
-        raise OrtuneError(f"URL={url}: scheme '{scheme}' unknown; use http(s)://, hf://datasets/, "
-                          f"{'://, '.join(PLUGINS)}:// or a local path")
+        raise OrtuneError(
+            f"URL={url}: scheme '{scheme}' unknown; use http(s)://, hf://datasets/, "
+            f"{'://, '.join(PLUGINS)}:// or a local path"
+        )
     if out:
         target = Path(out)
     elif Path(name).suffix.lower() in FORMATS:
         target = Path("data/raw") / name
     else:
-        raise OrtuneError(f"URL={url}: its name ({name or 'none'}) does not say the format; "
-                          f"set OUT=data/raw/NAME with one of {', '.join(FORMATS)} (or a folder name)")
+        raise OrtuneError(
+            f"URL={url}: its name ({name or 'none'}) does not say the format; "
+            f"set OUT=data/raw/NAME with one of {', '.join(FORMATS)} (or a folder name)"
+        )
     if target.suffix and target.suffix.lower() not in FORMATS:
-        raise OrtuneError(f"OUT={target}: data.path reads {', '.join(FORMATS)} files or folders of them; "
-                          "name OUT with its format's suffix")
+        raise OrtuneError(
+            f"OUT={target}: data.path reads {', '.join(FORMATS)} files or folders of them; "
+            "name OUT with its format's suffix"
+        )
     absolute = (root / target).resolve()
     if not absolute.is_relative_to(root.resolve()):
         raise OrtuneError(f"OUT={target}: outside the repository; DVC tracks files inside it, e.g. data/raw/NAME")
     if absolute.with_name(absolute.name + ".dvc").exists():
-        raise OrtuneError(f"OUT={target}: already imported; fetch its newest version with: "
-                          f"dvc update {shlex.quote(str(target))}.dvc")
+        raise OrtuneError(
+            f"OUT={target}: already imported; fetch its newest version with: dvc update {shlex.quote(str(target))}.dvc"
+        )
     if absolute.exists():
         raise OrtuneError(f"OUT={target}: already exists; choose another OUT or remove it first")
     return url, target
@@ -104,26 +129,36 @@ def main() -> int:
     env = os.environ
     root = Path.cwd()
     try:
-        url, out = resolve(env.get("ORTUNE_IMPORT_URL", ""), env.get("ORTUNE_IMPORT_OUT", ""),
-                           env.get("ORTUNE_IMPORT_HF_CONFIG", ""), env.get("ORTUNE_IMPORT_HF_SPLIT", ""),
-                           env.get("HF_ENDPOINT") or "https://huggingface.co", root)
+        url, out = resolve(
+            env.get("ORTUNE_IMPORT_URL", ""),
+            env.get("ORTUNE_IMPORT_OUT", ""),
+            env.get("ORTUNE_IMPORT_HF_CONFIG", ""),
+            env.get("ORTUNE_IMPORT_HF_SPLIT", ""),
+            env.get("HF_ENDPOINT") or "https://huggingface.co",
+            root,
+        )
         print(f"importing {url} -> {out}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "dvc", "import-url", url, str(out)], cwd=root,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "import-url", url, str(out)], cwd=root, capture_output=True, text=True
+        )
         if done.returncode != 0:
             lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-            reason = next((line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")),
-                          lines[-1] if lines else f"exit status {done.returncode}")
+            reason = next(
+                (line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")),
+                lines[-1] if lines else f"exit status {done.returncode}",
+            )
             raise OrtuneError(f"dvc import-url {url}: {reason}")
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     quoted = shlex.quote(str(out))
-    print(f"imported into {out} (tracked by {out}.dvc: git add {shlex.quote(str(out) + '.dvc')} "
-          f"{shlex.quote(str(out.parent / '.gitignore'))})\n"
-          f"use it:     make all ARGS=\"data.path={out}\"  (or data.path in conf/data/)\n"
-          f"refresh it: dvc update {quoted}.dvc  (then make all reruns the stages that read it)")
+    print(
+        f"imported into {out} (tracked by {out}.dvc: git add {shlex.quote(str(out) + '.dvc')} "
+        f"{shlex.quote(str(out.parent / '.gitignore'))})\n"
+        f'use it:     make all ARGS="data.path={out}"  (or data.path in conf/data/)\n'
+        f"refresh it: dvc update {quoted}.dvc  (then make all reruns the stages that read it)"
+    )
     return 0
 
 

@@ -30,9 +30,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Classify phrases with the built ONNX model.")
     parser.add_argument("text", nargs="*", help="phrase(s) to classify; none: read --file or stdin")
     parser.add_argument("--file", type=Path, help="a UTF-8 text file, one phrase per line")
-    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help=f"model folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--adapter", default="auto",
-                        help="adapter to activate (onnx.adapter=separate builds); default: the pipeline's own; 'none': the bare base")
+    parser.add_argument(
+        "--model", type=Path, default=Path(DEFAULT_MODEL), help=f"model folder (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--adapter",
+        default="auto",
+        help="adapter to activate (onnx.adapter=separate builds); default: the pipeline's own; 'none': the bare base",
+    )
     parser.add_argument("--show", action="store_true", help="also print the raw generation")
     return parser.parse_args(argv)
 
@@ -73,8 +78,9 @@ def utf8(payload: bytes, source: str) -> str:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = payload[: exc.start].count(b"\n") + 1
-        raise OrtuneError(f"{source}: not UTF-8 text (byte 0x{payload[exc.start]:02x} on line {line}); "
-                          "re-save it as UTF-8") from None
+        raise OrtuneError(
+            f"{source}: not UTF-8 text (byte 0x{payload[exc.start]:02x} on line {line}); re-save it as UTF-8"
+        ) from None
 
 
 def main(argv: list[str]) -> int:

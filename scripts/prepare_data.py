@@ -42,8 +42,9 @@ def run(cfg: DictConfig) -> dict:
     # from a refusal. The merge is never silent: logged here and listed in metrics/data.json.
     normalized = data.normalize_labels(rows, spec.label_field, allowed)
     for spelling, kept in normalized.items():
-        log.warning("label %r read as %r (labels differing only by case or surrounding spaces are one class)",
-                    spelling, kept)
+        log.warning(
+            "label %r read as %r (labels differing only by case or surrounding spaces are one class)", spelling, kept
+        )
     if allowed is not None:
         data.check_label_set(rows, spec.label_field, allowed, spec.path)
     data.check_predictable(sorted({str(r[spec.label_field]) for r in rows}), spec.path)
@@ -51,9 +52,15 @@ def run(cfg: DictConfig) -> dict:
     conflicts = data.find_conflicts(rows, input_fields, spec.label_field)
     if conflicts:
         kept, dropped = conflicts[0]
-        log.warning("%d row(s) repeat an earlier input with another label; the first row's label is kept, e.g. "
-                    "%s (%s) over %s (%s); all listed in metrics/data.json", len(conflicts), where(kept),
-                    kept[spec.label_field], where(dropped), dropped[spec.label_field])
+        log.warning(
+            "%d row(s) repeat an earlier input with another label; the first row's label is kept, e.g. "
+            "%s (%s) over %s (%s); all listed in metrics/data.json",
+            len(conflicts),
+            where(kept),
+            kept[spec.label_field],
+            where(dropped),
+            dropped[spec.label_field],
+        )
     unique, duplicates = data.drop_duplicates(rows, input_fields)
     train_rows, eval_rows = data.stratified_split(unique, spec.label_field, spec.eval_fraction, cfg.seed)
 
@@ -77,8 +84,13 @@ def run(cfg: DictConfig) -> dict:
         # included in duplicates_dropped: same input, another label; the first row's label is kept
         "conflicts": len(conflicts),
         "conflict_rows": [
-            {"input": " | ".join(str(dropped[f]) for f in input_fields), "kept": str(kept[spec.label_field]),
-             "kept_at": where(kept), "dropped": str(dropped[spec.label_field]), "dropped_at": where(dropped)}
+            {
+                "input": " | ".join(str(dropped[f]) for f in input_fields),
+                "kept": str(kept[spec.label_field]),
+                "kept_at": where(kept),
+                "dropped": str(dropped[spec.label_field]),
+                "dropped_at": where(dropped),
+            }
             for kept, dropped in conflicts[:SHOWN]
         ],
         "normalized_labels": normalized,
@@ -86,8 +98,9 @@ def run(cfg: DictConfig) -> dict:
         "eval_rows": len(evaluation),
         "train_label_counts": train_counts,
         "eval_label_counts": eval_counts,
-        "rows_per_label": {label: {"train": train_counts.get(label, 0), "eval": eval_counts.get(label, 0)}
-                           for label in labels},
+        "rows_per_label": {
+            label: {"train": train_counts.get(label, 0), "eval": eval_counts.get(label, 0)} for label in labels
+        },
         "majority_baseline": majority_baseline([r["label"] for r in train], [r["label"] for r in evaluation]),
         "train_eval_overlap": overlap,
         **lengths,
@@ -103,8 +116,13 @@ def token_report(cfg: DictConfig, source_rows: list[dict], rendered: list[dict],
     if not base.is_dir():
         reason = f"no base model at {base} (run fetch_model first) to count tokens with"
         log.warning("token lengths not measured: %s", reason)
-        return {"token_lengths": None, "token_lengths_skipped": reason, "max_length": cfg.train.max_length,
-                "rows_over_max_length": None, "warnings": []}
+        return {
+            "token_lengths": None,
+            "token_lengths_skipped": reason,
+            "max_length": cfg.train.max_length,
+            "rows_over_max_length": None,
+            "warnings": [],
+        }
     from ortune import modeling
 
     tokenizer = modeling.load_tokenizer(base, cfg.model.trust_remote_code)
@@ -116,15 +134,19 @@ def token_report(cfg: DictConfig, source_rows: list[dict], rendered: list[dict],
         if over:
             shown = ", ".join(f"{place} ({total} tokens)" for place, total in over[:SHOWN])
             more = f" and {len(over) - SHOWN} more" if len(over) > SHOWN else ""
-            raise OrtuneError(f"{len(over)} row(s) are longer than the model's context of {context} tokens "
-                              f"({base}/config.json): {shown}{more}; shorten or remove them")
+            raise OrtuneError(
+                f"{len(over)} row(s) are longer than the model's context of {context} tokens "
+                f"({base}/config.json): {shown}{more}; shorten or remove them"
+            )
     max_length = cfg.train.max_length
     long_rows = [where(row) for row, total in zip(source_rows, totals) if total > max_length]
     warnings = []
     if long_rows:
-        warnings.append(f"{len(long_rows)} row(s) are longer than train.max_length={max_length} tokens and are "
-                        f"truncated in training (those that lose their whole answer teach nothing), e.g. "
-                        f"{', '.join(long_rows[:SHOWN])}; raise train.max_length or shorten them")
+        warnings.append(
+            f"{len(long_rows)} row(s) are longer than train.max_length={max_length} tokens and are "
+            f"truncated in training (those that lose their whole answer teach nothing), e.g. "
+            f"{', '.join(long_rows[:SHOWN])}; raise train.max_length or shorten them"
+        )
         log.warning("%s", warnings[-1])
     return {
         "token_lengths": {

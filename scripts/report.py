@@ -18,7 +18,9 @@ from ortune.plots import write_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("revisions", nargs="*", help="git revisions or experiment names to compare (default: the workspace)")
+    parser.add_argument(
+        "revisions", nargs="*", help="git revisions or experiment names to compare (default: the workspace)"
+    )
     parser.add_argument("--out", default="dvc_plots", help="output folder (default: dvc_plots)")
     args = parser.parse_args(argv)
     try:

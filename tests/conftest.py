@@ -65,8 +65,13 @@ def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: s
 
     root = tmp_path_factory.mktemp(name) / "ortune"
     subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for rel in listed:
         if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "dvc_plots/")):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,10 @@ def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: s
         "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
         "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
         "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
         "PATH": f"{root / '.venv/bin'}:{os.environ['PATH']}",
         **extra_env,
     }
@@ -89,8 +97,13 @@ def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: s
     if tiny:
         conf = root / "conf/config.yaml"
         conf.write_text(re.sub(r"(?m)^  - model: .*$", "  - model: tiny-phi3", conf.read_text()))
-        subprocess.run([str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params"], cwd=root, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params"],
+            cwd=root,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
     subprocess.run(["git", "commit", "-qm", "test state", "--allow-empty"], cwd=root, env=env, check=True)
     return root, env

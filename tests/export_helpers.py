@@ -13,8 +13,14 @@ from ortune import config, data, modeling
 REPO = Path(__file__).resolve().parents[1]
 # 2 * intermediate_size != vocab_size: clear of the builder's LM-head bug (tested on its own)
 TINY = OmegaConf.create(
-    {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-     "max_position_embeddings": 256, "vocab_size": 600}
+    {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 600,
+    }
 )
 PROMPT = "### Text: {phrase}\n### The tone is:\n"
 
@@ -26,8 +32,14 @@ def make_adapter(base: Path, out: Path, *, r: int, seed: int, save_head: bool) -
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["qkv_proj", "o_proj"], init_lora_weights=False,
-                      modules_to_save=["lm_head"] if save_head else None, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["qkv_proj", "o_proj"],
+        init_lora_weights=False,
+        modules_to_save=["lm_head"] if save_head else None,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(modeling.load_causal_lm(base), lora)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -46,7 +58,9 @@ def make_project(root: Path, tiny_texts: list[str], *, seed: int = 3, tiny=TINY,
     modeling.build_tiny_phi3(tiny, tiny_texts, seed=seed, out_dir=root / "base_model")
     make_adapter(root / "base_model", root / "adapter", r=8, seed=seed, save_head=True)
     make_adapter(root / "base_model", root / "adapter_b", r=4, seed=seed + 1, save_head=False)
-    merged = PeftModel.from_pretrained(modeling.load_causal_lm(root / "base_model"), str(root / "adapter")).merge_and_unload()
+    merged = PeftModel.from_pretrained(
+        modeling.load_causal_lm(root / "base_model"), str(root / "adapter")
+    ).merge_and_unload()
     merged.save_pretrained(root / "merged")
     modeling.load_tokenizer(root / "base_model").save_pretrained(root / "merged")
     rows = data.read_records(REPO / "data/raw/tones.jsonl")

@@ -53,8 +53,10 @@ def test_a_second_writer_of_the_same_output_leaves_the_first_ones_temp_folder_al
     """Each writer's temp folder is its own: B cleaning up leftovers beside the output must not delete
     A's live one (A then died with FileNotFoundError); both finish and the last rename wins."""
     out = tmp_path / "model"
-    second = ("import sys; from ortune.artifacts import atomic_dir\n"
-              "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'weights').write_text('B')\n")
+    second = (
+        "import sys; from ortune.artifacts import atomic_dir\n"
+        "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'weights').write_text('B')\n"
+    )
     with atomic_dir(out) as tmp:
         (tmp / "weights").write_text("A, part 1")
         done = subprocess.run([sys.executable, "-c", second, str(out)], capture_output=True, text=True, timeout=60)

@@ -26,13 +26,25 @@ def bits_by_node(model_dir) -> dict[str, int]:
     import onnx
 
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    return {node.name: next(a.i for a in node.attribute if a.name == "bits")
-            for node in graph.node if node.op_type == "MatMulNBits"}
+    return {
+        node.name: next(a.i for a in node.attribute if a.name == "bits")
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+    }
 
 
 def test_int8_share_upgrades_the_most_sensitive_units_in_the_built_graph(project):
-    metrics = build_onnx.run(stage_cfg(project, "precision=int4", "onnx.block_size=32", "onnx.int8_share=0.4",
-                                       "onnx.require_parity=false", "onnx.parity_prompts=4", onnx_dir="onnx-mixed"))
+    metrics = build_onnx.run(
+        stage_cfg(
+            project,
+            "precision=int4",
+            "onnx.block_size=32",
+            "onnx.int8_share=0.4",
+            "onnx.require_parity=false",
+            "onnx.parity_prompts=4",
+            onnx_dir="onnx-mixed",
+        )
+    )
     bits = bits_by_node(project / "onnx-mixed")
     upgraded = {name.rsplit("_Q", 1)[0] for name, b in bits.items() if b == 8}
     assert upgraded and upgraded == set(metrics["int8_nodes"]), (upgraded, metrics["int8_nodes"])
@@ -55,13 +67,19 @@ def test_auto_ships_the_first_candidate_that_keeps_the_labels(project, monkeypat
 
     def int4_misses(reference, generator, prompts, labels, max_new_tokens, precision, min_agreement, *args, **kwargs):
         # a random tiny model keeps its labels at int4: make int4 miss the target, as on SmolLM2
-        result = real_compare(reference, generator, prompts, labels, max_new_tokens, precision, min_agreement, *args, **kwargs)
+        result = real_compare(
+            reference, generator, prompts, labels, max_new_tokens, precision, min_agreement, *args, **kwargs
+        )
         return {**result, "passed": False} if precision == "int4" else result
 
     monkeypatch.setattr(parity, "compare", int4_misses)
-    cfg = stage_cfg(project, "onnx.quantization=auto", "onnx.parity_prompts=8",
-                    "onnx.candidates=[{precision: int4, block_size: 32, int8_share: 0.4}, {precision: int8}, {precision: fp32}]",
-                    onnx_dir="onnx-auto")
+    cfg = stage_cfg(
+        project,
+        "onnx.quantization=auto",
+        "onnx.parity_prompts=8",
+        "onnx.candidates=[{precision: int4, block_size: 32, int8_share: 0.4}, {precision: int8}, {precision: fp32}]",
+        onnx_dir="onnx-auto",
+    )
     metrics = build_onnx.run(cfg)
     candidates = metrics["candidates"]
     # tried in order, stopped at the first that passed: fp32 was never built
@@ -80,8 +98,13 @@ def test_auto_with_no_candidate_meeting_the_target_fails_the_stage_naming_each(p
 
     real_compare = parity.compare
     monkeypatch.setattr(parity, "compare", lambda *a, **k: {**real_compare(*a, **k), "passed": False})
-    cfg = stage_cfg(project, "onnx.quantization=auto", "onnx.parity_prompts=4",
-                    "onnx.candidates=[{precision: int4}, {precision: int8}]", onnx_dir="onnx-auto-none")
+    cfg = stage_cfg(
+        project,
+        "onnx.quantization=auto",
+        "onnx.parity_prompts=4",
+        "onnx.candidates=[{precision: int4}, {precision: int8}]",
+        onnx_dir="onnx-auto-none",
+    )
     with pytest.raises(OrtuneError, match=r"parity with PyTorch: .*candidate 0 \(int4\) kept [01]\.\d+"):
         build_onnx.run(cfg)
     assert not (project / "onnx-auto-none").exists()  # nothing half-shipped
@@ -91,13 +114,20 @@ def test_a_cpu_graph_that_onnxruntime_cannot_load_fails_the_stage(project, monke
     from ortune import parity
     from ortune.errors import OrtuneError
 
-    monkeypatch.setattr(parity, "runnable_on_cpu", lambda folder: "Type Error: Type (tensor(uint8)) of output arg does not match")
-    with pytest.raises(OrtuneError, match=r"int8/cpu graph the builder wrote does not load in onnxruntime \(Type Error"):
+    monkeypatch.setattr(
+        parity, "runnable_on_cpu", lambda folder: "Type Error: Type (tensor(uint8)) of output arg does not match"
+    )
+    with pytest.raises(
+        OrtuneError, match=r"int8/cpu graph the builder wrote does not load in onnxruntime \(Type Error"
+    ):
         build_onnx.run(stage_cfg(project, "precision=int8", "onnx.parity_prompts=2", onnx_dir="onnx-unloadable"))
     assert not (project / "onnx-unloadable").exists()
     # a cuda graph is only reported: its ops may have no CPU kernels here
-    metrics = build_onnx.run(stage_cfg(project, "precision=int4", "onnx.execution_provider=cuda", "onnx.parity_prompts=2",
-                                       onnx_dir="onnx-cuda"))
+    metrics = build_onnx.run(
+        stage_cfg(
+            project, "precision=int4", "onnx.execution_provider=cuda", "onnx.parity_prompts=2", onnx_dir="onnx-cuda"
+        )
+    )
     assert metrics["parity"]["passed"] is None and "no CPU kernel" in metrics["parity"]["skipped"]
 
 
@@ -111,8 +141,11 @@ def test_asymmetric_int4_with_tied_embeddings_is_refused_before_building(tmp_pat
         export.check_tied_asymmetric(tmp_path, "int4", settings("+onnx.extra_options.is_symmetric=false"))
     # symmetric, unshared, int8 or untied: allowed
     export.check_tied_asymmetric(tmp_path, "int4", settings())
-    export.check_tied_asymmetric(tmp_path, "int4", settings("+onnx.extra_options.is_symmetric=false",
-                                                            "+onnx.extra_options.shared_embeddings=false"))
+    export.check_tied_asymmetric(
+        tmp_path,
+        "int4",
+        settings("+onnx.extra_options.is_symmetric=false", "+onnx.extra_options.shared_embeddings=false"),
+    )
     export.check_tied_asymmetric(tmp_path, "int8", settings("+onnx.extra_options.is_symmetric=false"))
     (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
     export.check_tied_asymmetric(tmp_path, "int4", settings("+onnx.extra_options.is_symmetric=false"))

@@ -99,14 +99,15 @@ def test_every_stage_declares_params_that_exist(in_repo):
         config.stage_view(full, config.declared_params(stage))
 
 
-
 def test_a_queued_experiment_reads_its_own_copy_not_the_parent_named_by_dvc_root(tmp_path, monkeypatch):
     # DVC runs a queued experiment's stages in a copy of the repo and points DVC_ROOT at the parent
     # workspace on purpose (dvc/repo/experiments/queue/base.py): the copy's params.yaml must win.
     parent, copy = tmp_path / "workspace", tmp_path / "exp-copy"
     for folder, rank in ((parent, 64), (copy, 8)):
         (folder / "conf").mkdir(parents=True)
-        (folder / "params.yaml").write_text(config.params_yaml_text(config.compose([f"lora.r={rank}"], config_dir=REPO / "conf")))
+        (folder / "params.yaml").write_text(
+            config.params_yaml_text(config.compose([f"lora.r={rank}"], config_dir=REPO / "conf"))
+        )
         (folder / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     (copy / "scripts").mkdir()
     monkeypatch.chdir(copy / "scripts")  # a stage run from a sub-folder finds its checkout too
@@ -123,12 +124,21 @@ FAKE_HF_TOKEN = "hf_" + "Ab1" * 12
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        (f"+onnx.extra_options.hf_token={FAKE_HF_TOKEN}", "onnx.extra_options.hf_token: its name says it holds a token"),
+        (
+            f"+onnx.extra_options.hf_token={FAKE_HF_TOKEN}",
+            "onnx.extra_options.hf_token: its name says it holds a token",
+        ),
         ("+onnx.extra_options.hf_token=Qz9v7Wq", "onnx.extra_options.hf_token: its name says it holds a token"),
         ("+onnx.extra_options.apiKey=Qz9v7Wq", "onnx.extra_options.apiKey: its name says it holds a key"),
-        ("+onnx.extra_adapters.db_password=Qz9v7Wq", "onnx.extra_adapters.db_password: its name says it holds a password"),
+        (
+            "+onnx.extra_adapters.db_password=Qz9v7Wq",
+            "onnx.extra_adapters.db_password: its name says it holds a password",
+        ),
         (f"wandb.project={FAKE_HF_TOKEN}", "wandb.project: its value looks like a Hugging Face token"),
-        ("data.path=https://me:hunter2@example.com/tones.jsonl", "data.path: its value looks like a URL with a password"),
+        (
+            "data.path=https://me:hunter2@example.com/tones.jsonl",
+            "data.path: its value looks like a URL with a password",
+        ),
         ("wandb.entity=AKIA" + "ABCDEFGHIJKLMNOP", "wandb.entity: its value looks like an AWS access key"),
     ],
 )
@@ -145,15 +155,20 @@ def test_secret_words_inside_other_words_are_no_secret():
     # every shipped model and the defaults pass; max_new_tokens, tokenizer, a commit hash are not secrets
     for model in sorted(p.stem for p in (REPO / "conf/model").glob("*.yaml")):
         config.validate(config.compose([f"model={model}"], config_dir=REPO / "conf"), model)
-    composed = config.compose(["model.revision=0123456789abcdef0123456789abcdef01234567",
-                               "+onnx.extra_options.keywords_x=1"], config_dir=REPO / "conf")
+    composed = config.compose(
+        ["model.revision=0123456789abcdef0123456789abcdef01234567", "+onnx.extra_options.keywords_x=1"],
+        config_dir=REPO / "conf",
+    )
     assert config.secret_problem(composed) is None
 
 
 def test_the_default_is_the_real_model_with_its_measured_training_settings(in_repo):
     default = config.validate(config.compose([]), "t")
     assert default.model.name == "smollm2-135m" and default.model.source == "gguf"
-    assert list(default.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"] and not default.lora.modules_to_save
+    assert (
+        list(default.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        and not default.lora.modules_to_save
+    )
     assert default.train.learning_rate == 5e-4 and default.train.num_train_epochs == 5
     assert default.onnx.quantization == "auto"
     # the tiny model keeps the generic defaults: its conf entry changes no training setting
@@ -163,8 +178,12 @@ def test_the_default_is_the_real_model_with_its_measured_training_settings(in_re
 
 def test_auto_quantization_candidates_are_checked_like_the_settings_they_override(in_repo):
     with pytest.raises(OrtuneError) as caught:
-        config.validate(config.compose(["onnx.quantization=auto",
-                                        "onnx.candidates=[{precision: int3}, {blok: 3}, {int8_share: 2}, {}]"]), "t")
+        config.validate(
+            config.compose(
+                ["onnx.quantization=auto", "onnx.candidates=[{precision: int3}, {blok: 3}, {int8_share: 2}, {}]"]
+            ),
+            "t",
+        )
     message = str(caught.value)
     assert "onnx.candidates[0]: precision=int3 is unknown" in message and "onnx.candidates[1]: blok unknown" in message
     assert "onnx.candidates[2]: onnx.int8_share=2 must be in [0, 1]" in message and "candidates[3]" not in message

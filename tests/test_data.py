@@ -30,8 +30,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 # ---- reading ------------------------------------------------------------------------------------------
 
-EXPECTED = [{"phrase": "joy phrase number 0", "tone": "joy"}, {"phrase": "joy phrase number 1", "tone": "joy"},
-            {"phrase": "fear phrase number 0", "tone": "fear"}, {"phrase": "fear phrase number 1", "tone": "fear"}]
+EXPECTED = [
+    {"phrase": "joy phrase number 0", "tone": "joy"},
+    {"phrase": "joy phrase number 1", "tone": "joy"},
+    {"phrase": "fear phrase number 0", "tone": "fear"},
+    {"phrase": "fear phrase number 1", "tone": "fear"},
+]
 
 
 def write_every_format(folder: Path) -> None:
@@ -60,7 +64,9 @@ def test_the_cookbooks_json_lines_file_loads_as_it_is(make_cfg):
 
     records = data.read_records(COOKBOOK)
     assert len(records) == 24 and records[0] == {
-        "phrase": "We finally booked the trip we have been dreaming about!", "tone": "joy"}
+        "phrase": "We finally booked the trip we have been dreaming about!",
+        "tone": "joy",
+    }
     metrics = prepare_data.run(make_cfg(f"data.path={COOKBOOK}"))
     assert metrics["rows_read"] == 24 and sorted(metrics["rows_per_label"]) == ["fear", "joy", "sadness", "surprise"]
 
@@ -95,11 +101,17 @@ def test_rows_and_their_order_do_not_change_between_runs(tmp_path):
     [
         ("bad.jsonl", '{"phrase": "ok", "tone": "joy"}\n{"phrase": "broken",\n', r"bad.jsonl:2: malformed JSON line"),
         ("bad.json", '{"phrase": "ok", "tone": "joy"}\n\n{"phrase": "broken",\n', r"bad.json:3: malformed JSON line"),
-        ("bad.json", '[\n  {"phrase": "ok", "tone": "joy"},\n  {"phrase": "broken" "tone": 1}\n]\n',
-         r"bad.json:3: invalid JSON"),
+        (
+            "bad.json",
+            '[\n  {"phrase": "ok", "tone": "joy"},\n  {"phrase": "broken" "tone": 1}\n]\n',
+            r"bad.json:3: invalid JSON",
+        ),
         ("scalar.jsonl", '{"phrase": "ok", "tone": "joy"}\n"a string"\n', r"scalar.jsonl:2: expected a JSON object"),
-        ("latin.jsonl", '{"phrase": "ok", "tone": "joy"}\n{"phrase": "caf\xe9", "tone": "joy"}\n',
-         r"latin.jsonl:2: bytes that are not UTF-8"),
+        (
+            "latin.jsonl",
+            '{"phrase": "ok", "tone": "joy"}\n{"phrase": "caf\xe9", "tone": "joy"}\n',
+            r"latin.jsonl:2: bytes that are not UTF-8",
+        ),
         ("cols.csv", "phrase,tone\nok,joy\na, b,joy\n", r"cols.csv:3: 3 fields where the header has 2"),
         ("header.csv", "phrase,tone\n", r"header.csv: a header but no rows"),
         ("bad.parquet", "not parquet", r"bad.parquet: not a readable Parquet file"),
@@ -143,8 +155,12 @@ def test_csv_with_a_byte_order_mark_has_its_first_field(tmp_path):
 def test_csv_keeps_quoted_newlines_and_reads_text_as_text(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text('phrase,tone\n"two\nlines",joy\n007,NA\nNone,1\n"",fear\n')
-    assert data.read_records(path) == [{"phrase": "two\nlines", "tone": "joy"}, {"phrase": "007", "tone": "NA"},
-                                       {"phrase": "None", "tone": "1"}, {"phrase": "", "tone": "fear"}]
+    assert data.read_records(path) == [
+        {"phrase": "two\nlines", "tone": "joy"},
+        {"phrase": "007", "tone": "NA"},
+        {"phrase": "None", "tone": "1"},
+        {"phrase": "", "tone": "fear"},
+    ]
 
 
 def test_a_folder_with_no_data_and_an_empty_folder_are_named(tmp_path):
@@ -170,17 +186,28 @@ def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
     done = subprocess.run(
-        [sys.executable, "scripts/prepare_data.py", f"data.path={source}", f"paths.prepared={tmp_path}/p",
-         f"paths.metrics={tmp_path}/m", f"paths.base_model={tmp_path}/b"],
-        cwd=REPO, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "scripts/prepare_data.py",
+            f"data.path={source}",
+            f"paths.prepared={tmp_path}/p",
+            f"paths.metrics={tmp_path}/m",
+            f"paths.base_model={tmp_path}/b",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: {source}: permission denied (this user cannot read it); fix its permissions, e.g. chmod a+r {source}")
+        f"error: {source}: permission denied (this user cannot read it); fix its permissions, e.g. chmod a+r {source}"
+    )
 
 
 # ---- checking and splitting ---------------------------------------------------------------------------
+
 
 def test_missing_template_field_names_the_field(tmp_path):
     with pytest.raises(OrtuneError, match="no field 'phrase'"):
@@ -222,6 +249,7 @@ def test_percentiles_are_nearest_rank_values():
 
 # ---- the stage and its report -------------------------------------------------------------------------
 
+
 def test_prepare_data_stage_writes_splits_and_metrics(make_cfg, tmp_path):
     import prepare_data
 
@@ -251,7 +279,9 @@ def test_labels_differing_by_case_or_space_are_one_class_and_reported(make_cfg, 
     metrics = prepare_data.run(make_cfg(f"data.path={source}"))
     assert metrics["normalized_labels"] == {"Joy": "joy", "joy ": "joy"}
     assert metrics["rows_per_label"] == {"fear": {"train": 4, "eval": 2}, "joy": {"train": 4, "eval": 2}}
-    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(tmp_path / "prepared" / "eval.jsonl")
+    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(
+        tmp_path / "prepared" / "eval.jsonl"
+    )
     assert {r["label"] for r in prepared} == {r["completion"] for r in prepared} == {"joy", "fear"}
     # data.labels, when given, decides the spelling
     metrics = prepare_data.run(make_cfg(f"data.path={source}", "data.labels=[Joy,fear]"))
@@ -269,14 +299,25 @@ def test_a_label_the_answer_parser_cannot_return_is_refused(make_cfg, tmp_path):
 def test_conflicting_labels_are_counted_and_the_kept_one_is_named(make_cfg, tmp_path):
     import prepare_data
 
-    records = rows(6, ("joy", "fear")) + [{"phrase": "joy phrase number 2", "tone": "fear"},
-                                          {"phrase": "fear phrase number 0", "tone": "fear"}]
+    records = rows(6, ("joy", "fear")) + [
+        {"phrase": "joy phrase number 2", "tone": "fear"},
+        {"phrase": "fear phrase number 0", "tone": "fear"},
+    ]
     source = write_jsonl(tmp_path / "conflict.jsonl", records)
     metrics = prepare_data.run(make_cfg(f"data.path={source}"))
     assert metrics["duplicates_dropped"] == 2 and metrics["conflicts"] == 1
-    assert metrics["conflict_rows"] == [{"input": "joy phrase number 2", "kept": "joy", "kept_at": f"{source}:3: row 3",
-                                         "dropped": "fear", "dropped_at": f"{source}:13: row 13"}]
-    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(tmp_path / "prepared" / "eval.jsonl")
+    assert metrics["conflict_rows"] == [
+        {
+            "input": "joy phrase number 2",
+            "kept": "joy",
+            "kept_at": f"{source}:3: row 3",
+            "dropped": "fear",
+            "dropped_at": f"{source}:13: row 13",
+        }
+    ]
+    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(
+        tmp_path / "prepared" / "eval.jsonl"
+    )
     assert [r["label"] for r in prepared if "joy phrase number 2" in r["prompt"]] == ["joy"]
 
 
@@ -286,10 +327,12 @@ def test_too_few_rows_per_label_warns_with_the_counts(make_cfg, tmp_path, caplog
     source = write_jsonl(tmp_path / "four.jsonl", rows(2, ("joy", "fear")))
     with caplog.at_level(logging.WARNING, logger="ortune"):
         metrics = prepare_data.run(make_cfg(f"data.path={source}"))
-    expected = ["label 'fear' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
-                "(at least 10 per label)",
-                "label 'joy' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
-                "(at least 10 per label)"]
+    expected = [
+        "label 'fear' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
+        "(at least 10 per label)",
+        "label 'joy' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
+        "(at least 10 per label)",
+    ]
     assert metrics["warnings"] == expected
     assert all(line in caplog.text for line in expected)
 
@@ -307,8 +350,14 @@ def test_a_directory_as_data_path_is_read_not_file_not_found(make_cfg, tmp_path)
 
 # ---- lengths in tokens, per the base model's tokenizer ------------------------------------------------
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "max_position_embeddings": 256, "vocab_size": 400}
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 256,
+    "vocab_size": 400,
+}
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +397,12 @@ def test_a_row_longer_than_the_models_context_is_refused_by_line(make_cfg, tmp_p
     records = rows(10, ("joy", "fear"))
     records[7]["phrase"] = "x" * 100_000
     source = write_jsonl(tmp_path / "huge.jsonl", records)
-    with pytest.raises(OrtuneError, match=rf"1 row\(s\) are longer than the model's context of 256 tokens "
-                                          rf"\({base_model}/config.json\): {source}:8: row 8 \(\d+ tokens\); "
-                                          "shorten or remove them"):
+    with pytest.raises(
+        OrtuneError,
+        match=rf"1 row\(s\) are longer than the model's context of 256 tokens "
+        rf"\({base_model}/config.json\): {source}:8: row 8 \(\d+ tokens\); "
+        "shorten or remove them",
+    ):
         prepare_data.run(make_cfg(f"data.path={source}", f"paths.base_model={base_model}"))
 
 

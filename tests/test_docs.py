@@ -72,8 +72,9 @@ def test_the_readme_stays_short():
 
 @pytest.fixture(scope="module")
 def make_targets() -> set[str]:
-    done = subprocess.run(["make", "--no-print-directory", "-s", "help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, check=True)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    )
     return set(re.findall(r"^\s*make (\S+)", done.stdout, re.M))
 
 
@@ -83,8 +84,11 @@ def test_make_help_lists_the_targets(make_targets):
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_make_target_shown_exists(page, make_targets):
-    shown = {target for span in code(page.read_text(encoding="utf-8"))
-             for target in re.findall(r"\bmake\s+([a-z][\w-]*)(?![\w=-])", span)}
+    shown = {
+        target
+        for span in code(page.read_text(encoding="utf-8"))
+        for target in re.findall(r"\bmake\s+([a-z][\w-]*)(?![\w=-])", span)
+    }
     assert shown - make_targets == set(), f"{page_id(page)} shows targets `make help` does not list"
 
 
@@ -96,7 +100,8 @@ def test_every_repo_path_named_in_code_exists(page):
         for path in re.findall(r"(?<![\w/.])((?:scripts|src|conf|tests|bench)/[\w./-]*\w/?)", span):
             named.add(path)
     # what runs create (bench/.cache/) is git-ignored and absent from a fresh clone: not checked
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(named)], cwd=REPO, capture_output=True,
-                             text=True, timeout=60).stdout.split()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *sorted(named)], cwd=REPO, capture_output=True, text=True, timeout=60
+    ).stdout.split()
     missing = sorted(p for p in named - set(ignored) if not (REPO / p).exists())
     assert not missing, f"{page_id(page)} names paths that do not exist: {missing}"

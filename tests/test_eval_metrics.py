@@ -44,9 +44,17 @@ def test_majority_label_breaks_ties_alphabetically():
 
 
 def fake_result(generations, ms=1.0):
-    return {"generations": generations, "generated_tokens": 2 * len(generations), "ttft_ms": 10 * ms,
-            "ms_per_token": ms, "tokens_per_second": 1000 / ms, "peak_memory_mb": 100.0, "model_size_mb": 2.0,
-            "load_seconds": 0.1, "eval_seconds": 0.2}
+    return {
+        "generations": generations,
+        "generated_tokens": 2 * len(generations),
+        "ttft_ms": 10 * ms,
+        "ms_per_token": ms,
+        "tokens_per_second": 1000 / ms,
+        "peak_memory_mb": 100.0,
+        "model_size_mb": 2.0,
+        "load_seconds": 0.1,
+        "eval_seconds": 0.2,
+    }
 
 
 ROWS = [{"prompt": f"p{i}", "label": label} for i, label in enumerate(["joy", "joy", "fear", "sadness"])]
@@ -89,8 +97,13 @@ def test_prediction_rows_carry_every_runtime_label():
     results = {"onnx": fake_result(["joy", "x", "fear", "sadness"]), "merged": fake_result(["joy"] * 4)}
     _, predictions = evaluation.summarize(ROWS, LABELS, TRAIN, results)
     lines = evaluation.prediction_rows(ROWS, [r["prompt"] for r in ROWS], results, predictions)
-    assert lines[1] == {"prompt": "p1", "label": "joy", "generation": "x", "prediction": None,
-                        "predictions": {"onnx": None, "merged": "joy"}}
+    assert lines[1] == {
+        "prompt": "p1",
+        "label": "joy",
+        "generation": "x",
+        "prediction": None,
+        "predictions": {"onnx": None, "merged": "joy"},
+    }
 
 
 class FakeGenerator:
@@ -117,6 +130,7 @@ def test_latency_is_the_median_of_repeats_after_warmup():
 
 # ---- which rows are judged -----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def prepared(tmp_path):
     folder = tmp_path / "prepared"
@@ -124,7 +138,9 @@ def prepared(tmp_path):
     (folder / "labels.json").write_text(json.dumps(["fear", "joy"]))
     train = [{"prompt": "### Text: a\n### The tone is:\n", "completion": "joy", "label": "joy"}]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    evaluation_rows = [{"prompt": f"### Text: e{i}\n### The tone is:\n", "completion": "fear", "label": "fear"} for i in range(5)]
+    evaluation_rows = [
+        {"prompt": f"### Text: e{i}\n### The tone is:\n", "completion": "fear", "label": "fear"} for i in range(5)
+    ]
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluation_rows))
     return folder
 
@@ -145,8 +161,10 @@ def test_held_out_file_is_rendered_like_prepare_data_renders(make_cfg, prepared,
     held_out.write_text("phrase,tone\nI won the lottery,joy\nA spider on my bed,fear\n")
     cfg = make_cfg(f"eval.path={held_out}")
     rows, _, _ = evaluation.load_rows(cfg)
-    expected = [data.render(r, cfg.data.template.prompt, cfg.data.template.completion, cfg.data.label_field)
-                for r in data.read_records(held_out)]
+    expected = [
+        data.render(r, cfg.data.template.prompt, cfg.data.template.completion, cfg.data.label_field)
+        for r in data.read_records(held_out)
+    ]
     assert rows == expected
     assert rows[0]["prompt"] == "### Text: I won the lottery\n### The tone is:\n" and rows[0]["label"] == "joy"
 
@@ -155,8 +173,13 @@ def test_held_out_file_in_chat_format_becomes_messages(make_cfg, prepared, tmp_p
     held_out = tmp_path / "heldout.jsonl"
     held_out.write_text(json.dumps({"phrase": "A spider on my bed", "tone": "fear"}) + "\n")
     rows, _, _ = evaluation.load_rows(make_cfg("data.format=chat", f"eval.path={held_out}"))
-    assert rows == [{"prompt": [{"role": "user", "content": "A spider on my bed"}],
-                     "completion": [{"role": "assistant", "content": "fear"}], "label": "fear"}]
+    assert rows == [
+        {
+            "prompt": [{"role": "user", "content": "A spider on my bed"}],
+            "completion": [{"role": "assistant", "content": "fear"}],
+            "label": "fear",
+        }
+    ]
 
 
 @pytest.mark.parametrize(
@@ -202,10 +225,16 @@ def test_bad_eval_settings_fail_naming_the_setting(make_cfg, override, needle):
 
 # ---- the prompted baseline: the untuned base asked as a user would ---------------------------------------
 
+
 def test_summary_reports_the_prompted_baseline_beside_the_others():
-    prompted = {**fake_result(["Joy", "fear.", "The tone is fear", "sadness"], ms=3.0), "prompt_format": "chat", "shots": 0}
-    metrics, predictions = evaluation.summarize(ROWS, LABELS, TRAIN, {"onnx": fake_result(["joy"] * 4),
-                                                                      "prompted": prompted})
+    prompted = {
+        **fake_result(["Joy", "fear.", "The tone is fear", "sadness"], ms=3.0),
+        "prompt_format": "chat",
+        "shots": 0,
+    }
+    metrics, predictions = evaluation.summarize(
+        ROWS, LABELS, TRAIN, {"onnx": fake_result(["joy"] * 4), "prompted": prompted}
+    )
     # truth joy, joy, fear, sadness; a sentence is unparsed under the same rule as every runtime
     assert predictions["prompted"] == ["joy", "fear", None, "sadness"]
     assert metrics["prompted_baseline_accuracy"] == 0.5 and metrics["prompted_baseline_unparsed"] == 1
@@ -267,7 +296,9 @@ def test_prompted_baseline_asks_through_the_chat_template_with_the_label_set(mak
     assert prompts[0] == f"<|user|>\n{ASK}e0<|end|>\n<|assistant|>\n"
     prompts, _ = evaluation.prompted_prompts(make_cfg("eval.baseline_shots=1"), rows, labels, train)
     # the training row "a" (joy) answered first, as an earlier turn
-    assert prompts[1] == f"<|user|>\n{ASK}a<|end|>\n<|assistant|>\njoy<|end|>\n<|user|>\n{ASK}e1<|end|>\n<|assistant|>\n"
+    assert (
+        prompts[1] == f"<|user|>\n{ASK}a<|end|>\n<|assistant|>\njoy<|end|>\n<|user|>\n{ASK}e1<|end|>\n<|assistant|>\n"
+    )
 
 
 def test_prompted_baseline_without_a_chat_template_asks_in_plain_text(make_cfg, prepared, base_tokenizer, caplog):
@@ -286,7 +317,10 @@ def test_prompted_baseline_without_a_chat_template_asks_in_plain_text(make_cfg, 
     ("override", "needle"),
     [
         ("eval.baseline_prompt='Which tone? {labels}'", "has no {input}"),
-        ("eval.baseline_prompt='{text} -> one of {labels}, {input}'", r"\{text\} unknown; its placeholders are \{labels\}"),
+        (
+            "eval.baseline_prompt='{text} -> one of {labels}, {input}'",
+            r"\{text\} unknown; its placeholders are \{labels\}",
+        ),
         ("eval.baseline_prompt='Tone of {input'", "not a valid template"),
         ("eval.baseline_shots=-1", "eval.baseline_shots=-1 must be >= 0"),
     ],

@@ -11,12 +11,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import clone_project, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-HEADLINE = ("accuracy", "macro_f1", "unparsed", "majority_baseline", "base_accuracy", "quantization_accuracy_delta",
-            "quantization_agreement", "ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb", "model_size_mb")
+HEADLINE = (
+    "accuracy",
+    "macro_f1",
+    "unparsed",
+    "majority_baseline",
+    "base_accuracy",
+    "quantization_accuracy_delta",
+    "quantization_agreement",
+    "ttft_ms",
+    "ms_per_token",
+    "tokens_per_second",
+    "peak_memory_mb",
+    "model_size_mb",
+)
 # Phrases that are not in data/raw/tones.jsonl: a held-out test set the pipeline never prepared.
 HELD_OUT = [
     ("My sister just told me she's getting married, I'm over the moon!", "joy"),
@@ -113,8 +126,9 @@ def test_eval_runs_on_a_held_out_file_the_pipeline_did_not_prepare(project):
     assert ran_stages(output) == {"eval"}
     metrics = eval_json(root)
     assert metrics["n"] == len(HELD_OUT) and metrics["train_overlap"] == 0
-    assert {line["prompt"] for line in map(json.loads, (root / "metrics/eval_predictions.jsonl").read_text().splitlines())} \
-        == {f"### Text: {text}\n### The tone is:\n" for text, _ in HELD_OUT}
+    assert {
+        line["prompt"] for line in map(json.loads, (root / "metrics/eval_predictions.jsonl").read_text().splitlines())
+    } == {f"### Text: {text}\n### The tone is:\n" for text, _ in HELD_OUT}
     lock = (root / "dvc.lock").read_text()
     assert "path: heldout.csv" in lock, "the held-out file is a dependency: editing it reruns eval"
     with held_out.open("a") as handle:

@@ -17,8 +17,14 @@ from ortune.generation import OnnxGenerator, TorchGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = OmegaConf.create(
-    {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-     "max_position_embeddings": 256, "vocab_size": 600}
+    {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 600,
+    }
 )
 
 
@@ -36,8 +42,9 @@ def models(tmp_path_factory, tiny_texts):
     tokenizer = modeling.load_tokenizer(root / "base_model")
     peft_model = get_peft_model(
         modeling.load_causal_lm(root / "base_model"),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], modules_to_save=["lm_head"],
-                   task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"
+        ),
     )
     teach(peft_model, tokenizer, rendered[1::4][:24])
     peft_model.save_pretrained(root / "adapter")
@@ -88,7 +95,9 @@ def prompts(root: Path, n: int) -> list[str]:
 
 
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(models):
-    generator = TorchGenerator(modeling.load_causal_lm(models / "base_model"), modeling.load_tokenizer(models / "base_model"))
+    generator = TorchGenerator(
+        modeling.load_causal_lm(models / "base_model"), modeling.load_tokenizer(models / "base_model")
+    )
     batch = prompts(models, 10)
     assert len({len(generator.encode(p)) for p in batch}) > 1, "the test needs prompts of different lengths"
     batched = generator.generate_batch(batch, max_new_tokens=6)
@@ -102,7 +111,9 @@ def test_token_times_decode_exactly_the_requested_tokens(models, runtime):
     if runtime == "onnx":
         generator = OnnxGenerator(models / "onnx")
     else:
-        generator = TorchGenerator(modeling.load_causal_lm(models / "merged"), modeling.load_tokenizer(models / "merged"))
+        generator = TorchGenerator(
+            modeling.load_causal_lm(models / "merged"), modeling.load_tokenizer(models / "merged")
+        )
     times = generator.token_times(prompts(models, 1)[0], 12)
     assert len(times) == 12
     assert 0 < times[0] and all(a < b for a, b in zip(times, times[1:]))
@@ -112,9 +123,15 @@ def test_judge_in_a_fresh_process_reports_its_own_memory(models):
     from ortune import evaluation
 
     spec = {
-        "kind": "onnx", "dirs": {k: str(models / v) for k, v in
-                                 {"onnx": "onnx", "base": "base_model", "adapter": "adapter", "merged": "merged"}.items()},
-        "trust_remote_code": False, "prompts": prompts(models, 4), "max_new_tokens": 4, "batch_size": 2,
+        "kind": "onnx",
+        "dirs": {
+            k: str(models / v)
+            for k, v in {"onnx": "onnx", "base": "base_model", "adapter": "adapter", "merged": "merged"}.items()
+        },
+        "trust_remote_code": False,
+        "prompts": prompts(models, 4),
+        "max_new_tokens": 4,
+        "batch_size": 2,
         "latency": {"new_tokens": 4, "warmup": 1, "repeats": 2},
     }
     result = evaluation.judge_in_fresh_process(spec)
@@ -137,14 +154,22 @@ def test_missing_compared_model_says_how_to_fix_it(models, tmp_path):
 
 @pytest.mark.slow
 def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
-    overrides = ["model=tiny-phi3"] + [f"paths.{key}={models / key}" for key in ("base_model", "adapter", "merged", "onnx", "prepared")]
-    overrides += [f"paths.metrics={tmp_path / 'metrics'}", f"paths.plots={tmp_path / 'plots'}",
-                  f"wandb.dir={tmp_path}", "eval.latency.repeats=2", "eval.batch_size=5"]
+    overrides = ["model=tiny-phi3"] + [
+        f"paths.{key}={models / key}" for key in ("base_model", "adapter", "merged", "onnx", "prepared")
+    ]
+    overrides += [
+        f"paths.metrics={tmp_path / 'metrics'}",
+        f"paths.plots={tmp_path / 'plots'}",
+        f"wandb.dir={tmp_path}",
+        "eval.latency.repeats=2",
+        "eval.batch_size=5",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("DVC_STAGE", None)
     env.pop("ORTUNE_WANDB_DIR", None)
-    done = subprocess.run([sys.executable, "scripts/eval.py", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "scripts/eval.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
@@ -153,8 +178,20 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
     assert metrics["runtimes"]["prompted"]["prompt_format"] == "chat" and metrics["runtimes"]["prompted"]["shots"] == 0
     assert isinstance(metrics["prompted_baseline_accuracy"], float) and 0 <= metrics["prompted_baseline_unparsed"] <= 24
     assert "prompted baseline (chat, 0 shots), first prompt: '<|user|>\\nClassify the tone" in done.stderr
-    for key in ("accuracy", "macro_f1", "unparsed", "majority_baseline", "base_accuracy", "quantization_accuracy_delta",
-                "quantization_agreement", "ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb", "model_size_mb"):
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "unparsed",
+        "majority_baseline",
+        "base_accuracy",
+        "quantization_accuracy_delta",
+        "quantization_agreement",
+        "ttft_ms",
+        "ms_per_token",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "model_size_mb",
+    ):
         assert isinstance(metrics[key], (int, float)), key
     assert metrics["ttft_ms"] > 0 and metrics["ms_per_token"] > 0 and metrics["tokens_per_second"] > 0
     assert set(metrics["per_class"]) == {"fear", "joy", "sadness", "surprise"}
@@ -166,7 +203,9 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
     # these rows: their greedy answers agree everywhere and are mostly right; the bare random base's are not,
     # so an eval that dropped the adapter (or the merge) would show here
     assert all(line["predictions"]["adapter"] == line["predictions"]["merged"] == line["prediction"] for line in lines)
-    assert metrics["runtimes"]["adapter"]["accuracy"] == metrics["runtimes"]["merged"]["accuracy"] == metrics["accuracy"]
+    assert (
+        metrics["runtimes"]["adapter"]["accuracy"] == metrics["runtimes"]["merged"]["accuracy"] == metrics["accuracy"]
+    )
     assert metrics["accuracy"] >= 0.75 and metrics["base_accuracy"] <= 0.5, metrics
     assert sum(line["predictions"]["base"] != line["predictions"]["adapter"] for line in lines) >= 6
 

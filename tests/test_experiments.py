@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def exp_entry(name, accuracy, ms, r=64, status="Success"):
     return {
-        "rev": f"{name}-sha", "name": name, "error": None,
+        "rev": f"{name}-sha",
+        "name": name,
+        "error": None,
         "data": {
             "status": status,
             "params": {"params.yaml": {"data": {"lora": {"r": r}, "precision": "int4"}}},
@@ -79,17 +81,31 @@ def test_run_summary_reads_the_metrics_params_yaml_names(tmp_path):
     summary = experiments.run_summary(tmp_path)
     assert "no " in summary and "eval.json" in summary and "eval stage" in summary
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "eval.json").write_text(json.dumps({
-        "n": 144, "accuracy": 0.785, "macro_f1": 0.78, "majority_baseline": 0.25, "base_accuracy": 0.0,
-        "ms_per_token": 0.08, "ttft_ms": 0.9, "model_size_mb": 1.6, "quantization_agreement": 0.99,
-        "quantization_accuracy_delta": -0.007}))
+    (tmp_path / "m" / "eval.json").write_text(
+        json.dumps(
+            {
+                "n": 144,
+                "accuracy": 0.785,
+                "macro_f1": 0.78,
+                "majority_baseline": 0.25,
+                "base_accuracy": 0.0,
+                "ms_per_token": 0.08,
+                "ttft_ms": 0.9,
+                "model_size_mb": 1.6,
+                "quantization_agreement": 0.99,
+                "quantization_accuracy_delta": -0.007,
+            }
+        )
+    )
     (tmp_path / "m" / "onnx.json").write_text(json.dumps({"precision": "int8"}))
     lines = experiments.run_summary(tmp_path).splitlines()
-    assert lines[0] == "eval (int8 ONNX, 144 rows): accuracy 0.785, macro-F1 0.780 (majority baseline 0.250, untuned base 0.000)"
+    assert (
+        lines[0]
+        == "eval (int8 ONNX, 144 rows): accuracy 0.785, macro-F1 0.780 (majority baseline 0.250, untuned base 0.000)"
+    )
     assert "same label on 99.0 % of rows, accuracy delta -0.007" in lines[2]
     assert not any(line.startswith("training") for line in lines)  # no train.json: no training line
     assert "models/o/README.md" in lines[-2] and "m/*.json" in lines[-2]
-
 
 
 def test_run_summary_says_what_fine_tuning_gained_over_the_prompted_base(tmp_path):
@@ -97,30 +113,76 @@ def test_run_summary_says_what_fine_tuning_gained_over_the_prompted_base(tmp_pat
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"metrics": "m", "onnx": "o", "plots": "p"}}))
     (tmp_path / "m").mkdir()
-    scores = {"n": 144, "accuracy": 0.958, "macro_f1": 0.95, "majority_baseline": 0.25, "base_accuracy": 0.0,
-              "prompted_baseline_accuracy": 0.41, "prompted_baseline_unparsed": 12, "ms_per_token": 8.2,
-              "ttft_ms": 30.0, "model_size_mb": 200.0, "runtimes": {"prompted": {"prompt_format": "chat", "shots": 2}}}
+    scores = {
+        "n": 144,
+        "accuracy": 0.958,
+        "macro_f1": 0.95,
+        "majority_baseline": 0.25,
+        "base_accuracy": 0.0,
+        "prompted_baseline_accuracy": 0.41,
+        "prompted_baseline_unparsed": 12,
+        "ms_per_token": 8.2,
+        "ttft_ms": 30.0,
+        "model_size_mb": 200.0,
+        "runtimes": {"prompted": {"prompt_format": "chat", "shots": 2}},
+    }
     (tmp_path / "m" / "eval.json").write_text(json.dumps(scores))
     lines = experiments.run_summary(tmp_path).splitlines()
-    assert lines[1] == ("vs the untuned base asked through its chat template, 2-shot: accuracy 0.410 (12 of 144 answers "
-                        "named no label); fine-tuning gained +0.548")
+    assert lines[1] == (
+        "vs the untuned base asked through its chat template, 2-shot: accuracy 0.410 (12 of 144 answers "
+        "named no label); fine-tuning gained +0.548"
+    )
     scores["runtimes"]["prompted"].update(prompt_format="text", shots=0)
     (tmp_path / "m" / "eval.json").write_text(json.dumps(scores))
     assert "asked in plain text (its tokenizer has no chat template), zero-shot" in experiments.run_summary(tmp_path)
+
 
 def test_run_summary_says_what_auto_quantization_tried_before_what_it_shipped(tmp_path):
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"metrics": "m", "onnx": "o", "plots": "p"}}))
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "eval.json").write_text(json.dumps({
-        "n": 144, "accuracy": 0.958, "macro_f1": 0.95, "majority_baseline": 0.25, "ms_per_token": 8.0, "ttft_ms": 20.0,
-        "model_size_mb": 279.0}))
-    (tmp_path / "m" / "onnx.json").write_text(json.dumps({"precision": "int8", "shipped_candidate": 1, "candidates": [
-        {"precision": "int4", "settings": {"precision": "int4", "int8_share": 0.3}, "label_agreement": 0.903,
-         "passed": False, "ms_per_token": 6.1, "size_mb": 110.0},
-        {"precision": "int8", "settings": {"precision": "int8"}, "label_agreement": 1.0, "passed": True,
-         "ms_per_token": 8.2, "size_mb": 279.4}]}))
+    (tmp_path / "m" / "eval.json").write_text(
+        json.dumps(
+            {
+                "n": 144,
+                "accuracy": 0.958,
+                "macro_f1": 0.95,
+                "majority_baseline": 0.25,
+                "ms_per_token": 8.0,
+                "ttft_ms": 20.0,
+                "model_size_mb": 279.0,
+            }
+        )
+    )
+    (tmp_path / "m" / "onnx.json").write_text(
+        json.dumps(
+            {
+                "precision": "int8",
+                "shipped_candidate": 1,
+                "candidates": [
+                    {
+                        "precision": "int4",
+                        "settings": {"precision": "int4", "int8_share": 0.3},
+                        "label_agreement": 0.903,
+                        "passed": False,
+                        "ms_per_token": 6.1,
+                        "size_mb": 110.0,
+                    },
+                    {
+                        "precision": "int8",
+                        "settings": {"precision": "int8"},
+                        "label_agreement": 1.0,
+                        "passed": True,
+                        "ms_per_token": 8.2,
+                        "size_mb": 279.4,
+                    },
+                ],
+            }
+        )
+    )
     lines = experiments.run_summary(tmp_path).splitlines()
-    assert ("quantization (auto): shipped int8, 8.20 ms/token, 279 MB; not enough: int4 (int8_share 0.3) kept 90.3 % "
-            "of labels") in lines
+    assert (
+        "quantization (auto): shipped int8, 8.20 ms/token, 279 MB; not enough: int4 (int8_share 0.3) kept 90.3 % "
+        "of labels"
+    ) in lines

@@ -44,8 +44,13 @@ def tiny_model(tmp_path_factory, tiny_texts):
 
 def build(model_dir: Path, out: Path, precision: str, provider: str = "cpu", *overrides: str, options=None) -> Path:
     if options is None:
-        onnx_cfg = config.validate(config.compose(["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}", *overrides],
-                                                  config_dir=REPO / "conf"), "t").onnx
+        onnx_cfg = config.validate(
+            config.compose(
+                ["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}", *overrides],
+                config_dir=REPO / "conf",
+            ),
+            "t",
+        ).onnx
         options = export.builder_options(precision, onnx_cfg)
     opts = options
     export.run_builder(model_dir, out, precision, provider, opts, log_file=out.parent / f"{out.name}.log")
@@ -72,8 +77,13 @@ def readme_pairs() -> dict[str, dict[str, str]]:
 def test_valid_pairs_come_from_the_builder_and_match_the_readme_table():
     spec = builder_spec.read_spec()
     # what onnxruntime-genai 0.18 prints as valid, restricted to the providers ortune targets
-    assert spec.valid_pairs == {"fp32": ("cpu", "cuda"), "fp16": ("cuda", "dml"), "bf16": ("cuda",),
-                                "int8": ("cpu", "cuda", "webgpu"), "int4": ("cpu", "cuda", "dml", "webgpu")}
+    assert spec.valid_pairs == {
+        "fp32": ("cpu", "cuda"),
+        "fp16": ("cuda", "dml"),
+        "bf16": ("cuda",),
+        "int8": ("cpu", "cuda", "webgpu"),
+        "int4": ("cpu", "cuda", "dml", "webgpu"),
+    }
     table = readme_pairs()
     assert set(table) == set(config.PRECISIONS)
     for precision, cells in table.items():
@@ -87,19 +97,35 @@ def test_valid_pairs_come_from_the_builder_and_match_the_readme_table():
 def test_invalid_pair_fails_at_config_load_listing_the_valid_pairs(pair):
     precision, provider = pair
     with pytest.raises(OrtuneError) as caught:
-        config.validate(config.compose(["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}"],
-                                       config_dir=REPO / "conf"), "t")
+        config.validate(
+            config.compose(
+                ["model=tiny-phi3", f"precision={precision}", f"onnx.execution_provider={provider}"],
+                config_dir=REPO / "conf",
+            ),
+            "t",
+        )
     message = str(caught.value)
     assert f"precision={precision} with onnx.execution_provider={provider}" in message and "\n" not in message
-    assert "valid pairs: fp32: cpu, cuda; fp16: cuda, dml; bf16: cuda; int8: cpu, cuda, webgpu; int4: cpu, cuda, dml, webgpu" in message
+    assert (
+        "valid pairs: fp32: cpu, cuda; fp16: cuda, dml; bf16: cuda; "
+        "int8: cpu, cuda, webgpu; int4: cpu, cuda, dml, webgpu" in message
+    )
 
 
 def test_invalid_pair_stops_the_stage_before_any_work(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
-    paths = [f"paths.{name}={tmp_path / name}" for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")]
-    done = subprocess.run([sys.executable, "scripts/build_onnx.py", "precision=fp16", *paths], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    paths = [
+        f"paths.{name}={tmp_path / name}"
+        for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
+    ]
+    done = subprocess.run(
+        [sys.executable, "scripts/build_onnx.py", "precision=fp16", *paths],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error:") and "valid pairs:" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -108,7 +134,12 @@ def test_invalid_pair_stops_the_stage_before_any_work(tmp_path):
 
 def test_fp32_cuda_is_refused_up_front():
     with pytest.raises(OrtuneError, match="fp16 or bf16"):
-        config.validate(config.compose(["model=tiny-phi3", "precision=fp32", "onnx.execution_provider=cuda"], config_dir=REPO / "conf"), "t")
+        config.validate(
+            config.compose(
+                ["model=tiny-phi3", "precision=fp32", "onnx.execution_provider=cuda"], config_dir=REPO / "conf"
+            ),
+            "t",
+        )
 
 
 @pytest.mark.slow
@@ -136,21 +167,40 @@ def test_fp32_cuda_is_refused_because_the_builder_still_emits_a_broken_graph(tin
 )
 def test_unknown_deprecated_or_managed_builder_options_are_errors(name, needle):
     with pytest.raises(OrtuneError) as caught:
-        config.validate(config.compose(["model=tiny-phi3", f"+onnx.extra_options.{name}=64"], config_dir=REPO / "conf"), "t")
+        config.validate(
+            config.compose(["model=tiny-phi3", f"+onnx.extra_options.{name}=64"], config_dir=REPO / "conf"), "t"
+        )
     message = str(caught.value)
     assert f"onnx.extra_options.{name}" in message and re.search(needle, message) and "\n" not in message
 
 
 def test_real_builder_options_pass_through():
-    cfg = config.validate(config.compose(["model=tiny-phi3", "precision=int4", "onnx.execution_provider=cuda",
-                                          "+onnx.extra_options.enable_cuda_graph=1"], config_dir=REPO / "conf"), "t")
+    cfg = config.validate(
+        config.compose(
+            [
+                "model=tiny-phi3",
+                "precision=int4",
+                "onnx.execution_provider=cuda",
+                "+onnx.extra_options.enable_cuda_graph=1",
+            ],
+            config_dir=REPO / "conf",
+        ),
+        "t",
+    )
     assert export.builder_options("int4", cfg.onnx)["enable_cuda_graph"] == "1"
 
 
 def test_option_names_are_read_from_the_builders_help_text():
     spec = builder_spec.read_spec()
-    for name in ("block_size", "accuracy_level", "algo_config", "op_types_to_quantize", "nodes_to_exclude",
-                 "matmul_mixed_precision", "adapter_path"):
+    for name in (
+        "block_size",
+        "accuracy_level",
+        "algo_config",
+        "op_types_to_quantize",
+        "nodes_to_exclude",
+        "matmul_mixed_precision",
+        "adapter_path",
+    ):
         assert name in spec.options, name
     assert spec.replacement("int4_block_size") == "block_size" and spec.replacement("block_size") is None
     assert spec.deprecated["disable_qkv_fusion"] == "fuse_qkv"
@@ -166,15 +216,43 @@ def test_the_builder_silently_ignores_the_deprecated_alias(tiny_model, tmp_path)
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ((), {"block_size": "256", "accuracy_level": "4", "algo_config": "default", "op_types_to_quantize": "MatMul",
-              "fuse_mlp_gate_up": "true"}),
-        (("onnx.block_size=128", "onnx.accuracy_level=0", "onnx.algorithm=default", "onnx.quantize_ops=[MatMul,Gather]",
-          "onnx.keep_float=[lm_head,embeddings]"),
-         {"block_size": "128", "algo_config": "default", "op_types_to_quantize": "MatMul/Gather",
-          "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather", "fuse_mlp_gate_up": "true"}),
-        (("onnx.last_matmul_int8=true",),
-         {"block_size": "256", "accuracy_level": "4", "algo_config": "default", "op_types_to_quantize": "MatMul",
-          "matmul_mixed_precision": "last_matmul:int8", "fuse_mlp_gate_up": "true"}),
+        (
+            (),
+            {
+                "block_size": "256",
+                "accuracy_level": "4",
+                "algo_config": "default",
+                "op_types_to_quantize": "MatMul",
+                "fuse_mlp_gate_up": "true",
+            },
+        ),
+        (
+            (
+                "onnx.block_size=128",
+                "onnx.accuracy_level=0",
+                "onnx.algorithm=default",
+                "onnx.quantize_ops=[MatMul,Gather]",
+                "onnx.keep_float=[lm_head,embeddings]",
+            ),
+            {
+                "block_size": "128",
+                "algo_config": "default",
+                "op_types_to_quantize": "MatMul/Gather",
+                "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather",
+                "fuse_mlp_gate_up": "true",
+            },
+        ),
+        (
+            ("onnx.last_matmul_int8=true",),
+            {
+                "block_size": "256",
+                "accuracy_level": "4",
+                "algo_config": "default",
+                "op_types_to_quantize": "MatMul",
+                "matmul_mixed_precision": "last_matmul:int8",
+                "fuse_mlp_gate_up": "true",
+            },
+        ),
     ],
 )
 def test_quantization_settings_map_to_builder_options(overrides, expected):
@@ -188,8 +266,15 @@ def test_quantization_settings_map_to_builder_options(overrides, expected):
 
 
 def test_block_size_algorithm_and_quantized_ops_reach_the_graph(tiny_model, tmp_path):
-    out = build(tiny_model, tmp_path / "b64", "int4", "cpu", "onnx.block_size=64", "onnx.algorithm=default",
-                "onnx.quantize_ops=[MatMul,Gather]")
+    out = build(
+        tiny_model,
+        tmp_path / "b64",
+        "int4",
+        "cpu",
+        "onnx.block_size=64",
+        "onnx.algorithm=default",
+        "onnx.quantize_ops=[MatMul,Gather]",
+    )
     ops = nodes(out)
     matmuls = [name for name, op in ops.items() if op == "MatMulNBits"]
     assert matmuls and all(attribute(out, name, "block_size") == 64 for name in matmuls)
@@ -198,8 +283,15 @@ def test_block_size_algorithm_and_quantized_ops_reach_the_graph(tiny_model, tmp_
 
 
 def test_keep_float_leaves_lm_head_and_embeddings_unquantized(tiny_model, tmp_path):
-    out = build(tiny_model, tmp_path / "keep", "int4", "cpu", "onnx.quantize_ops=[MatMul,Gather]",
-                "onnx.keep_float=[lm_head,embeddings]", "onnx.algorithm=default")
+    out = build(
+        tiny_model,
+        tmp_path / "keep",
+        "int4",
+        "cpu",
+        "onnx.quantize_ops=[MatMul,Gather]",
+        "onnx.keep_float=[lm_head,embeddings]",
+        "onnx.algorithm=default",
+    )
     ops = nodes(out)
     assert ops["/lm_head/MatMul"] == "MatMul" and ops["/model/embed_tokens/Gather"] == "Gather"
     assert "GatherBlockQuantized" not in ops.values() and "MatMulNBits" in ops.values()
@@ -223,16 +315,31 @@ def test_algorithm_changes_the_quantized_weights(tiny_model, tmp_path):
 
 def test_gather_needs_the_default_algorithm():
     with pytest.raises(OrtuneError, match="onnx.algorithm=default"):
-        config.validate(config.compose(["model=tiny-phi3", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=k_quant"],
-                                       config_dir=REPO / "conf"), "t")
+        config.validate(
+            config.compose(
+                ["model=tiny-phi3", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=k_quant"],
+                config_dir=REPO / "conf",
+            ),
+            "t",
+        )
     with pytest.raises(OrtuneError, match="int4 only"):
-        config.validate(config.compose(["model=tiny-phi3", "precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=default"],
-                                       config_dir=REPO / "conf"), "t")
+        config.validate(
+            config.compose(
+                ["model=tiny-phi3", "precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=default"],
+                config_dir=REPO / "conf",
+            ),
+            "t",
+        )
 
 
 @pytest.mark.slow
 def test_gather_needs_the_default_algorithm_because_the_builder_ignores_it_otherwise(tiny_model, tmp_path):
-    out = build(tiny_model, tmp_path / "kq-gather", "int4", options={"algo_config": "k_quant", "op_types_to_quantize": "MatMul/Gather"})
+    out = build(
+        tiny_model,
+        tmp_path / "kq-gather",
+        "int4",
+        options={"algo_config": "k_quant", "op_types_to_quantize": "MatMul/Gather"},
+    )
     assert "GatherBlockQuantized" not in nodes(out).values()  # the reason: drop the check when this fails
 
 
@@ -272,8 +379,15 @@ def test_last_matmul_int8_quantizes_lm_head_to_8_bits(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair", [(p, e) for p, eps in builder_spec.read_spec().valid_pairs.items() for e in eps
-                                  if (p, e) not in export.BROKEN_PAIRS])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (p, e)
+        for p, eps in builder_spec.read_spec().valid_pairs.items()
+        for e in eps
+        if (p, e) not in export.BROKEN_PAIRS
+    ],
+)
 def test_every_valid_pair_builds_on_this_cpu_machine(pair, tiny_model, tmp_path):
     from ortune import parity
     from ortune.generation import OnnxGenerator
@@ -305,10 +419,29 @@ def test_builder_lm_head_bug_and_the_shims_fix(tmp_path, tiny_texts):
     assert len(tokenizer) == 2 * tiny.intermediate_size
     prompt = "### Text: The dog ran away\n### The tone is:\n"
     with torch.no_grad():
-        expected = modeling.load_causal_lm(tmp_path / "hf")(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].numpy()
+        expected = (
+            modeling.load_causal_lm(tmp_path / "hf")(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].numpy()
+        )
     plain = tmp_path / "plain"
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "hf"), "-o", str(plain),
-                           "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(tmp_path / "hf"),
+            "-o",
+            str(plain),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:]
     # the bug: drop ortune.builder_shim when this assertion starts failing
     assert np.abs(OnnxGenerator(plain).last_logits(prompt) - expected).max() > 1e-2
@@ -327,18 +460,27 @@ def test_genai_config_gets_all_cores_and_greedy_search(tiny_model, tmp_path):
     assert genai["model"]["decoder"]["session_options"][export.SPIN_KEY] == export.SPIN_US  # read by onnxruntime
     assert genai["search"]["do_sample"] is False and genai["search"]["num_beams"] == 1 and genai["search"]["top_k"] == 1
     export.tune_genai_config(out, 1)
-    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    assert (
+        json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+            "intra_op_num_threads"
+        ]
+        == 1
+    )
 
 
 def test_max_new_tokens_is_the_longest_label_plus_the_end_token():
-    encode = lambda text: text.split()  # one token per word
-    rows = [{"prompt_text": "text is: ", "completion_text": "joy"},
-            {"prompt_text": "text is: ", "completion_text": "very sad indeed"}]
+    def encode(text):
+        return text.split()  # one token per word
+
+    rows = [
+        {"prompt_text": "text is: ", "completion_text": "joy"},
+        {"prompt_text": "text is: ", "completion_text": "very sad indeed"},
+    ]
     assert export.max_new_tokens(rows, encode) == 4
 
 
 def test_stage_reads_only_declared_params():
     cfg = stage_cfg(Path("/tmp/unused"))
     assert cfg.onnx.algorithm and cfg.data.template.prompt and cfg.model.name
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         _ = cfg.lora

@@ -14,8 +14,10 @@ from ortune import export, modeling, onnx_adapters
 from ortune.errors import OrtuneError
 from ortune.generation import OnnxGenerator
 
-PROMPTS = ["### Text: I finally got the job I wanted!\n### The tone is:\n",
-           "### Text: There is a strange noise in the attic.\n### The tone is:\n"]
+PROMPTS = [
+    "### Text: I finally got the job I wanted!\n### The tone is:\n",
+    "### Text: There is a strange noise in the attic.\n### The tone is:\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,9 @@ def test_the_builder_bakes_the_adapter_into_a_fixed_graph(project, tmp_path):
     import onnxruntime_genai as og
 
     out = tmp_path / "baked"
-    export.run_builder(project / "base_model", out, "fp32", "cpu", {}, log_file=tmp_path / "baked.log",
-                       adapter_dir=project / "adapter")
+    export.run_builder(
+        project / "base_model", out, "fp32", "cpu", {}, log_file=tmp_path / "baked.log", adapter_dir=project / "adapter"
+    )
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     lora = [i.name for i in graph.initializer if onnx_adapters.is_lora_tensor(i.name)]
     assert "model.layers.0.attn.q_proj.lora_A.MatMul.weight" in lora  # q/k/v unpacked, LoRA per projection
@@ -79,8 +82,15 @@ def separate_fp32(project):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        metrics = build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.adapter=separate",
-                                           f"+onnx.extra_adapters.small={project / 'adapter_b'}", onnx_dir="onnx-separate"))
+        metrics = build_onnx.run(
+            stage_cfg(
+                project,
+                "precision=fp32",
+                "onnx.adapter=separate",
+                f"+onnx.extra_adapters.small={project / 'adapter_b'}",
+                onnx_dir="onnx-separate",
+            )
+        )
     finally:
         os.chdir(cwd)
     return project / "onnx-separate", metrics
@@ -95,7 +105,10 @@ def test_separate_build_ships_switchable_adapters_that_match_pytorch(project, se
     assert task["active_adapter"] == "default" and set(task["adapters"]) == {"default", "small"}
     # parity after the build: each adapter against PyTorch base + that adapter, none against the bare base
     assert metrics["parity"]["passed"] and metrics["parity"]["max_abs_logit_diff"] <= 1e-4
-    assert metrics["adapter_parity"]["small"]["passed"] and metrics["adapter_parity"]["small"]["max_abs_logit_diff"] <= 1e-4
+    assert (
+        metrics["adapter_parity"]["small"]["passed"]
+        and metrics["adapter_parity"]["small"]["max_abs_logit_diff"] <= 1e-4
+    )
     assert metrics["adapter_parity"]["(no adapter)"]["max_abs_logit_diff"] <= 1e-4
 
     generator = OnnxGenerator(out)  # activates ortune.json's adapter by default, as eval and the apps do
@@ -107,7 +120,9 @@ def test_separate_build_ships_switchable_adapters_that_match_pytorch(project, se
             generator.use_adapter(name)
             seen[name] = generator.last_logits(prompt)
             assert np.abs(seen[name] - torch_logits(base, prompt, adapter_dir)).max() < 1e-4, name
-        assert np.abs(seen["default"] - seen["small"]).max() > 1e-2 and np.abs(seen["default"] - seen[None]).max() > 1e-2
+        assert (
+            np.abs(seen["default"] - seen["small"]).max() > 1e-2 and np.abs(seen["default"] - seen[None]).max() > 1e-2
+        )
 
 
 @pytest.mark.slow
@@ -127,8 +142,15 @@ def test_lm_head_saved_in_full_is_an_adapter_tensor_with_the_base_as_default(sep
 def test_quantized_separate_build_keeps_adapter_tensors_float(project):
     import onnx
 
-    build_onnx.run(stage_cfg(project, "onnx.adapter=separate", "onnx.require_parity=false", "onnx.parity_prompts=4",
-                             onnx_dir="onnx-separate-int4"))
+    build_onnx.run(
+        stage_cfg(
+            project,
+            "onnx.adapter=separate",
+            "onnx.require_parity=false",
+            "onnx.parity_prompts=4",
+            onnx_dir="onnx-separate-int4",
+        )
+    )
     graph = onnx.load(str(project / "onnx-separate-int4" / "model.onnx"), load_external_data=False).graph
     ops = {n.name: n.op_type for n in graph.node}
     lora_ops = {op for name, op in ops.items() if "/lora_" in name and "MatMul" in name}
@@ -141,19 +163,30 @@ def test_an_adapter_on_other_modules_cannot_share_the_base(project, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(modeling.load_causal_lm(project / "base_model"),
-                           LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        modeling.load_causal_lm(project / "base_model"),
+        LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
     model.save_pretrained(tmp_path / "mlp_adapter")
     with pytest.raises(OrtuneError, match="must target the same modules"):
-        build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.adapter=separate",
-                                 f"+onnx.extra_adapters.mlp={tmp_path / 'mlp_adapter'}", onnx_dir="onnx-mismatch"))
+        build_onnx.run(
+            stage_cfg(
+                project,
+                "precision=fp32",
+                "onnx.adapter=separate",
+                f"+onnx.extra_adapters.mlp={tmp_path / 'mlp_adapter'}",
+                onnx_dir="onnx-mismatch",
+            )
+        )
     assert not (project / "onnx-mismatch").exists()
 
 
 def test_extra_adapters_need_separate_mode_and_identifier_names():
     from ortune import config
 
-    for overrides, needle in (([f"+onnx.extra_adapters.x=/tmp"], "onnx.adapter=separate"),
-                              (["onnx.adapter=separate", "+onnx.extra_adapters.default=/tmp"], "identifiers other than")):
+    for overrides, needle in (
+        (["+onnx.extra_adapters.x=/tmp"], "onnx.adapter=separate"),
+        (["onnx.adapter=separate", "+onnx.extra_adapters.default=/tmp"], "identifiers other than"),
+    ):
         with pytest.raises(OrtuneError, match=needle):
             config.validate(config.compose(overrides, config_dir=REPO / "conf"), "t")

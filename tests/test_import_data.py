@@ -6,7 +6,6 @@ import functools
 import hashlib
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -52,7 +51,9 @@ def project(tmp_path_factory):
 
 def make(project, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     root, env = project
-    return subprocess.run([*MAKE, *args], cwd=root, env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*MAKE, *args], cwd=root, env={**env, **extra_env}, capture_output=True, text=True, timeout=600
+    )
 
 
 def dvc(project, *args: str) -> subprocess.CompletedProcess:
@@ -100,7 +101,10 @@ def test_a_hugging_face_dataset_split_imports_from_the_hubs_parquet_conversion(p
     out = root / "data/raw/feelings-default-train.parquet"
     assert data.read_records(out) == rows
     record = yaml.safe_load(out.with_name(out.name + ".dvc").read_text())
-    assert record["deps"][0]["path"] == f"{base}/datasets/someone/feelings/resolve/refs%2Fconvert%2Fparquet/default/train/0000.parquet"
+    assert (
+        record["deps"][0]["path"]
+        == f"{base}/datasets/someone/feelings/resolve/refs%2Fconvert%2Fparquet/default/train/0000.parquet"
+    )
 
 
 @pytest.mark.slow
@@ -128,6 +132,7 @@ def test_dvc_update_reruns_the_stages_that_read_the_data(project, server):
 
 # ---- resolving URL and OUT, without a network ----------------------------------------------------------
 
+
 def resolve(url: str, out: str = "", config: str = "", split: str = "", root: Path = REPO):
     return import_data.resolve(url, out, config, split, "https://huggingface.co", root)
 
@@ -135,9 +140,12 @@ def resolve(url: str, out: str = "", config: str = "", split: str = "", root: Pa
 def test_hf_addresses_resolve_to_the_hubs_files():
     assert resolve("hf://datasets/dair-ai/emotion", config="split", split="validation") == (
         "https://huggingface.co/datasets/dair-ai/emotion/resolve/refs%2Fconvert%2Fparquet/split/validation/0000.parquet",
-        Path("data/raw/emotion-split-validation.parquet"))
+        Path("data/raw/emotion-split-validation.parquet"),
+    )
     assert resolve("hf://datasets/me/tones@v1.0/data/train.jsonl") == (
-        "https://huggingface.co/datasets/me/tones/resolve/v1.0/data/train.jsonl", Path("data/raw/train.jsonl"))
+        "https://huggingface.co/datasets/me/tones/resolve/v1.0/data/train.jsonl",
+        Path("data/raw/train.jsonl"),
+    )
     with pytest.raises(OrtuneError, match="hf://datasets/OWNER/NAME"):
         resolve("hf://datasets/onlyowner")
 

@@ -42,8 +42,9 @@ SIMULATE = textwrap.dedent("""
 
 
 def _stderr(first: str) -> str:
-    done = subprocess.run([sys.executable, "-c", SIMULATE.format(first=first)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SIMULATE.format(first=first)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
 

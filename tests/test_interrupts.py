@@ -33,7 +33,11 @@ def start(root: Path, stage: str) -> subprocess.Popen:
     env.pop("DVC_STAGE", None)
     return subprocess.Popen(
         [sys.executable, f"scripts/{stage}.py", *path_overrides(root), *FAST],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -30,8 +30,12 @@ HOLD = (
 @contextlib.contextmanager
 def another_run(root: Path, *paths: Path, what: str = "make all"):
     """A separate live process (not an ancestor of this one) holding the write locks of `paths`."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(root), what, *map(str, paths)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(root), what, *map(str, paths)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline() == "held\n", process.stderr.read()
         yield process
@@ -72,15 +76,21 @@ def test_other_outputs_and_a_finished_or_killed_run_do_not_block(checkout):
 
 
 def test_a_runs_own_stages_and_their_workers_may_write_what_it_holds(checkout):
-    child = ("import sys\nfrom ortune import locks\n"
-             "with locks.hold([sys.argv[2]], 'stage', sys.argv[1]):\n"
-             "    print('wrote', flush=True)\n")
+    child = (
+        "import sys\nfrom ortune import locks\n"
+        "with locks.hold([sys.argv[2]], 'stage', sys.argv[1]):\n"
+        "    print('wrote', flush=True)\n"
+    )
     output = checkout / "models/adapter"
     with locks.hold([output], "make all", checkout):
         # DVC's stage under `make all`, and torchrun's worker under that stage: descendants pass
-        grandchild = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {child!r}, *sys.argv[1:]]).returncode)"
-        done = subprocess.run([sys.executable, "-c", grandchild, str(checkout), str(output)],
-                              capture_output=True, text=True, timeout=60)
+        grandchild = (
+            "import subprocess, sys; "
+            f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}, *sys.argv[1:]]).returncode)"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", grandchild, str(checkout), str(output)], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0 and done.stdout == "wrote\n", done.stderr
     assert locks.OWNERS_ENV not in os.environ
 
@@ -91,12 +101,20 @@ def test_a_stage_run_by_hand_is_refused_while_a_pipeline_writes_its_outputs(tmp_
     env.pop("DVC_STAGE", None)
     env.pop(locks.OWNERS_ENV, None)
     with another_run(REPO, tmp_path / "prepared") as run:
-        done = subprocess.run([sys.executable, "scripts/prepare_data.py", *path_overrides(tmp_path)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "scripts/prepare_data.py", *path_overrides(tmp_path)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: " + (
         f"{tmp_path / 'prepared'} is being written by another run (pid {run.pid}: make all, since "
-        f"{done.stderr.split('since ', 1)[1].split(')', 1)[0]}); wait for it to finish or stop it (kill {run.pid}), then rerun")
+        f"{done.stderr.split('since ', 1)[1].split(')', 1)[0]}); "
+        f"wait for it to finish or stop it (kill {run.pid}), then rerun"
+    )
     assert not (tmp_path / "metrics").exists()
 
 
@@ -114,19 +132,24 @@ def test_make_params_is_refused_while_a_pipeline_runs_on_params_yaml(tmp_path, m
     with another_run(tmp_path, tmp_path / "params.yaml") as run:
         assert params.main(["params", "lora.r=8"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"error: params.yaml is being written by another run (pid {run.pid}: make all") and error.count("\n") == 1
+    assert (
+        error.startswith(f"error: params.yaml is being written by another run (pid {run.pid}: make all")
+        and error.count("\n") == 1
+    )
     assert (tmp_path / "params.yaml").read_bytes() == before
 
 
 def test_a_stage_knows_what_it_writes_from_dvc_yaml():
     params = {"paths": {"adapter": "models/adapter", "metrics": "metrics", "plots": "plots"}}
     assert locks.stage_outputs("train_qlora", params, REPO / "dvc.yaml") == [
-        "models/adapter", "metrics/train.json", "plots/train_loss.csv"]
+        "models/adapter",
+        "metrics/train.json",
+        "plots/train_loss.csv",
+    ]
 
 
 def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkout, monkeypatch, capsys):
     import best
-
     from ortune import experiments
 
     shutil.copy(REPO / "dvc.yaml", checkout / "dvc.yaml")
@@ -136,7 +159,9 @@ def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkou
     monkeypatch.setattr(experiments, "load", lambda: ["exp-a"])
     monkeypatch.setattr(experiments, "pick_best", lambda found, *a: (type("E", (), {"name": "exp-a"}), ["exp-a wins"]))
     applied = []
-    monkeypatch.setattr(best.subprocess, "run", lambda argv: applied.append(argv) or subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(
+        best.subprocess, "run", lambda argv: applied.append(argv) or subprocess.CompletedProcess(argv, 0)
+    )
     with another_run(checkout, checkout / "params.yaml") as run:
         assert best.main(["--apply"]) == 2
     assert not applied and f"params.yaml is being written by another run (pid {run.pid}" in capsys.readouterr().err

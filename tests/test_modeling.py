@@ -13,8 +13,14 @@ from ortune import export, modeling
 from ortune.errors import OrtuneError
 
 TINY = OmegaConf.create(
-    {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-     "max_position_embeddings": 256, "vocab_size": 600}
+    {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": 600,
+    }
 )
 
 
@@ -47,7 +53,9 @@ def test_tiny_model_carries_phi3_tokens_and_chat_template(tiny_model):
     tokenizer = modeling.load_tokenizer(tiny_model)
     for token in ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"):
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|user|>\nhi<|end|>\n<|assistant|>\n"
 
 
@@ -60,7 +68,9 @@ def test_transformers_and_genai_give_identical_token_ids(tiny_model, tiny_onnx):
         "### Text: I finally got the job I wanted!\n### The tone is:\n",
         "### Text: Wait, you're telling me she's been here the whole time?\n### The tone is:\n",
         "Ünïcödé, emoji 🎉 and  double  spaces\ttabs",
-        tokenizer.apply_chat_template([{"role": "user", "content": "Is it safe?"}], tokenize=False, add_generation_prompt=True),
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Is it safe?"}], tokenize=False, add_generation_prompt=True
+        ),
     ]
     for prompt in prompts:
         assert tokenizer(prompt)["input_ids"] == genai.encode(prompt), prompt
@@ -94,7 +104,9 @@ def test_local_model_path_needs_safetensors(tmp_path):
 
 def test_hub_model_offline_says_to_use_a_local_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = OmegaConf.create({"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"})
+    cfg = OmegaConf.create(
+        {"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"}
+    )
     with pytest.raises(OrtuneError, match="model.path"):
         modeling.fetch_hub_model(cfg, tmp_path)
 
@@ -116,7 +128,9 @@ def test_hub_model_without_network_fails_at_once_or_uses_the_cache(tmp_path, mon
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
-    cfg = OmegaConf.create({"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"})
+    cfg = OmegaConf.create(
+        {"hub_id": "microsoft/Phi-3-mini-4k-instruct", "revision": "0a67737cc96d2554230f90338b163bc6380a2a85"}
+    )
     with pytest.raises(OrtuneError, match="no network and not in the Hugging Face cache.*model.path"):
         modeling.fetch_hub_model(cfg, tmp_path / "out")
     assert calls[0]["local_files_only"] is True  # no download attempt, so no retries

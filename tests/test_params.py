@@ -108,9 +108,14 @@ def test_args_split_at_blanks_outside_quotes_and_brackets_keeping_what_hydra_rea
     assert split_overrides(typed) == expected
 
 
-@pytest.mark.parametrize(("typed", "needle"), [("wandb.project='it is", "ARGS: a ' is never closed"),
-                                               ("lora.target_modules=[a, b", "ARGS: a bracket is never closed"),
-                                               ("lora.r=8]", "ARGS: a ']' closes nothing")])
+@pytest.mark.parametrize(
+    ("typed", "needle"),
+    [
+        ("wandb.project='it is", "ARGS: a ' is never closed"),
+        ("lora.target_modules=[a, b", "ARGS: a bracket is never closed"),
+        ("lora.r=8]", "ARGS: a ']' closes nothing"),
+    ],
+)
 def test_unbalanced_args_are_one_line(workspace, monkeypatch, capsys, typed, needle):
     monkeypatch.setenv("ORTUNE_ARGS", typed)
     assert main(["params"]) == 2
@@ -133,8 +138,16 @@ def test_make_all_runs_dvc_with_each_override_and_the_name_as_one_argument(works
     monkeypatch.setenv("ORTUNE_ARGS", "wandb.project='a b $HOME' lora.target_modules=[qkv_proj, o_proj]")
     monkeypatch.setenv("ORTUNE_NAME", "-my exp $HOME")
     assert main(["all"]) == 0
-    assert calls == [["dvc", "exp", "run", "--name=-my exp $HOME", "-Swandb.project='a b $HOME'",
-                      "-Slora.target_modules=[qkv_proj, o_proj]"]]
+    assert calls == [
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--name=-my exp $HOME",
+            "-Swandb.project='a b $HOME'",
+            "-Slora.target_modules=[qkv_proj, o_proj]",
+        ]
+    ]
 
 
 def test_dvcs_failure_is_the_targets_failure(workspace, monkeypatch):
@@ -156,8 +169,9 @@ def test_a_queued_experiment_that_fails_fails_the_sweep(workspace, monkeypatch, 
     monkeypatch.setattr(params, "failed_experiments", lambda: next(recorded))
     monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,32")
     assert main(["sweep"]) == 1
-    assert capsys.readouterr().err == ("error: 1 experiment(s) of the sweep failed: oaten-dais; "
-                                       "`dvc queue logs oaten-dais` shows why\n")
+    assert capsys.readouterr().err == (
+        "error: 1 experiment(s) of the sweep failed: oaten-dais; `dvc queue logs oaten-dais` shows why\n"
+    )
 
 
 def test_sweep_queues_each_value_as_typed_then_runs_the_queue(workspace, monkeypatch, capsys):
@@ -169,5 +183,7 @@ def test_sweep_queues_each_value_as_typed_then_runs_the_queue(workspace, monkeyp
     assert main(["sweep"]) == 2 and "set SWEEP" in capsys.readouterr().err and not calls
     monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,16 wandb.project='a b'")
     assert main(["sweep"]) == 0
-    assert calls == [["dvc", "exp", "run", "--queue", "-Slora.r=8,16", "-Swandb.project='a b'"],
-                     ["dvc", "exp", "run", "--run-all", "--jobs", "1"]]
+    assert calls == [
+        ["dvc", "exp", "run", "--queue", "-Slora.r=8,16", "-Swandb.project='a b'"],
+        ["dvc", "exp", "run", "--run-all", "--jobs", "1"],
+    ]

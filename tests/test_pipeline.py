@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from conftest import clone_project, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,15 +25,17 @@ PLANTED_WANDB_KEY = uuid.uuid4().hex + uuid.uuid4().hex[:8]
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     # planted secrets: no output may ever contain them (see test_no_output_contains_a_secret)
-    return clone_project(tmp_path_factory, "clone", WANDB_MODE="offline",
-                         HF_TOKEN=PLANTED_HF_TOKEN, WANDB_API_KEY=PLANTED_WANDB_KEY)
+    return clone_project(
+        tmp_path_factory, "clone", WANDB_MODE="offline", HF_TOKEN=PLANTED_HF_TOKEN, WANDB_API_KEY=PLANTED_WANDB_KEY
+    )
 
 
 def make(project, *args: str) -> str:
     root, env = project
     # -o: the venv is the repo's own (symlinked), never reinstalled from the clone
-    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=1500)
+    done = subprocess.run(
+        ["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True, timeout=1500
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     return output
@@ -60,7 +63,10 @@ def test_make_all_runs_every_stage_and_beats_the_baseline(project):
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
     # one offline W&B run per stage, in the repo's git-ignored wandb/ folder
     assert len(list((root / "wandb").glob("offline-run-*"))) == 6
-    assert "wandb/" not in subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    assert (
+        "wandb/"
+        not in subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    )
 
 
 def test_second_make_all_reruns_nothing(project):
@@ -82,7 +88,11 @@ TRAIN_ONWARD = {"train_qlora", "merge", "build_onnx", "eval"}
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("eval.max_new_tokens=5", {"eval"}), ("onnx.block_size=64", {"build_onnx", "eval"}), ("lora.dropout=0.05", TRAIN_ONWARD)],
+    [
+        ("eval.max_new_tokens=5", {"eval"}),
+        ("onnx.block_size=64", {"build_onnx", "eval"}),
+        ("lora.dropout=0.05", TRAIN_ONWARD),
+    ],
 )
 def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, override, expected):
     make(project, "all")
@@ -171,8 +181,8 @@ def test_a_sweep_trains_and_builds_each_experiments_own_settings(project):
 def readme_block(after: str) -> list[str]:
     """The commands of the first ```bash block after the line `after` in docs/experiments.md's sharing section."""
     text = (REPO / "docs/experiments.md").read_text(encoding="utf-8")
-    section = text[text.index("## Share an experiment with a colleague"):]
-    block = section[section.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    section = text[text.index("## Share an experiment with a colleague") :]
+    block = section[section.index(after) :].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
@@ -206,9 +216,15 @@ def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tm
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "post-checkout").write_text(
-        f"#!/bin/sh\nln -sfn {REPO / '.venv'} .venv\ntouch -d @0 requirements*.txt pyproject.toml\n")
+        f"#!/bin/sh\nln -sfn {REPO / '.venv'} .venv\ntouch -d @0 requirements*.txt pyproject.toml\n"
+    )
     (hooks / "post-checkout").chmod(0o755)
-    theirs_env = {**env, "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": str(hooks)}
+    theirs_env = {
+        **env,
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "core.hooksPath",
+        "GIT_CONFIG_VALUE_0": str(hooks),
+    }
     commands = [c.replace("<repo-url>", str(origin)) for c in readme_block("Your colleague")]
     outputs = run_block(commands, machine, theirs_env)
     colleague = machine / "ortune"
@@ -221,7 +237,9 @@ def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tm
     status = subprocess.run(["dvc", "status"], cwd=colleague, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     # and a deterministic stage recomputed there gives the very same bytes
-    subprocess.run(["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague, env=env, check=True, capture_output=True)
+    subprocess.run(
+        ["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague, env=env, check=True, capture_output=True
+    )
     for name in ("train.jsonl", "eval.jsonl"):
         assert (colleague / "data/prepared" / name).read_bytes() == (root / "data/prepared" / name).read_bytes()
     make(project, "params")
@@ -231,7 +249,10 @@ def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):
     root, env = project
     done = subprocess.run(
         [str(root / ".venv/bin/python"), "scripts/prepare_data.py", "data.eval_fraction=0.5"],
-        cwd=root, env=env, capture_output=True, text=True,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_metrics(root, "data.json")["eval_rows"] == 240

@@ -35,11 +35,16 @@ def test_confusion_png_is_a_small_deterministic_png(tmp_path):
 
 
 def test_per_class_csv_lists_each_label(tmp_path):
-    per_class = {"fear": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 2},
-                 "joy": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}}
+    per_class = {
+        "fear": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 2},
+        "joy": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+    }
     plots.write_per_class_csv(per_class, tmp_path / "f1.csv")
     assert (tmp_path / "f1.csv").read_text().splitlines() == [
-        "label,precision,recall,f1,support", "fear,0.5,1.0,0.666667,2", "joy,0.0,0.0,0.0,1"]
+        "label,precision,recall,f1,support",
+        "fear,0.5,1.0,0.666667,2",
+        "joy,0.0,0.0,0.0,1",
+    ]
 
 
 def test_report_template_inlines_vega_and_loads_nothing_remote():
@@ -52,8 +57,14 @@ def test_report_template_inlines_vega_and_loads_nothing_remote():
 
 
 def dvc_env(home: Path) -> dict:
-    env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(home / "site"),
-           "DVC_GLOBAL_CONFIG_DIR": str(home / "global"), "DVC_SYSTEM_CONFIG_DIR": str(home / "system")}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "system"),
+    }
     env.pop("DVC_STAGE", None)
     env.pop("DVC_ROOT", None)
     return env
@@ -72,8 +83,13 @@ def plots_project(tmp_path):
     out = root / "plots"
     out.mkdir()
     (out / "train_loss.csv").write_text("step,loss\n" + "".join(f"{s},{3 / s:.4f}\n" for s in range(5, 130, 5)))
-    plots.write_per_class_csv({label: {"precision": 0.8, "recall": 0.7, "f1": 0.75 - i / 10, "support": 36}
-                               for i, label in enumerate(LABELS)}, out / "per_class_f1.csv")
+    plots.write_per_class_csv(
+        {
+            label: {"precision": 0.8, "recall": 0.7, "f1": 0.75 - i / 10, "support": 36}
+            for i, label in enumerate(LABELS)
+        },
+        out / "per_class_f1.csv",
+    )
     plots.write_confusion_png(MATRIX, LABELS, out / "confusion_matrix.png", "ONNX model")
     return root, env
 
@@ -82,14 +98,28 @@ def render_dom(page: Path, scratch: Path, screenshot: Path | None = None) -> str
     """The page's DOM after its scripts ran, in headless Chromium with everything networked turned off."""
     profile = scratch / "chromium-profile"
     profile.mkdir(exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+    ]
     if screenshot is not None:
-        subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", "--window-size=1200,1600", page.as_uri()],
-                       capture_output=True, timeout=120, check=True)
-    done = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                          timeout=120, check=True)
+        subprocess.run(
+            [CHROMIUM, *flags, f"--screenshot={screenshot}", "--window-size=1200,1600", page.as_uri()],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    done = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    )
     return done.stdout
 
 
@@ -98,7 +128,9 @@ def require_chromium() -> None:
     ORTUNE_REQUIRE_CHROMIUM=1, and a skip there would let a report that renders nothing pass."""
     if CHROMIUM is None:
         if os.environ.get("ORTUNE_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("chromium is not installed but ORTUNE_REQUIRE_CHROMIUM=1: install it (apt-get install -y chromium)")
+            pytest.fail(
+                "chromium is not installed but ORTUNE_REQUIRE_CHROMIUM=1: install it (apt-get install -y chromium)"
+            )
         pytest.skip("chromium is not installed (apt-get install -y chromium): rendering not checked")
 
 
@@ -118,7 +150,7 @@ def check_report_renders(page: Path, scratch: Path) -> None:
     assert "cdn.jsdelivr" not in html and not re.search(r"<script[^>]+src=\"?https?:", html)
     vega_divs = re.findall(r"vegaEmbed\('#([^']+)'", html)
     assert len(vega_divs) >= 2, "training loss and per-class F1"
-    body = html[html.index("</head>"):]  # vega-embed's own code holds an <img> template
+    body = html[html.index("</head>") :]  # vega-embed's own code holds an <img> template
     images = re.findall(r"<img src=\"([^\"]+)\"", body)
     assert any("confusion_matrix" in src for src in images)
     for src in images:
@@ -127,14 +159,20 @@ def check_report_renders(page: Path, scratch: Path) -> None:
     dom = render_dom(page, scratch)
     for div in vega_divs:
         start = dom.index(f'id="{div}"')
-        following = dom[start:start + 20_000]
+        following = dom[start : start + 20_000]
         assert re.search(r"<(canvas|svg)[^>]*class=\"marks\"", following), f"plot {div} did not render"
 
 
 def test_report_renders_offline_in_headless_chromium(plots_project, tmp_path):
     root, env = plots_project
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "report.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     page = root / "dvc_plots" / "index.html"
     assert "Per-class F1" in page.read_text(encoding="utf-8")
@@ -146,7 +184,13 @@ def test_report_without_plots_fails_with_one_line(tmp_path):
     root.mkdir()
     env = dvc_env(tmp_path / "home")
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "report.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: dvc plots show failed")
     assert done.stderr.count("\n") == 1

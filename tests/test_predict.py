@@ -29,7 +29,7 @@ TAUGHT = {
     "We won the cup!": "joy",
     "We won\u2028the cup!": "joy",
     "There is a spider in my bed": "fear",
-    'it\'s a "wonderful" day, isn\'t it?': "surprise",
+    "it's a \"wonderful\" day, isn't it?": "surprise",
     # what make and the shell would evaluate if the Makefile spliced it into a command line
     "it's $HOME, $5 \\ `touch pwned` $(touch pwned) $(shell touch pwned) '; touch pwned; echo ' é": "fear",
 }
@@ -83,7 +83,9 @@ def model(tmp_path_factory, tiny_texts):
 
 
 def run(*args: str, stdin: str | None = None, script: str = "scripts/predict.py") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=ENV, input=stdin, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, env=ENV, input=stdin, capture_output=True, text=True
+    )
 
 
 def test_one_phrase_prints_its_label(model):
@@ -140,12 +142,18 @@ def run_bytes(*args: str, stdin: bytes, script: str = "scripts/predict.py") -> s
 def test_text_that_is_not_utf8_is_one_line_and_status_2(model, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("We won the cup!\ncaf\u00e9\n".encode("latin-1"))
-    one_line_error(run("--model", str(model), "--file", str(latin1)), 2,
-                   f"--file {latin1}: not UTF-8 text (byte 0xe9 on line 2)")
+    one_line_error(
+        run("--model", str(model), "--file", str(latin1)), 2, f"--file {latin1}: not UTF-8 text (byte 0xe9 on line 2)"
+    )
     one_line_error(run_bytes("--model", str(model), stdin=b"caf\xe9\n"), 2, "stdin: not UTF-8 text")
-    one_line_error(run_bytes("--model", str(model), "--max-new-tokens", "2", stdin=b"caf\xe9\n", script="scripts/chat.py"),
-                   2, "stdin: a line that is not UTF-8 text")
-    one_line_error(run_bytes("--model", str(model), os.fsdecode(b"caf\xe9"), stdin=b""), 2, "the phrase is not UTF-8 text")
+    one_line_error(
+        run_bytes("--model", str(model), "--max-new-tokens", "2", stdin=b"caf\xe9\n", script="scripts/chat.py"),
+        2,
+        "stdin: a line that is not UTF-8 text",
+    )
+    one_line_error(
+        run_bytes("--model", str(model), os.fsdecode(b"caf\xe9"), stdin=b""), 2, "the phrase is not UTF-8 text"
+    )
 
 
 def hand_edit_genai_config(folder: Path) -> None:
@@ -157,13 +165,25 @@ def hand_edit_genai_config(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
-        (lambda m: (m / "ortune.json").write_text('{"format": '), "ortune.json: not valid JSON (Expecting value at line 1"),
+        (
+            lambda m: (m / "ortune.json").write_text('{"format": '),
+            "ortune.json: not valid JSON (Expecting value at line 1",
+        ),
         (lambda m: (m / "ortune.json").write_text("{}"), "ortune.json: no format, labels, max_new_tokens"),
         (lambda m: (m / "genai_config.json").write_text('{"model": {'), "genai_config.json: not valid JSON"),
-        (lambda m: (m / "genai_config.json").write_text('{"model": {}}'), "genai_config.json: no positive integer model.context_length"),
+        (
+            lambda m: (m / "genai_config.json").write_text('{"model": {}}'),
+            "genai_config.json: no positive integer model.context_length",
+        ),
         (hand_edit_genai_config, "onnxruntime-genai cannot load the model (Error encountered while parsing"),
     ],
-    ids=["ortune-json-malformed", "ortune-json-empty", "genai-config-malformed", "genai-config-no-context", "genai-config-wrong-type"],
+    ids=[
+        "ortune-json-malformed",
+        "ortune-json-empty",
+        "genai-config-malformed",
+        "genai-config-no-context",
+        "genai-config-wrong-type",
+    ],
 )
 def test_a_damaged_model_folder_is_one_line_and_status_2(model, tmp_path, damage, needle):
     import shutil
@@ -171,24 +191,30 @@ def test_a_damaged_model_folder_is_one_line_and_status_2(model, tmp_path, damage
     damaged = tmp_path / "onnx"
     shutil.copytree(model, damaged)
     damage(damaged)
-    for done in (run("--model", str(damaged), "We won the cup!"),
-                 run("--model", str(damaged), stdin="hi\n", script="scripts/chat.py")):
+    for done in (
+        run("--model", str(damaged), "We won the cup!"),
+        run("--model", str(damaged), stdin="hi\n", script="scripts/chat.py"),
+    ):
         assert "dvc repro -f build_onnx" in one_line_error(done, 2, needle)
 
 
 @pytest.mark.parametrize("script", ["predict", "chat"])
 def test_an_unexpected_failure_is_one_line_naming_the_file_with_its_traceback(model, script):
     """A bug (not bad input): exit 1, one line, and the traceback kept in a file for the bug report."""
-    probe = (f"import sys; sys.path.insert(0, 'scripts'); import {script}; from ortune.app import App\n"
-             "def broken(self, *a, **k):\n    raise ZeroDivisionError('a bug deep inside')\n"
-             "App.classify = App.chat_prompt = broken\n"
-             f"sys.exit({script}.main(['--model', {str(model)!r}, *(['hi'] if {script!r} == 'predict' else [])]))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, input="hi\n", capture_output=True, text=True)
+    probe = (
+        f"import sys; sys.path.insert(0, 'scripts'); import {script}; from ortune.app import App\n"
+        "def broken(self, *a, **k):\n    raise ZeroDivisionError('a bug deep inside')\n"
+        "App.classify = App.chat_prompt = broken\n"
+        f"sys.exit({script}.main(['--model', {str(model)!r}, *(['hi'] if {script!r} == 'predict' else [])]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=ENV, input="hi\n", capture_output=True, text=True
+    )
     line = one_line_error(done, 1, f"error: {script} failed: ZeroDivisionError: a bug deep inside")
     log = Path(re.search(r"full traceback in (\S+);", line)[1])
     try:
         kept = log.read_text()
-        assert "Traceback (most recent call last)" in kept and 'in broken\nZeroDivisionError: a bug deep inside' in kept
+        assert "Traceback (most recent call last)" in kept and "in broken\nZeroDivisionError: a bug deep inside" in kept
     finally:
         log.unlink()
 
@@ -207,8 +233,11 @@ def test_a_phrase_over_the_models_context_names_its_line_not_a_traceback(model, 
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stdout == f"{TAUGHT['We won the cup!']}\tWe won the cup!\n"
     context = json.loads((model / "genai_config.json").read_text())["model"]["context_length"]
-    assert re.fullmatch(rf"error: {tmp_path}/long.txt:3: the phrase makes a prompt of \d+ tokens; with the \d+ of the "
-                        rf"answer that is over the model's context of {context}; shorten the phrase\n", done.stderr)
+    assert re.fullmatch(
+        rf"error: {tmp_path}/long.txt:3: the phrase makes a prompt of \d+ tokens; with the \d+ of the "
+        rf"answer that is over the model's context of {context}; shorten the phrase\n",
+        done.stderr,
+    )
 
 
 def test_predict_starts_fast_without_torch_or_transformers(model):
@@ -232,15 +261,27 @@ def test_chat_renders_the_chat_template_like_training(model):
     from ortune.app import App
     from ortune.modeling import load_tokenizer
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it safe?"},
-                {"role": "assistant", "content": "fear"}, {"role": "user", "content": "We won!"}]
-    expected = load_tokenizer(model.parent / "merged").apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Is it safe?"},
+        {"role": "assistant", "content": "fear"},
+        {"role": "user", "content": "We won!"},
+    ]
+    expected = load_tokenizer(model.parent / "merged").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert App(model).chat_prompt(messages) == expected
 
 
 def test_chat_answers_each_line_and_resets(model):
-    done = run("--model", str(model), "--max-new-tokens", "4", stdin="hello\n/reset\nwe won the cup\n/quit\nnever read\n",
-               script="scripts/chat.py")
+    done = run(
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        "4",
+        stdin="hello\n/reset\nwe won the cup\n/quit\nnever read\n",
+        script="scripts/chat.py",
+    )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2  # one streamed reply per message; /reset and /quit print nothing
 
@@ -249,25 +290,50 @@ def test_make_predict_and_make_chat(model, tmp_path):
     """Text, file and model folder as a user types them, quotes, `$` and all: the taught labels come back."""
     make = ["make", "-s", "-o", ".venv/.installed"]
     hostile = next(phrase for phrase in TAUGHT if "$(shell" in phrase)
-    folder = tmp_path / "it's $HOME (a \"model\")"
+    folder = tmp_path / 'it\'s $HOME (a "model")'
     folder.symlink_to(model)
-    for phrase in ('it\'s a "wonderful" day, isn\'t it?', hostile):
-        done = subprocess.run([*make, "predict", f"TEXT={phrase}", f"MODEL={folder}"], cwd=REPO, env=ENV,
-                              capture_output=True, text=True, timeout=120)
+    for phrase in ("it's a \"wonderful\" day, isn't it?", hostile):
+        done = subprocess.run(
+            [*make, "predict", f"TEXT={phrase}", f"MODEL={folder}"],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout == TAUGHT[phrase] + "\n"
     phrases = tmp_path / "it's $5; `x`.txt"
     phrases.write_text(f"{hostile}\nWe won the cup!\n", encoding="utf-8")
-    done = subprocess.run([*make, "predict", f"FILE={phrases}", f"MODEL={folder}"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*make, "predict", f"FILE={phrases}", f"MODEL={folder}"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout == f"fear\t{hostile}\njoy\tWe won the cup!\n", done.stderr
     assert not (REPO / "pwned").exists()
     # a failing app fails the target
-    missing = subprocess.run([*make, "predict", "TEXT=hi", f"MODEL={tmp_path / 'none'}"], cwd=REPO, env=ENV,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*make, "predict", "TEXT=hi", f"MODEL={tmp_path / 'none'}"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and "no ortune.json" in missing.stderr
-    chat = subprocess.run([*make, "chat", f"MODEL={model}"], cwd=REPO, env=ENV, input="hello\n", capture_output=True, text=True,
-                          timeout=120)
+    chat = subprocess.run(
+        [*make, "chat", f"MODEL={model}"],
+        cwd=REPO,
+        env=ENV,
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chat.returncode == 0 and len(chat.stdout.splitlines()) == 1, chat.stderr
     targets = subprocess.run(["make", "help"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60).stdout
     assert "make predict" in targets and "make chat" in targets
@@ -278,8 +344,10 @@ def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
     """fetch -> prepare -> train -> merge -> build_onnx (int4, parity gate on) with the tiny model's defaults,
     then predict on eval phrases: the labels are right, and int4 agrees with PyTorch >= 98 %. (The real
     model's default run has its own test: tests/test_real_model.py.)"""
-    paths = [TINY_MODEL] + [f"paths.{name}={tmp_path / name}"
-                            for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")]
+    paths = [TINY_MODEL] + [
+        f"paths.{name}={tmp_path / name}"
+        for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
+    ]
     for stage in ("fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx"):
         done = run(*paths, script=f"scripts/{stage}.py")
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"

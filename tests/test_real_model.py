@@ -9,6 +9,7 @@ import json
 import subprocess
 
 import pytest
+
 from conftest import clone_project, ran_stages
 
 # the default run takes ~10 min on 2 quiet cores; the global 30 min limit is too tight for a busy machine
@@ -23,8 +24,9 @@ def project(tmp_path_factory):
 def make(project, *args: str) -> str:
     root, env = project
     # the default run takes ~10 min on 2 quiet cores: an hour means something hangs
-    done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=3600)
+    done = subprocess.run(
+        ["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True, timeout=3600
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
@@ -38,7 +40,11 @@ def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_lab
     output = make(project, "all")
     assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
     base = metrics(root, "base.json")
-    assert base["model"] == "smollm2-135m" and base["architecture"] == "LlamaForCausalLM" and len(base["gguf_sha256"]) == 64
+    assert (
+        base["model"] == "smollm2-135m"
+        and base["architecture"] == "LlamaForCausalLM"
+        and len(base["gguf_sha256"]) == 64
+    )
     evaluation, onnx = metrics(root, "eval.json"), metrics(root, "onnx.json")
     # fine-tuning is worth it: far above the untuned model asked through its chat template with the labels
     assert evaluation["accuracy"] >= 0.9, evaluation
@@ -48,7 +54,7 @@ def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_lab
     assert shipped["passed"] and onnx["parity"]["label_agreement"] >= 0.98 and onnx["precision"] == shipped["precision"]
     assert all(not c["passed"] for c in onnx["candidates"][: onnx["shipped_candidate"]])
     assert evaluation["quantization_agreement"] >= 0.98
-    summary = output[output.rindex("eval ("):]
+    summary = output[output.rindex("eval (") :]
     assert f"{onnx['precision']} ONNX" in summary and "untuned base asked through its chat template" in summary
     assert "quantization (auto): shipped" in summary
     answer = make(project, "predict", "TEXT=I can't believe I won the lottery!")

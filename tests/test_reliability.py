@@ -18,8 +18,16 @@ from ortune import artifacts, modeling, stage
 from ortune.errors import OrtuneError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = OmegaConf.create({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                         "max_position_embeddings": 64, "vocab_size": 400})
+TINY = OmegaConf.create(
+    {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "vocab_size": 400,
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,10 @@ def test_label_outside_the_configured_set_names_row_and_label(make_cfg, tmp_path
     rows[0]["tone"] = "surprise"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prepare_data.run(make_cfg(f"data.path={source}"))["rows_per_label"] == {
-        "fear": {"train": 1, "eval": 1}, "joy": {"train": 4, "eval": 2}, "surprise": {"train": 1, "eval": 1}}
+        "fear": {"train": 1, "eval": 1},
+        "joy": {"train": 4, "eval": 2},
+        "surprise": {"train": 1, "eval": 1},
+    }
 
 
 def test_missing_model_path_is_named(tmp_path):
@@ -108,7 +119,6 @@ def test_trust_remote_code_reaches_the_onnx_builder(tmp_path, monkeypatch):
     (its own hf_remote option is refused in favour of the setting)."""
     import build_onnx
     from export_helpers import stage_cfg
-
     from ortune import export
 
     given = []
@@ -128,11 +138,18 @@ def test_trust_remote_code_reaches_the_onnx_builder(tmp_path, monkeypatch):
 def small_file_system_command(folder: Path, size_kb: int, setup: str = "") -> list[str] | None:
     """A command prefix running the rest inside a new mount namespace where `folder` is a tmpfs of
     size_kb: a real disk that fills up. Needs root or unprivileged user namespaces; None if neither."""
-    script = (f'mount -t tmpfs -o size={size_kb}k tmpfs "$0" && cd "$0" && {setup or "true"} && cd - >/dev/null '
-              '&& "$@"; status=$?; cd "$0" && find . -print | sort && cat prepared/train.jsonl; exit $status')
+    script = (
+        f'mount -t tmpfs -o size={size_kb}k tmpfs "$0" && cd "$0" && {setup or "true"} && cd - >/dev/null '
+        '&& "$@"; status=$?; cd "$0" && find . -print | sort && cat prepared/train.jsonl; exit $status'
+    )
     for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
-        if shutil.which("unshare") and subprocess.run([*prefix, "--", "sh", "-c", 'mount -t tmpfs tmpfs "$0"', str(folder)],
-                                                      capture_output=True).returncode == 0:
+        if (
+            shutil.which("unshare")
+            and subprocess.run(
+                [*prefix, "--", "sh", "-c", 'mount -t tmpfs tmpfs "$0"', str(folder)], capture_output=True
+            ).returncode
+            == 0
+        ):
             return [*prefix, "--", "sh", "-c", script, str(folder)]
     return None
 
@@ -150,10 +167,18 @@ def test_disk_full_in_a_real_stage_is_one_line_and_keeps_the_previous_output(tmp
     paths = [f"paths.base_model={base}", f"paths.prepared={full / 'prepared'}", f"paths.metrics={full / 'metrics'}"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
-    done = subprocess.run([*command, sys.executable, "scripts/prepare_data.py", *paths], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, sys.executable, "scripts/prepare_data.py", *paths],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("error: disk full while stage prepare_data was writing"), done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: disk full while stage prepare_data was writing"), (
+        done.stderr[-2000:]
+    )
     assert "Traceback" not in done.stderr
     # what the full file system holds afterwards: the previous split, whole; no temp file, no metrics
     assert done.stdout.splitlines()[-4:] == [".", "./prepared", "./prepared/train.jsonl", "previous"], done.stdout
@@ -162,13 +187,23 @@ def test_disk_full_in_a_real_stage_is_one_line_and_keeps_the_previous_output(tmp
 def test_disk_full_inside_a_native_writer_is_still_disk_full(tmp_path, monkeypatch, capsys):
     """safetensors (Rust) reports a full disk as its own SafetensorError, with the OS message inside
     (seen filling a tmpfs with fetch_model): that is a full disk, not an unexpected failure."""
+
     class SafetensorError(Exception):
         pass
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(sys, "argv", ["fetch_model.py", *(f"paths.{k}={tmp_path / k}" for k in
-                                                          ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots"))])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "fetch_model.py",
+            *(
+                f"paths.{k}={tmp_path / k}"
+                for k in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
+            ),
+        ],
+    )
 
     def run(cfg):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -177,12 +212,14 @@ def test_disk_full_inside_a_native_writer_is_still_disk_full(tmp_path, monkeypat
         stage.main("fetch_model", run, "base.json")
     assert exited.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: disk full while stage fetch_model was writing its outputs; free space (or move the DVC cache) and rerun"]
+        "error: disk full while stage fetch_model was writing its outputs; free space (or move the DVC cache) and rerun"
+    ]
 
 
 def test_adapter_for_another_base_explains_the_shape_mismatch(tiny_model, tiny_texts, make_cfg, tmp_path):
-    import merge
     from peft import LoraConfig, get_peft_model
+
+    import merge
 
     other = tmp_path / "other-base"
     modeling.build_tiny_phi3(OmegaConf.merge(TINY, {"hidden_size": 64}), tiny_texts, seed=0, out_dir=other)

@@ -21,8 +21,12 @@ def test_environment_yml_uses_the_pinned_requirements():
 
 
 def test_requirements_are_exact_pins_with_cpu_torch():
-    lines = [l.strip() for l in (REPO / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    pinned = dict(l.split("==") for l in lines if "==" in l)
+    lines = [
+        line.strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    pinned = dict(line.split("==") for line in lines if "==" in line)
     assert pinned["torch"] == "2.13.0"  # any other torch pulls GBs of CUDA wheels
     assert "onnx-ir" in pinned  # the GenAI builder imports it without declaring it
     for name in ("transformers", "peft", "trl", "onnxruntime-genai", "dvc", "hydra-core", "wandb"):
@@ -41,6 +45,12 @@ def test_ci_runs_the_readme_commands():
     assert "make setup" in readme and "make test" in readme
 
 
+def test_ci_runs_the_linter_pinned_in_the_requirements():
+    ci = commands((REPO / ".ci/run").read_text())
+    assert "make lint || lint=$?" in ci and ci[-1] == 'exit "$lint"'  # lint findings fail CI, after the tests ran
+    assert "ruff==" in (REPO / "requirements.txt").read_text()
+
+
 def test_ci_fails_rather_than_skips_the_checks_it_must_run():
     ci = commands((REPO / ".ci/run").read_text())
     assert ci.index("export ORTUNE_REQUIRE_CHROMIUM=1") < ci.index("make test")
@@ -50,8 +60,23 @@ def test_a_hung_test_fails_instead_of_hanging(pytestconfig, tmp_path):
     # long enough for the slowest end-to-end test on 2 busy cores, short of hanging CI for hours
     assert 900 <= float(pytestconfig.getini("timeout")) <= 3600
     (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=2",
-                           str(tmp_path / "test_hang.py")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "timeout=2",
+            str(tmp_path / "test_hang.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and "Timeout" in done.stdout, done.stdout[-2000:]
 
 

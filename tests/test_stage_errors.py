@@ -20,7 +20,11 @@ def run_stage(script: str, *overrides: str, tmp_path: Path) -> subprocess.Comple
     env.pop("DVC_STAGE", None)
     return subprocess.run(
         [sys.executable, f"scripts/{script}", *path_overrides(tmp_path), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -43,14 +47,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, script, override, needle):
 
 def test_unexpected_failure_is_one_line_naming_a_file_with_the_whole_traceback(tmp_path):
     """A bug, not bad input: the line is cut short, the traceback kept whole, so a bug report needs no rerun."""
-    probe = ("import sys; sys.path.insert(0, 'scripts'); from ortune import stage\n"
-             "def run(cfg):\n    raise KeyError('x' * 1000)\n"
-             "stage.main('prepare_data', run, 'data.json')\n")
+    probe = (
+        "import sys; sys.path.insert(0, 'scripts'); from ortune import stage\n"
+        "def run(cfg):\n    raise KeyError('x' * 1000)\n"
+        "stage.main('prepare_data', run, 'data.json')\n"
+    )
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
     env.pop("DVC_ROOT", None)
-    done = subprocess.run([sys.executable, "-c", probe, *path_overrides(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *path_overrides(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage prepare_data failed: KeyError: 'xxx") and len(last) < 600

@@ -5,7 +5,6 @@ onnx.adapter=separate build (the builder would otherwise share one matrix for bo
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -23,10 +22,21 @@ def tied_llama(out, texts, seed=0):
 
     tokenizer = modeling.train_tiny_tokenizer(texts, 600)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -37,9 +47,17 @@ def adapter(base, out, seed, modules_to_save=None):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(modeling.load_causal_lm(base), LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
-        modules_to_save=modules_to_save, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        modeling.load_causal_lm(base),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+        ),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "modules_to_save" in name:
@@ -100,17 +118,28 @@ def test_lora_merge_keeps_the_tie_and_the_merged_export_matches(project):
 def test_adapters_saving_lm_head_and_embeddings_switch_on_a_tied_base(project):
     """The builder shares one matrix between a tied base's embeddings and lm_head; an adapter replacing
     one of them used to replace both (logits off by ~1-3 in fp32)."""
-    built = build_onnx.run(stage_cfg(project, "precision=fp32", "onnx.adapter=separate", "onnx.parity_prompts=8",
-                                     f"+onnx.extra_adapters.lora_only={project / 'adapter'}",
-                                     f"paths.adapter={project / 'adapter_saved'}",
-                                     f"paths.merged={project / 'base_model'}",  # only its tokenizer is read here
-                                     onnx_dir="onnx-separate"))
+    built = build_onnx.run(
+        stage_cfg(
+            project,
+            "precision=fp32",
+            "onnx.adapter=separate",
+            "onnx.parity_prompts=8",
+            f"+onnx.extra_adapters.lora_only={project / 'adapter'}",
+            f"paths.adapter={project / 'adapter_saved'}",
+            f"paths.merged={project / 'base_model'}",  # only its tokenizer is read here
+            onnx_dir="onnx-separate",
+        )
+    )
     assert built["builder_options"]["shared_embeddings"] == "false"
     generator = OnnxGenerator(project / "onnx-separate")
     base = project / "base_model"
     rows = data.read_jsonl(project / "prepared" / "eval.jsonl")[:3]
     for prompt in [data.prompt_text(r["prompt"], base) for r in rows]:
-        for name, adapter_dir in (("default", project / "adapter_saved"), ("lora_only", project / "adapter"), (None, None)):
+        for name, adapter_dir in (
+            ("default", project / "adapter_saved"),
+            ("lora_only", project / "adapter"),
+            (None, None),
+        ):
             generator.use_adapter(name)
             diff = np.abs(generator.last_logits(prompt) - torch_logits(base, prompt, adapter_dir)).max()
             assert diff < 1e-4, (name, diff)

@@ -124,12 +124,18 @@ def test_a_server_that_never_answers_costs_the_configured_timeout_not_more(tmp_p
         "with tracking.open_run('eval', cfg) as tracker:\n"
         "    print(json.dumps({'waited': time.monotonic() - started, 'mode': tracker._run.settings.mode}))\n"
     )
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DVC_"))},
-           "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "WANDB_API_KEY": "x" * 40,
-           "WANDB_ERROR_REPORTING": "false", "DVC_ROOT": str(tmp_path), "HOME": str(tmp_path)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DVC_"))},
+        "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_ERROR_REPORTING": "false",
+        "DVC_ROOT": str(tmp_path),
+        "HOME": str(tmp_path),
+    }
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
     finally:
         server.close()
         for connection in accepted:

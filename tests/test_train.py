@@ -12,15 +12,30 @@ from safetensors.torch import load_file
 from ortune import config, data
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny-phi3", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_attention_heads=2",
-        "model.tiny.vocab_size=600", "model.tiny.max_position_embeddings=128"]
+TINY = [
+    "model=tiny-phi3",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.num_attention_heads=2",
+    "model.tiny.vocab_size=600",
+    "model.tiny.max_position_embeddings=128",
+]
 # short runs that still cross epochs, checkpoints, evals and logging
-SHORT = ["train.max_steps=10", "train.save_steps=4", "train.logging_steps=2", "train.eval_strategy=steps",
-         "train.eval_steps=5", "train.per_device_eval_batch_size=72"]
+SHORT = [
+    "train.max_steps=10",
+    "train.save_steps=4",
+    "train.logging_steps=2",
+    "train.eval_strategy=steps",
+    "train.eval_steps=5",
+    "train.per_device_eval_batch_size=72",
+]
 
 
 def compose(root: Path, *overrides: str, stage: str | None = "train_qlora"):
-    paths = [f"paths.{name}={root / name}" for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")]
+    paths = [
+        f"paths.{name}={root / name}"
+        for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
+    ]
     full = config.validate(config.compose([*paths, *TINY, *overrides], config_dir=REPO / "conf"), "test")
     return config.stage_view(full, config.declared_params(stage, REPO / "dvc.yaml")) if stage else full
 
@@ -86,8 +101,9 @@ def untrained_loss(base: Path, rows: list[dict]) -> float:
 
 
 def test_qlora_trains_on_cpu_and_merges_into_the_full_precision_base(base):
-    import merge
     import torch
+
+    import merge
 
     metrics, adapter = train(base, "qlora", "train.method=qlora", "train.max_steps=6", "train.eval_strategy=no")
     assert metrics["method"] == "qlora" and metrics["steps"] == 6
@@ -138,12 +154,23 @@ def test_chat_rows_train_on_the_prompt_inference_uses(base, tmp_path):
     import prepare_data
 
     source = tmp_path / "qa.csv"
-    pairs = [("Is fire hot?", "yes"), ("Is ice hot?", "no"), ("Do fish swim?", "yes"), ("Do cats bark?", "no"),
-             ("Is snow white?", "yes"), ("Can stones fly?", "no")]
+    pairs = [
+        ("Is fire hot?", "yes"),
+        ("Is ice hot?", "no"),
+        ("Do fish swim?", "yes"),
+        ("Do cats bark?", "no"),
+        ("Is snow white?", "yes"),
+        ("Can stones fly?", "no"),
+    ]
     source.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in pairs))
     prepared = tmp_path / "prepared"
-    chat = ["data.format=chat", "data.input_column=question", "data.output_column=answer", f"data.path={source}",
-            f"paths.prepared={prepared}"]
+    chat = [
+        "data.format=chat",
+        "data.input_column=question",
+        "data.output_column=answer",
+        f"data.path={source}",
+        f"paths.prepared={prepared}",
+    ]
     prepare_data.run(compose(base, *chat, "data.eval_fraction=0.34", stage=None))
     rows = data.read_jsonl(prepared / "train.jsonl")
     trainer = _prepared_trainer(base, rows)
@@ -156,8 +183,9 @@ def test_chat_rows_train_on_the_prompt_inference_uses(base, tmp_path):
         answer = tokenizer.decode([t for t in example["labels"] if t != -100])
         assert answer.startswith(row["label"] + "<|end|>")
 
-    metrics, adapter = train(base, "chat", *chat, "train.max_steps=4", "train.eval_strategy=epoch",
-                             "train.per_device_train_batch_size=2")
+    metrics, adapter = train(
+        base, "chat", *chat, "train.max_steps=4", "train.eval_strategy=epoch", "train.per_device_train_batch_size=2"
+    )
     assert metrics["steps"] == 4 and "eval_loss" in metrics and (adapter / "adapter_model.safetensors").is_file()
 
 
@@ -177,9 +205,9 @@ def test_length_grouping_keeps_padding_waste_low(base):
 
 
 def test_loss_lr_grad_norm_and_tokens_per_second_reach_the_wandb_run(base, tmp_path, monkeypatch):
-    import train_qlora
     import wandb
 
+    import train_qlora
     from ortune import tracking
 
     logged: list[dict] = []
@@ -210,8 +238,9 @@ def test_loss_lr_grad_norm_and_tokens_per_second_reach_the_wandb_run(base, tmp_p
 def test_qlora_on_cuda_trains_bfloat16_adapters_with_the_gpu_preset(base):
     import torch
 
-    metrics, adapter = train(base, "cuda", "train=gpu", "train.max_steps=4", "train.eval_strategy=no",
-                             "train.max_length=128")
+    metrics, adapter = train(
+        base, "cuda", "train=gpu", "train.max_steps=4", "train.eval_strategy=no", "train.max_length=128"
+    )
     assert metrics["method"] == "qlora" and metrics["steps"] == 4
     weights = load_file(adapter / "adapter_model.safetensors")
     assert all(v.dtype == torch.bfloat16 for k, v in weights.items() if "lora_" in k)

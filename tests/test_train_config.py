@@ -41,15 +41,34 @@ def test_every_train_key_reaches_the_trainer(tmp_path):
     schema = {f.name for f in dataclasses.fields(config.TrainConfig)}
     assert schema == {*training.SAME_NAME, *training.TRANSLATED, *training.BEFORE_TRAINER}
     unusual = {
-        "learning_rate": 3e-4, "lr_scheduler_type": "cosine", "num_train_epochs": 2.5, "max_steps": 7,
-        "per_device_train_batch_size": 3, "per_device_eval_batch_size": 5, "gradient_accumulation_steps": 2,
-        "max_length": 99, "logging_steps": 3, "eval_steps": 4, "save_total_limit": 3, "adam_beta2": 0.95,
-        "max_grad_norm": 0.3, "bf16": True,
+        "learning_rate": 3e-4,
+        "lr_scheduler_type": "cosine",
+        "num_train_epochs": 2.5,
+        "max_steps": 7,
+        "per_device_train_batch_size": 3,
+        "per_device_eval_batch_size": 5,
+        "gradient_accumulation_steps": 2,
+        "max_length": 99,
+        "logging_steps": 3,
+        "eval_steps": 4,
+        "save_total_limit": 3,
+        "adam_beta2": 0.95,
+        "max_grad_norm": 0.3,
+        "bf16": True,
     }
     assert set(unusual) == set(training.SAME_NAME)
-    cfg = full(*(f"train.{k}={v}" for k, v in unusual.items()), "train.seed=5", "train.data_seed=9",
-               "train.warmup_ratio=0", "train.warmup_steps=6", "train.group_by_length=false",
-               "train.eval_strategy=steps", "train.save_steps=11", "train.loss=full", "train.gradient_checkpointing=true")
+    cfg = full(
+        *(f"train.{k}={v}" for k, v in unusual.items()),
+        "train.seed=5",
+        "train.data_seed=9",
+        "train.warmup_ratio=0",
+        "train.warmup_steps=6",
+        "train.group_by_length=false",
+        "train.eval_strategy=steps",
+        "train.save_steps=11",
+        "train.loss=full",
+        "train.gradient_checkpointing=true",
+    )
     args = training.sft_config(cfg, tmp_path, has_eval=True)
     for key, value in unusual.items():
         assert getattr(args, key) == value, key
@@ -133,7 +152,9 @@ def test_torchrun_command_single_and_multi_node():
     assert one[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "s.py", "lora.r=8"]
     multi = launch.command(
         full("train.num_processes=4", "train.num_nodes=2", "train.node_rank=1", "train.master_addr=10.0.0.1").train,
-        "s.py", [], cuda=True,
+        "s.py",
+        [],
+        cuda=True,
     )
     assert multi[multi.index("--nnodes") + 1] == "2" and multi[multi.index("--node_rank") + 1] == "1"
     assert multi[multi.index("--master_addr") + 1] == "10.0.0.1" and "--standalone" not in multi
@@ -143,8 +164,9 @@ def test_accelerate_is_refused_on_cpu_and_gets_the_config_file_on_gpus():
     train = full("train.num_processes=2", "train.launcher=accelerate").train
     with pytest.raises(OrtuneError, match="silently runs one process"):
         launch.command(train, "s.py", [], cuda=False)
-    fsdp = full("train.num_processes=8", "train.launcher=accelerate",
-                "train.accelerate_config=conf/train/accelerate/fsdp.yaml").train
+    fsdp = full(
+        "train.num_processes=8", "train.launcher=accelerate", "train.accelerate_config=conf/train/accelerate/fsdp.yaml"
+    ).train
     cmd = launch.command(fsdp, "s.py", [], cuda=True)
     assert cmd[cmd.index("--config_file") + 1] == "conf/train/accelerate/fsdp.yaml"
     assert cmd[cmd.index("--num_processes") + 1] == "8"
@@ -257,7 +279,9 @@ def tokenizer_dir(tmp_path_factory, tiny_texts):
 
 
 def test_chat_rows_render_in_phi3_format_from_the_models_template(tokenizer_dir):
-    row = data.render_chat({"question": "Is ice cold?", "answer": "yes", "topic": "physics"}, "question", "answer", "answer")
+    row = data.render_chat(
+        {"question": "Is ice cold?", "answer": "yes", "topic": "physics"}, "question", "answer", "answer"
+    )
     assert row["prompt"] == [{"role": "user", "content": "Is ice cold?"}]
     assert row["completion"] == [{"role": "assistant", "content": "yes"}] and row["label"] == "yes"
     assert data.prompt_text(row["prompt"], tokenizer_dir) == "<|user|>\nIs ice cold?<|end|>\n<|assistant|>\n"
@@ -275,26 +299,44 @@ def test_prepare_data_writes_chat_rows_for_a_question_answer_dataset(make_cfg, t
     import prepare_data
 
     source = tmp_path / "qa.jsonl"
-    answers = {"yes": ["Is fire hot", "Is the sea salty", "Do fish swim", "Is snow white"],
-               "no": ["Is ice hot", "Do cats bark", "Is the sun cold", "Can stones fly"]}
-    source.write_text("".join(json.dumps({"question": f"{q}?", "answer": a}) + "\n" for a, qs in answers.items() for q in qs))
-    cfg = make_cfg(f"data.path={source}", "data.format=chat", "data.input_column=question",
-                   "data.output_column=answer", "data.eval_fraction=0.25")
+    answers = {
+        "yes": ["Is fire hot", "Is the sea salty", "Do fish swim", "Is snow white"],
+        "no": ["Is ice hot", "Do cats bark", "Is the sun cold", "Can stones fly"],
+    }
+    source.write_text(
+        "".join(json.dumps({"question": f"{q}?", "answer": a}) + "\n" for a, qs in answers.items() for q in qs)
+    )
+    cfg = make_cfg(
+        f"data.path={source}",
+        "data.format=chat",
+        "data.input_column=question",
+        "data.output_column=answer",
+        "data.eval_fraction=0.25",
+    )
     metrics = prepare_data.run(cfg)
     assert metrics["train_rows"] == 6 and metrics["eval_rows"] == 2 and metrics["train_eval_overlap"] == 0
     row = data.read_jsonl(tmp_path / "prepared" / "train.jsonl")[0]
     assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("?")
     assert row["completion"] == [{"role": "assistant", "content": row["label"]}]
     with pytest.raises(OrtuneError, match=r"no field 'query' named by data\.input_column"):
-        prepare_data.run(make_cfg(f"data.path={source}", "data.format=chat", "data.input_column=query",
-                                  "data.output_column=answer"))
+        prepare_data.run(
+            make_cfg(f"data.path={source}", "data.format=chat", "data.input_column=query", "data.output_column=answer")
+        )
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, tiny_texts):
     out = tmp_path_factory.mktemp("tiny-base")
-    tiny = OmegaConf.create({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "max_position_embeddings": 64, "vocab_size": 300})
+    tiny = OmegaConf.create(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "vocab_size": 300,
+        }
+    )
     modeling.build_tiny_phi3(tiny, tiny_texts, seed=0, out_dir=out)
     return out
 
@@ -303,8 +345,14 @@ def test_lora_settings_reach_peft_and_unknown_modules_are_named(tiny_base):
     from ortune import training
 
     model = modeling.load_causal_lm(tiny_base)
-    lora = full("lora.r=8", "lora.alpha=16", "lora.dropout=0.05", "lora.bias=lora_only",
-                "lora.target_modules=[o_proj]", "lora.modules_to_save=[lm_head]").lora
+    lora = full(
+        "lora.r=8",
+        "lora.alpha=16",
+        "lora.dropout=0.05",
+        "lora.bias=lora_only",
+        "lora.target_modules=[o_proj]",
+        "lora.modules_to_save=[lm_head]",
+    ).lora
     peft = training.peft_config(lora, model)
     assert (peft.r, peft.lora_alpha, peft.lora_dropout, peft.bias) == (8, 16, 0.05, "lora_only")
     assert set(peft.target_modules) == {"o_proj"} and list(peft.modules_to_save) == ["lm_head"]
@@ -324,7 +372,9 @@ def test_all_linear_reaches_peft_and_adapts_every_linear_layer_but_the_head(over
     peft = training.peft_config(full(override).lora, model)
     assert peft.target_modules == "all-linear"  # PEFT's shorthand works only as a string
     adapted = get_peft_model(model, peft)
-    leaves = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name}
+    leaves = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters() if ".lora_A" in name
+    }
     assert leaves == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     with pytest.raises(OrtuneError, match=r"all-linear already names every linear layer; list it alone"):
         training.peft_config(full("lora.target_modules=[all-linear,o_proj]").lora, model)
@@ -334,11 +384,18 @@ def test_separate_adapters_compare_targets_by_layer_name_as_all_linear_saves_ful
     from ortune import onnx_adapters
 
     # what PEFT writes to adapter_config.json for all-linear: every module's full path
-    expanded = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.qkv_proj", "self_attn.o_proj",
-                                                                      "mlp.gate_up_proj", "mlp.down_proj")]
-    onnx_adapters.check_targets({"default": {"target_modules": expanded}, "b": {"target_modules": ["o_proj"]}}, "default")
+    expanded = [
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ]
+    onnx_adapters.check_targets(
+        {"default": {"target_modules": expanded}, "b": {"target_modules": ["o_proj"]}}, "default"
+    )
     with pytest.raises(OrtuneError, match=r"onnx.extra_adapters.b: adapts down_proj, gate_up_proj, qkv_proj"):
-        onnx_adapters.check_targets({"default": {"target_modules": ["o_proj"]}, "b": {"target_modules": expanded}}, "default")
+        onnx_adapters.check_targets(
+            {"default": {"target_modules": ["o_proj"]}, "b": {"target_modules": expanded}}, "default"
+        )
 
 
 def test_qlora_loads_the_base_in_4bit_with_the_configured_quantization(tiny_base):

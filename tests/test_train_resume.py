@@ -33,8 +33,16 @@ def env() -> dict:
 def stage_command(base: Path, name: str, *overrides: str) -> list[str]:
     paths = [f"paths.{p}={base / p}" for p in ("base_model", "prepared", "merged", "onnx")]
     out = base / name
-    return [sys.executable, str(REPO / "scripts/train_qlora.py"), *paths, *TINY, f"paths.adapter={out / 'adapter'}",
-            f"paths.metrics={out / 'metrics'}", f"paths.plots={out / 'plots'}", *overrides]
+    return [
+        sys.executable,
+        str(REPO / "scripts/train_qlora.py"),
+        *paths,
+        *TINY,
+        f"paths.adapter={out / 'adapter'}",
+        f"paths.metrics={out / 'metrics'}",
+        f"paths.plots={out / 'plots'}",
+        *overrides,
+    ]
 
 
 def wait_for_checkpoint(folder: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
@@ -53,7 +61,6 @@ def wait_for_checkpoint(folder: Path, process: subprocess.Popen, timeout: float 
 def base(tmp_path_factory):
     import fetch_model
     import prepare_data
-
     from test_train import compose
 
     root = tmp_path_factory.mktemp("resume")
@@ -65,8 +72,14 @@ def base(tmp_path_factory):
 def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(base):
     reference = adapter_bytes(train(base, "uninterrupted", *RUN)[1])
 
-    process = subprocess.Popen(stage_command(base, "killed", *RUN), cwd=REPO, env=env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        stage_command(base, "killed", *RUN),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_checkpoint(base / "killed" / ".checkpoints", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
@@ -87,18 +100,33 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(base)
 
 
 def test_two_cpu_processes_train_one_adapter_with_torchrun_and_resume_together(base):
-    overrides = ["train.num_processes=2", "train.max_steps=40", "train.save_steps=5", "train.eval_strategy=steps",
-                 "train.eval_steps=20", "train.logging_steps=5"]
-    process = subprocess.Popen(stage_command(base, "ddp", *overrides), cwd=REPO, env=env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = [
+        "train.num_processes=2",
+        "train.max_steps=40",
+        "train.save_steps=5",
+        "train.eval_strategy=steps",
+        "train.eval_steps=20",
+        "train.logging_steps=5",
+    ]
+    process = subprocess.Popen(
+        stage_command(base, "ddp", *overrides),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_checkpoint(base / "ddp" / ".checkpoints", process)
     process.send_signal(signal.SIGTERM)  # to the stage, which forwards it through torchrun to both processes
     output = process.communicate(timeout=300)[0]
     assert "launching 2 processes" in output and "torch.distributed.run" in output
     assert process.returncode == 143, output[-3000:]
     # both processes stopped at the same step (one stopping alone would hang the other)
-    steps = {line.split("stopped by SIGTERM at step ")[1].split(";")[0] for line in output.splitlines()
-             if "stopped by SIGTERM at step " in line}
+    steps = {
+        line.split("stopped by SIGTERM at step ")[1].split(";")[0]
+        for line in output.splitlines()
+        if "stopped by SIGTERM at step " in line
+    }
     assert len(steps) == 1, output[-3000:]
 
     done = subprocess.run(stage_command(base, "ddp", *overrides), cwd=REPO, env=env(), capture_output=True, text=True)
@@ -130,8 +158,13 @@ def _train_process(root: Path) -> int | None:
 def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
     root = tmp_path / "ortune"
     subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in listed:  # the working tree under test, not just the last commit
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -139,17 +172,28 @@ def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
     (root / ".venv").symlink_to(REPO / ".venv")
     home = tmp_path / "home"
     environment = {
-        **env(), "HOME": str(home), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(home / "s"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "g"), "DVC_SYSTEM_CONFIG_DIR": str(home / "y"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        **env(),
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "s"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "g"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "y"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
         "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
     }
-    subprocess.run([sys.executable, "-m", "ortune.params", "params", *TINY, *RUN], cwd=root, env=environment, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "ortune.params", "params", *TINY, *RUN], cwd=root, env=environment, check=True
+    )
     subprocess.run(["git", "add", "-A"], cwd=root, env=environment, check=True)
     subprocess.run(["git", "commit", "-qm", "test state"], cwd=root, env=environment, check=True)
     dvc = [str(REPO / ".venv/bin/dvc"), "repro", "train_qlora"]
 
-    first = subprocess.Popen(dvc, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        dvc, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_checkpoint(root / "models" / ".checkpoints", first, timeout=600)
     pid = _train_process(root)
     assert pid is not None
@@ -165,7 +209,9 @@ def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
     resumed = adapter_bytes(root / "models" / "adapter")
     assert not (root / "models" / ".checkpoints").exists()
 
-    fresh = subprocess.run([*dvc, "--force", "--single-item"], cwd=root, env=environment, capture_output=True, text=True)
+    fresh = subprocess.run(
+        [*dvc, "--force", "--single-item"], cwd=root, env=environment, capture_output=True, text=True
+    )
     assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
     assert json.loads((root / "metrics" / "train.json").read_text())["resumed_from_step"] == 0
     assert adapter_bytes(root / "models" / "adapter") == resumed

@@ -30,7 +30,9 @@ def read_json(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise OrtuneError(f"{path}: not UTF-8 text (byte {exc.start}); {REBUILD}") from None
     except json.JSONDecodeError as exc:
-        raise OrtuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {REBUILD}") from None
+        raise OrtuneError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {REBUILD}"
+        ) from None
     except OSError as exc:
         raise OrtuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(loaded, dict):
@@ -41,15 +43,21 @@ def read_json(path: Path) -> dict:
 def read_task(model_dir: Path) -> dict:
     path = Path(model_dir) / "ortune.json"
     if not path.is_file():
-        raise OrtuneError(f"{model_dir}: no ortune.json; build the model with ortune (`dvc repro build_onnx`) "
-                          "or pass --model with a folder build_onnx wrote")
+        raise OrtuneError(
+            f"{model_dir}: no ortune.json; build the model with ortune (`dvc repro build_onnx`) "
+            "or pass --model with a folder build_onnx wrote"
+        )
     task = read_json(path)
     needed = [*TASK_KEYS, *(("prompt_template",) if task.get("format") != "chat" else ())]
     if missing := [key for key in needed if key not in task]:
         raise OrtuneError(f"{path}: no {', '.join(missing)}; {REBUILD}")
     if task["format"] not in ("text", "chat"):
         raise OrtuneError(f"{path}: format={task['format']!r} is neither 'text' nor 'chat'; {REBUILD}")
-    if not isinstance(task["labels"], list) or not isinstance(task["max_new_tokens"], int) or task["max_new_tokens"] < 1:
+    if (
+        not isinstance(task["labels"], list)
+        or not isinstance(task["max_new_tokens"], int)
+        or task["max_new_tokens"] < 1
+    ):
         raise OrtuneError(f"{path}: labels must be a list and max_new_tokens a positive integer; {REBUILD}")
     return task
 
@@ -85,21 +93,27 @@ class App:
             return self.chat_prompt([{"role": "user", "content": text}])
         field = self.task.get("input_field")
         if not field:
-            raise OrtuneError("the model's prompt template has several fields "
-                              f"({self.task['prompt_template']!r}); predict fills exactly one")
+            raise OrtuneError(
+                "the model's prompt template has several fields "
+                f"({self.task['prompt_template']!r}); predict fills exactly one"
+            )
         try:
             return self.task["prompt_template"].format(**{field: text})
         except (KeyError, IndexError, ValueError) as exc:
-            raise OrtuneError(f"ortune.json: prompt_template {self.task['prompt_template']!r} does not fill from "
-                              f"{field!r} alone ({type(exc).__name__}: {exc}); {REBUILD}") from None
+            raise OrtuneError(
+                f"ortune.json: prompt_template {self.task['prompt_template']!r} does not fill from "
+                f"{field!r} alone ({type(exc).__name__}: {exc}); {REBUILD}"
+            ) from None
 
     def classify(self, text: str) -> tuple[str | None, str]:
         """(label or None if the generation names none, the raw generation)."""
         prompt = self.classification_prompt(text)
         tokens, room = len(self.generator.tokenizer.encode(prompt)), self.task["max_new_tokens"]
         if tokens + room > self.context_length:
-            raise OrtuneError(f"the phrase makes a prompt of {tokens} tokens; with the {room} of the answer that is over "
-                              f"the model's context of {self.context_length}; shorten the phrase")
+            raise OrtuneError(
+                f"the phrase makes a prompt of {tokens} tokens; with the {room} of the answer that is over "
+                f"the model's context of {self.context_length}; shorten the phrase"
+            )
         generation = self.generator.generate(prompt, room)
         return parse_label(generation.text, self.task["labels"]), generation.text
 
@@ -109,8 +123,10 @@ class App:
         input_ids = tokenizer.encode(prompt)
         context = self.context_length
         if len(input_ids) >= context:
-            raise OrtuneError(f"the conversation is {len(input_ids)} tokens, the model's context is {context}; "
-                              "start a new one (/reset)")
+            raise OrtuneError(
+                f"the conversation is {len(input_ids)} tokens, the model's context is {context}; "
+                "start a new one (/reset)"
+            )
         params = og.GeneratorParams(self.generator.model)
         params.set_search_options(do_sample=False, max_length=min(context, len(input_ids) + max_new_tokens))
         generator = self.generator.new_generator(params)

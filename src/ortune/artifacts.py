@@ -17,8 +17,8 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # pids are per machine: a leftover made on another host (a shared file system) cannot be judged dead
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]

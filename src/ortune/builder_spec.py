@@ -43,8 +43,8 @@ class BuilderSpec:
         """The current name a deprecated one stands for, or None if `name` is not deprecated."""
         if name in self.deprecated:
             return self.deprecated[name]
-        if self.alias_prefix and name.startswith(self.alias_prefix) and name[len(self.alias_prefix):] in self.options:
-            return name[len(self.alias_prefix):]
+        if self.alias_prefix and name.startswith(self.alias_prefix) and name[len(self.alias_prefix) :] in self.options:
+            return name[len(self.alias_prefix) :]
         return None
 
 
@@ -67,7 +67,9 @@ def read_spec(path: Path | None = None) -> BuilderSpec:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(_PAIRS_LINE):
             pairs_text = node.value
         if (
-            isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
             and node.args[0].value == "--extra_options"
         ):
             help_node = next((k.value for k in node.keywords if k.arg == "help"), None)
@@ -93,9 +95,13 @@ def exportable_architectures(path: Path | None = None) -> frozenset[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         # config.architectures[0] == "LlamaForCausalLM"
         if (
-            isinstance(node, ast.Compare) and len(node.comparators) == 1 and isinstance(node.ops[0], ast.Eq)
-            and isinstance(node.left, ast.Subscript) and ast.unparse(node.left.value).endswith(".architectures")
-            and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str)
+            isinstance(node, ast.Compare)
+            and len(node.comparators) == 1
+            and isinstance(node.ops[0], ast.Eq)
+            and isinstance(node.left, ast.Subscript)
+            and ast.unparse(node.left.value).endswith(".architectures")
+            and isinstance(node.comparators[0], ast.Constant)
+            and isinstance(node.comparators[0].value, str)
         ):
             names.add(node.comparators[0].value)
     if not names:
@@ -167,5 +173,8 @@ if __name__ == "__main__":
     print("extra options:")
     for option, text in sorted(current.options.items()):
         print(f"  {option} = {text[:100]}")
-    print("deprecated: " + ", ".join(f"{old} -> {new}" for old, new in current.deprecated.items())
-          + (f", {current.alias_prefix}<name> -> <name>" if current.alias_prefix else ""))
+    print(
+        "deprecated: "
+        + ", ".join(f"{old} -> {new}" for old, new in current.deprecated.items())
+        + (f", {current.alias_prefix}<name> -> <name>" if current.alias_prefix else "")
+    )

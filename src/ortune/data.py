@@ -17,8 +17,8 @@ import shlex
 import string
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ortune.errors import OrtuneError
 
@@ -54,6 +54,7 @@ def placer(rows: list[dict], source: str) -> Callable[[dict], str]:
 
 # ---- reading -----------------------------------------------------------------------------------------
 
+
 def read_records(path: str | Path) -> Records:
     """Rows of a data file or of a folder of them (see FORMATS), in a fixed order: files by path, rows
     as they stand in each file. A folder written by `Dataset.save_to_disk` is read as that dataset."""
@@ -61,7 +62,9 @@ def read_records(path: str | Path) -> Records:
     if path.is_dir():
         return _read_folder(path)
     if not path.exists():
-        raise OrtuneError(f"data.path={path}: file not found; point data.path at a {FORMAT_NAMES} file or a folder of them")
+        raise OrtuneError(
+            f"data.path={path}: file not found; point data.path at a {FORMAT_NAMES} file or a folder of them"
+        )
     if not path.is_file():
         raise OrtuneError(f"data.path={path}: not a regular file; point data.path at a data file or a folder of them")
     if path.suffix.lower() not in FORMATS:
@@ -86,16 +89,22 @@ def data_files(folder: Path) -> tuple[list[Path], list[Path]]:
 def _read_folder(folder: Path) -> Records:
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        raise OrtuneError(f"data.path={folder}: a saved DatasetDict (splits: {', '.join(splits)}); point data.path "
-                          f"at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}")
+        raise OrtuneError(
+            f"data.path={folder}: a saved DatasetDict (splits: {', '.join(splits)}); point data.path "
+            f"at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}"
+        )
     if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
         return _read_saved_dataset(folder)
     files, ignored = data_files(folder)
     if not files:
         raise OrtuneError(f"data.path={folder}: no data files in this folder; it needs {FORMAT_NAMES} files")
     if ignored:
-        log.info("data.path=%s: ignoring %d file(s) that are not data: %s", folder, len(ignored),
-                 ", ".join(str(p.relative_to(folder)) for p in ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+        log.info(
+            "data.path=%s: ignoring %d file(s) that are not data: %s",
+            folder,
+            len(ignored),
+            ", ".join(str(p.relative_to(folder)) for p in ignored[:5]) + (" ..." if len(ignored) > 5 else ""),
+        )
     records = Records()
     for file in files:
         part = _read_file(file)
@@ -122,8 +131,10 @@ def _read_file(file: Path) -> Records:
         with open(file, "rb") as handle:
             head = handle.read(1 << 16)
     except PermissionError:
-        raise OrtuneError(f"{file}: permission denied (this user cannot read it); fix its permissions, "
-                          f"e.g. chmod a+r {shlex.quote(str(file))}") from None
+        raise OrtuneError(
+            f"{file}: permission denied (this user cannot read it); fix its permissions, "
+            f"e.g. chmod a+r {shlex.quote(str(file))}"
+        ) from None
     if not head.strip() and file.stat().st_size <= len(head):
         raise OrtuneError(f"{file}: the file is empty; it needs labelled rows")
     if kind == "json":
@@ -175,8 +186,9 @@ def _load(file: Path, kind: str) -> list[dict]:
             options["na_filter"] = False
         # a throwaway cache: the stage's inputs are the files, never a stale copy of them
         with tempfile.TemporaryDirectory(prefix="ortune-datasets-") as cache:
-            dataset = datasets.load_dataset(kind, data_files=[str(file)], split="train", cache_dir=cache,
-                                            keep_in_memory=True, **options)
+            dataset = datasets.load_dataset(
+                kind, data_files=[str(file)], split="train", cache_dir=cache, keep_in_memory=True, **options
+            )
             return dataset.to_list()
 
 
@@ -188,8 +200,10 @@ def _refuse_list_of_non_objects(file: Path, head: bytes) -> None:
     if first in (b"{", b"]", b""):
         return
     kind = {b'"': "strings", b"[": "lists", b"t": "booleans", b"f": "booleans", b"n": "nulls"}.get(first, "numbers")
-    raise OrtuneError(f"{file}: a JSON list of {kind}, not of objects; each row must be an object naming its "
-                      'fields, e.g. {"phrase": "...", "tone": "joy"}')
+    raise OrtuneError(
+        f"{file}: a JSON list of {kind}, not of objects; each row must be an object naming its "
+        'fields, e.g. {"phrase": "...", "tone": "joy"}'
+    )
 
 
 def _unreadable(file: Path, kind: str, exc: BaseException) -> OrtuneError:
@@ -215,8 +229,10 @@ def _unreadable(file: Path, kind: str, exc: BaseException) -> OrtuneError:
         found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
         if found:
             expected, line, saw = found.groups()
-            return OrtuneError(f"{file}:{line}: {saw} fields where the header has {expected}; quote fields that "
-                               'contain commas ("a, b") or fix that line')
+            return OrtuneError(
+                f"{file}:{line}: {saw} fields where the header has {expected}; quote fields that "
+                'contain commas ("a, b") or fix that line'
+            )
         return OrtuneError(f"{file}: not readable as CSV ({message})")
     return OrtuneError(f"{file}: not a readable {kind.capitalize()} file ({_first_line(cause)}); re-export it")
 
@@ -229,8 +245,10 @@ def _json_problem(file: Path, text: str) -> OrtuneError | None:
             return OrtuneError(f"{file}:{bad.lineno}: invalid JSON ({bad.msg}); fix that line")
         for n, row in enumerate(rows, start=1):
             if not isinstance(row, dict):
-                return OrtuneError(f"{file}: row {n} is {type(row).__name__}, not an object; every row must be an "
-                                   "object naming its fields")
+                return OrtuneError(
+                    f"{file}: row {n} is {type(row).__name__}, not an object; every row must be an "
+                    "object naming its fields"
+                )
         return None
     # JSON Lines end at line feeds only: U+2028 and friends are valid inside a JSON string
     for number, line in enumerate(text.split("\n"), start=1):
@@ -269,6 +287,7 @@ def text_lines(text: str) -> list[str]:
 
 # ---- checking ----------------------------------------------------------------------------------------
 
+
 def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
@@ -285,11 +304,15 @@ def check_fields(rows: list[dict], fields: list[str], source: str, setting: str 
             value = row[name]
             if value is None:
                 # a JSON row without the key reads as null: the loader gives every row every column
-                raise OrtuneError(f"{place(rows, index, source)} has no field '{name}' (missing or null); "
-                                  "fill it in or remove the row")
+                raise OrtuneError(
+                    f"{place(rows, index, source)} has no field '{name}' (missing or null); "
+                    "fill it in or remove the row"
+                )
             if isinstance(value, (dict, list)):
-                raise OrtuneError(f"{place(rows, index, source)}: '{name}' is a {type(value).__name__}, not text; "
-                                  "flatten the file so that each field holds one value")
+                raise OrtuneError(
+                    f"{place(rows, index, source)}: '{name}' is a {type(value).__name__}, not text; "
+                    "flatten the file so that each field holds one value"
+                )
             if not str(value).strip():
                 raise OrtuneError(f"{place(rows, index, source)} has an empty '{name}'; fill it in or remove the row")
 
@@ -310,15 +333,19 @@ def normalize_labels(rows: list[dict], label_field: str, allowed: list[str] | No
     declared: dict[str, str] = {}
     for label in allowed or []:
         if label_key(label) in declared:
-            raise OrtuneError(f"data.labels lists '{declared[label_key(label)]}' and '{label}', which answers "
-                              "cannot tell apart (case and surrounding spaces are ignored); keep one")
+            raise OrtuneError(
+                f"data.labels lists '{declared[label_key(label)]}' and '{label}', which answers "
+                "cannot tell apart (case and surrounding spaces are ignored); keep one"
+            )
         declared[label_key(label)] = label
     counts = Counter(str(row[label_field]) for row in rows)
     spellings: dict[str, Counter] = defaultdict(Counter)
     for label, n in counts.items():
         spellings[label_key(label)][label.strip()] += n
-    kept = {key: declared.get(key) or min(found, key=lambda s: (-found[s], s != s.lower(), s))
-            for key, found in spellings.items()}
+    kept = {
+        key: declared.get(key) or min(found, key=lambda s: (-found[s], s != s.lower(), s))
+        for key, found in spellings.items()
+    }
     mapping = {label: kept[label_key(label)] for label in sorted(counts) if kept[label_key(label)] != label}
     if mapping:
         for row in rows:
@@ -332,8 +359,10 @@ def check_predictable(labels: list[str], source: str) -> None:
 
     for label in labels:
         if parse_label(label, labels) != label:
-            raise OrtuneError(f"{source}: label {label!r} can never be predicted: answers are read by their first "
-                              "line without surrounding punctuation or case (ortune.metrics.parse_label); rename it")
+            raise OrtuneError(
+                f"{source}: label {label!r} can never be predicted: answers are read by their first "
+                "line without surrounding punctuation or case (ortune.metrics.parse_label); rename it"
+            )
 
 
 def check_label_set(rows: list[dict], label_field: str, allowed: list[str], source: str) -> None:
@@ -402,8 +431,9 @@ def stratified_split(rows: list[dict], label_field: str, eval_fraction: float, s
     return train, evaluation
 
 
-def small_labels(train: list[dict], evaluation: list[dict], field: str = "label",
-                 minimum: int = MIN_ROWS_PER_LABEL) -> list[str]:
+def small_labels(
+    train: list[dict], evaluation: list[dict], field: str = "label", minimum: int = MIN_ROWS_PER_LABEL
+) -> list[str]:
     """One warning per label with too few rows to learn it or to measure it."""
     train_counts, eval_counts = Counter(str(r[field]) for r in train), Counter(str(r[field]) for r in evaluation)
     return [
@@ -415,6 +445,7 @@ def small_labels(train: list[dict], evaluation: list[dict], field: str = "label"
 
 
 # ---- rendering ---------------------------------------------------------------------------------------
+
 
 def input_output_fields(spec) -> tuple[list[str], list[str], str]:
     """The fields a row's prompt and completion come from (per data.format), and the setting naming them."""
@@ -458,9 +489,7 @@ def prompt_text(prompt: str | list[dict], model_dir: str | Path) -> str:
     the chat template saved in `model_dir`, ending with the assistant's turn opening, as in training."""
     if isinstance(prompt, str):
         return prompt
-    return _chat_tokenizer(str(model_dir)).apply_chat_template(
-        list(prompt), tokenize=False, add_generation_prompt=True
-    )
+    return _chat_tokenizer(str(model_dir)).apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -475,6 +504,7 @@ def _chat_tokenizer(model_dir: str):
 
 # ---- lengths in tokens -------------------------------------------------------------------------------
 
+
 def token_lengths(rendered: list[dict], tokenizer) -> list[tuple[int, int]]:
     """(prompt tokens, answer tokens) of each prepared row, counted as training counts the sequence: the
     prompt as the model is prompted, the answer with its end token (or end of turn)."""
@@ -485,9 +515,13 @@ def token_lengths(rendered: list[dict], tokenizer) -> list[tuple[int, int]]:
             fulls.append(row["prompt"] + row["completion"] + (tokenizer.eos_token or ""))
         else:
             if not tokenizer.chat_template:
-                raise OrtuneError("data.format=chat: the base model's tokenizer has no chat template; "
-                                  "use data.format=text for this model")
-            prompts.append(tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True))
+                raise OrtuneError(
+                    "data.format=chat: the base model's tokenizer has no chat template; "
+                    "use data.format=text for this model"
+                )
+            prompts.append(
+                tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True)
+            )
             fulls.append(tokenizer.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=False))
     if not rendered:
         return []
@@ -519,6 +553,7 @@ def model_context(model_dir: str | Path) -> int | None:
 
 
 # ---- files -------------------------------------------------------------------------------------------
+
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:

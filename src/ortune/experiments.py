@@ -99,7 +99,13 @@ def pick_best(
     return best, reasons
 
 
-HEADLINE = ("eval.accuracy", "eval.macro_f1", "eval.majority_baseline", "eval.ms_per_token", "eval.quantization_agreement")
+HEADLINE = (
+    "eval.accuracy",
+    "eval.macro_f1",
+    "eval.majority_baseline",
+    "eval.ms_per_token",
+    "eval.quantization_agreement",
+)
 
 
 def compare_table(experiments: list[Experiment], metric: str) -> str:
@@ -155,28 +161,41 @@ def run_summary(root: Path) -> str:
     if onnx.get("candidates"):
         lines.append(_auto_line(onnx))
     if "quantization_agreement" in scores:
-        lines.append(f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows, "
-                     f"accuracy delta {scores['quantization_accuracy_delta']:+.3f}")
+        lines.append(
+            f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows, "
+            f"accuracy delta {scores['quantization_accuracy_delta']:+.3f}"
+        )
     if train:
-        lines.append(f"training ({train.get('method')}): {train['steps']} steps, final loss {train['final_loss']:.4f}"
-                     + (f", eval loss {train['eval_loss']:.4f}" if "eval_loss" in train else ""))
+        lines.append(
+            f"training ({train.get('method')}): {train['steps']} steps, final loss {train['final_loss']:.4f}"
+            + (f", eval loss {train['eval_loss']:.4f}" if "eval_loss" in train else "")
+        )
     lines += [
-        f"shipped model: {paths['onnx']}/ (model card {paths['onnx']}/README.md); all metrics: {paths['metrics']}/*.json",
-        f"pictures: {paths['plots']}/confusion_matrix.png, `make plots` (HTML report); every experiment: `make compare`",
+        f"shipped model: {paths['onnx']}/ (model card {paths['onnx']}/README.md); "
+        f"all metrics: {paths['metrics']}/*.json",
+        f"pictures: {paths['plots']}/confusion_matrix.png, `make plots` (HTML report); "
+        "every experiment: `make compare`",
     ]
     return "\n".join(lines)
 
 
 def _auto_line(onnx: dict) -> str:
     """onnx.quantization=auto: what was tried before the shipped candidate, and why it was not shipped."""
+
     def named(c: dict) -> str:
         extra = ", ".join(f"{k} {v}" for k, v in c["settings"].items() if k != "precision")
         return f"{c['precision']}" + (f" ({extra})" if extra else "")
 
     shipped = onnx["candidates"][onnx["shipped_candidate"]]
-    missed = [f"{named(c)} kept {100 * c['label_agreement']:.1f} % of labels" for c in onnx["candidates"][: onnx["shipped_candidate"]]]
-    return (f"quantization (auto): shipped {named(shipped)}, {shipped['ms_per_token']:.2f} ms/token, {shipped['size_mb']:.0f} MB"
-            + (f"; not enough: {'; '.join(missed)}" if missed else ", the first candidate"))
+    missed = [
+        f"{named(c)} kept {100 * c['label_agreement']:.1f} % of labels"
+        for c in onnx["candidates"][: onnx["shipped_candidate"]]
+    ]
+    return (
+        f"quantization (auto): shipped {named(shipped)}, "
+        f"{shipped['ms_per_token']:.2f} ms/token, {shipped['size_mb']:.0f} MB"
+        + (f"; not enough: {'; '.join(missed)}" if missed else ", the first candidate")
+    )
 
 
 def _prompted_line(scores: dict) -> str:
@@ -185,9 +204,11 @@ def _prompted_line(scores: dict) -> str:
     prompted = (scores.get("runtimes") or {}).get("prompted") or {}
     asked = how.get(prompted.get("prompt_format"), "with an instruction")
     shown = f"{prompted['shots']}-shot" if prompted.get("shots") else "zero-shot"
-    return (f"vs the untuned base asked {asked}, {shown}: accuracy {scores['prompted_baseline_accuracy']:.3f} "
-            f"({scores['prompted_baseline_unparsed']} of {scores['n']} answers named no label); "
-            f"fine-tuning gained {scores['accuracy'] - scores['prompted_baseline_accuracy']:+.3f}")
+    return (
+        f"vs the untuned base asked {asked}, {shown}: accuracy {scores['prompted_baseline_accuracy']:.3f} "
+        f"({scores['prompted_baseline_unparsed']} of {scores['n']} answers named no label); "
+        f"fine-tuning gained {scores['accuracy'] - scores['prompted_baseline_accuracy']:+.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ log = logging.getLogger("ortune")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("default", "rtn", "k_quant")
 # The builder's compound algo_config aliases, deprecated in favour of a method + matmul_mixed_precision.
-LEGACY_ALGORITHMS = {"rtn_last": "onnx.algorithm=rtn onnx.last_matmul_int8=true",
-                     "k_quant_last": "onnx.algorithm=k_quant onnx.last_matmul_int8=true"}
+LEGACY_ALGORITHMS = {
+    "rtn_last": "onnx.algorithm=rtn onnx.last_matmul_int8=true",
+    "k_quant_last": "onnx.algorithm=k_quant onnx.last_matmul_int8=true",
+}
 QUANTIZABLE_OPS = ("MatMul", "Gather")
 # onnx.keep_float names -> the builder's node names for them (builders/base.py: nodes_to_exclude checks)
 KEEP_FLOAT_NODES = {"lm_head": "/lm_head/MatMul", "embeddings": "/model/embed_tokens/Gather"}
@@ -37,20 +39,25 @@ SPIN_KEY, SPIN_US = "session.intra_op.spin_duration_us", "20"
 # Pairs the builder lists as valid but whose output is broken (found by building them here).
 BROKEN_PAIRS = {
     ("fp32", "cuda"): "the builder (onnxruntime-genai 0.18) emits an invalid graph for this pair (packed Attention "
-                      "with its present.* outputs left unconnected); use precision=fp16 or bf16 for cuda",
+    "with its present.* outputs left unconnected); use precision=fp16 or bf16 for cuda",
 }
 # Builder options ortune sets from typed settings: setting them again through extra_options would
 # leave two places that disagree.
 MANAGED_OPTIONS = {
-    "block_size": "onnx.block_size", "accuracy_level": "onnx.accuracy_level", "algo_config": "onnx.algorithm",
-    "op_types_to_quantize": "onnx.quantize_ops", "nodes_to_exclude": "onnx.keep_float",
-    "matmul_mixed_precision": "onnx.last_matmul_int8", "adapter_path": "onnx.adapter",
+    "block_size": "onnx.block_size",
+    "accuracy_level": "onnx.accuracy_level",
+    "algo_config": "onnx.algorithm",
+    "op_types_to_quantize": "onnx.quantize_ops",
+    "nodes_to_exclude": "onnx.keep_float",
+    "matmul_mixed_precision": "onnx.last_matmul_int8",
+    "adapter_path": "onnx.adapter",
 }
 # Real builder options that break what ortune ships (a model genai decodes in model.onnx).
 REFUSED_OPTIONS = {
-    "exclude_lm_head": "it deletes lm_head from the graph (no logits to decode); onnx.keep_float=[lm_head] keeps it unquantized",
+    "exclude_lm_head": "it deletes lm_head from the graph (no logits to decode); "
+    "onnx.keep_float=[lm_head] keeps it unquantized",
     "exclude_embeds": "it deletes the embeddings from the graph (inputs_embeds instead of input_ids); "
-                      "onnx.keep_float=[embeddings] keeps them unquantized",
+    "onnx.keep_float=[embeddings] keeps them unquantized",
     "filename": "ortune ships the model as model.onnx",
     "config_only": "ortune ships a built model, not a config",
     "hf_remote": "set model.trust_remote_code instead",
@@ -66,8 +73,12 @@ def extra_option_problem(name: str) -> str | None:
     return builder_spec.option_name_problem(name)
 
 
-def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str] | tuple[str, ...] = (),
-                    trust_remote_code: bool = False) -> dict[str, str]:
+def builder_options(
+    precision: str,
+    onnx: DictConfig,
+    keep_float_nodes: list[str] | tuple[str, ...] = (),
+    trust_remote_code: bool = False,
+) -> dict[str, str]:
     """The builder's --extra_options for these settings. Quantization options only apply to int4/int8;
     `keep_float_nodes` are more node names to leave unquantized (the LoRA paths of a separate adapter)."""
     # the builder loads the model's config and tokenizer itself: a model that needs its own code
@@ -89,8 +100,10 @@ def builder_options(precision: str, onnx: DictConfig, keep_float_nodes: list[str
     for name in options:
         if name not in spec.options:
             setting = MANAGED_OPTIONS.get(name, f"onnx.extra_options.{name}")
-            raise OrtuneError(f"{setting}: the installed builder ({spec.source}) has no option '{name}'; "
-                              "check the onnxruntime-genai version against requirements.txt")
+            raise OrtuneError(
+                f"{setting}: the installed builder ({spec.source}) has no option '{name}'; "
+                "check the onnxruntime-genai version against requirements.txt"
+            )
     return options
 
 
@@ -125,9 +138,11 @@ def check_k_quant_blocks(model_dir: Path, precision: str, onnx: DictConfig) -> N
         name, k = next(iter(bad.items()))
         working = [b for b in BLOCK_SIZES if not odd(b)]
         fix = f"set onnx.block_size to one of {working}" if working else "no block size works for this model"
-        raise OrtuneError(f"onnx.algorithm=k_quant with onnx.block_size={onnx.block_size}: {name} has input width {k}, "
-                          f"{-(-k // onnx.block_size)} blocks (odd), which the int4 k_quant quantizer cannot pack; "
-                          f"{fix}, or use onnx.algorithm=default")
+        raise OrtuneError(
+            f"onnx.algorithm=k_quant with onnx.block_size={onnx.block_size}: {name} has input width {k}, "
+            f"{-(-k // onnx.block_size)} blocks (odd), which the int4 k_quant quantizer cannot pack; "
+            f"{fix}, or use onnx.algorithm=default"
+        )
 
 
 def check_tied_asymmetric(model_dir: Path, precision: str, onnx: DictConfig) -> None:
@@ -138,11 +153,15 @@ def check_tied_asymmetric(model_dir: Path, precision: str, onnx: DictConfig) -> 
     if precision != "int4" or symmetric or not shared:
         return
     config_file = Path(model_dir) / "config.json"
-    tied = config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get("tie_word_embeddings", False)
+    tied = config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get(
+        "tie_word_embeddings", False
+    )
     if tied:
-        raise OrtuneError("onnx.extra_options.is_symmetric=false with a model that ties its embeddings to lm_head: the "
-                          "builder (onnxruntime-genai 0.18) writes an int4 graph onnxruntime cannot load (uint8 "
-                          "embedding output); keep int4 symmetric, or add onnx.extra_options.shared_embeddings=false")
+        raise OrtuneError(
+            "onnx.extra_options.is_symmetric=false with a model that ties its embeddings to lm_head: the "
+            "builder (onnxruntime-genai 0.18) writes an int4 graph onnxruntime cannot load (uint8 "
+            "embedding output); keep int4 symmetric, or add onnx.extra_options.shared_embeddings=false"
+        )
 
 
 def describe_options(options: dict[str, str]) -> dict[str, str]:
@@ -154,8 +173,16 @@ def describe_options(options: dict[str, str]) -> dict[str, str]:
     return described
 
 
-def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, options: dict[str, str],
-                log_file: Path, adapter_dir: Path | None = None, target_options: dict | None = None) -> None:
+def run_builder(
+    model_dir: Path,
+    out_dir: Path,
+    precision: str,
+    provider: str,
+    options: dict[str, str],
+    log_file: Path,
+    adapter_dir: Path | None = None,
+    target_options: dict | None = None,
+) -> None:
     """Run the builder (through ortune.builder_shim, which fixes its LM-head detection) into out_dir.
     `target_options`: the builder's structured options (per-node quantization overrides, ortune.quantize)."""
     import shutil
@@ -167,8 +194,19 @@ def run_builder(model_dir: Path, out_dir: Path, precision: str, provider: str, o
     if adapter_dir is not None:
         options = {**options, "adapter_path": str(adapter_dir)}
     command = [
-        sys.executable, "-m", "ortune.builder_shim",
-        "-i", str(model_dir), "-o", str(out_dir), "-p", precision, "-e", provider, "-c", str(cache),
+        sys.executable,
+        "-m",
+        "ortune.builder_shim",
+        "-i",
+        str(model_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        provider,
+        "-c",
+        str(cache),
     ]
     if options:
         command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
@@ -208,8 +246,10 @@ def check_graph(model_dir: Path) -> dict:
     dangling = [f"{node.name} input {name}" for node in graph.node for name in node.input if name not in produced]
     dangling += [f"graph output {o.name}" for o in graph.output if o.name not in produced]
     if dangling:
-        raise OrtuneError(f"{path}: the builder emitted an invalid graph ({len(dangling)} unconnected, first: "
-                          f"{dangling[0]}); this precision/provider pair does not build correctly")
+        raise OrtuneError(
+            f"{path}: the builder emitted an invalid graph ({len(dangling)} unconnected, first: "
+            f"{dangling[0]}); this precision/provider pair does not build correctly"
+        )
     types = {o.name: onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type).lower() for o in graph.output}
     return {"ops": dict(sorted(ops.items())), "logits_dtype": types.get("logits")}
 
@@ -248,10 +288,15 @@ def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters
     """What an app needs to classify with the built model exactly as it was trained (ortune.json)."""
     from ortune import data
 
-    spec: dict = {"format": data_cfg.format, "labels": labels, "max_new_tokens": new_tokens,
-                  "label_rule": "first non-empty line, stripped, lowercased; exact label, else the label it "
-                                "starts with (ortune.metrics.parse_label)",
-                  "adapters": adapters, "active_adapter": PIPELINE_ADAPTER if adapters else None}
+    spec: dict = {
+        "format": data_cfg.format,
+        "labels": labels,
+        "max_new_tokens": new_tokens,
+        "label_rule": "first non-empty line, stripped, lowercased; exact label, else the label it "
+        "starts with (ortune.metrics.parse_label)",
+        "adapters": adapters,
+        "active_adapter": PIPELINE_ADAPTER if adapters else None,
+    }
     if data_cfg.format == "text":
         fields = data.template_fields(data_cfg.template.prompt)
         spec["prompt_template"] = data_cfg.template.prompt

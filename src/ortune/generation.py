@@ -150,12 +150,15 @@ class TorchGenerator:
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         seconds = time.perf_counter() - started
         results = []
-        for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        for row in output[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i + 1 for i, token in enumerate(row) if token in self.end_ids), len(row))
             text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
             results.append(Generation(text, end, seconds / len(prompts)))
@@ -183,7 +186,12 @@ class TorchGenerator:
         batch = self.tokenizer([prompt], return_tensors="pt")
         with torch.inference_mode():
             self.model.generate(
-                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([clock]),
+                **batch,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([clock]),
             )
         return clock.times

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError
@@ -62,10 +62,19 @@ def command(train: DictConfig, script: str, argv: list[str], cuda: bool) -> list
                 "process; use train.launcher=torchrun (gloo)"
             )
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(expected_world_size(train)), "--num_machines", str(train.num_nodes),
-            "--machine_rank", str(train.node_rank),
-            "--main_process_ip", train.master_addr, "--main_process_port", str(train.master_port),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(expected_world_size(train)),
+            "--num_machines",
+            str(train.num_nodes),
+            "--machine_rank",
+            str(train.node_rank),
+            "--main_process_ip",
+            train.master_addr,
+            "--main_process_port",
+            str(train.master_port),
         ]
         cmd += ["--config_file", train.accelerate_config] if train.accelerate_config else ["--multi_gpu"]
         return [*cmd, script, *argv]
@@ -75,8 +84,14 @@ def command(train: DictConfig, script: str, argv: list[str], cuda: bool) -> list
         cmd.append("--standalone")
     else:
         cmd += [
-            "--nnodes", str(train.num_nodes), "--node_rank", str(train.node_rank),
-            "--master_addr", train.master_addr, "--master_port", str(train.master_port),
+            "--nnodes",
+            str(train.num_nodes),
+            "--node_rank",
+            str(train.node_rank),
+            "--master_addr",
+            train.master_addr,
+            "--master_port",
+            str(train.master_port),
         ]
     return [*cmd, script, *argv]
 

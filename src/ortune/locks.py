@@ -28,8 +28,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ortune.artifacts import HOST
 from ortune.errors import OrtuneError
@@ -70,13 +70,16 @@ def _acquire(folder: Path, path: Path, what: str, root: Path) -> int | None:
             return None
         pid = holder.get("pid", "?")
         alive = f" (pid {pid}: {holder.get('what', 'a run')}, since {holder.get('since', '?')})"
-        raise OrtuneError(f"{_shown(path, root)} is being written by another run{alive}; wait for it to finish or "
-                          f"stop it (kill {pid}), then rerun") from None
+        raise OrtuneError(
+            f"{_shown(path, root)} is being written by another run{alive}; wait for it to finish or "
+            f"stop it (kill {pid}), then rerun"
+        ) from None
     except OSError:  # no flock on this file system: run unguarded rather than not at all
         os.close(fd)
         return None
-    record = json.dumps({"pid": os.getpid(), "host": HOST, "what": what, "path": str(path),
-                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    record = json.dumps(
+        {"pid": os.getpid(), "host": HOST, "what": what, "path": str(path), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ).encode()
     with contextlib.suppress(OSError):  # read-only: the lock holds, only the note of who holds it is missing
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)

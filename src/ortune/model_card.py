@@ -11,7 +11,9 @@ def sha256(path: Path) -> str:
     """A file's digest; a folder's (data.path may be one) covers every file's relative path and bytes."""
     if Path(path).is_dir():
         digest = hashlib.sha256()
-        for file in sorted((p for p in Path(path).rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+        for file in sorted(
+            (p for p in Path(path).rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()
+        ):
             digest.update(f"{file.relative_to(path).as_posix()}\0{sha256(file)}\n".encode())
         return digest.hexdigest()
     digest = hashlib.sha256()
@@ -49,32 +51,61 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
     if lora:
         # PEFT saves all-linear expanded to every module's full path: the layer names say it in one line
         targets = sorted({name.rsplit(".", 1)[-1] for name in lora.get("target_modules") or []})
-        lines.append(f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, target modules "
-                     f"{', '.join(targets)}, modules saved in full: "
-                     f"{', '.join(lora.get('modules_to_save') or []) or 'none'}")
+        lines.append(
+            f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, target modules "
+            f"{', '.join(targets)}, modules saved in full: "
+            f"{', '.join(lora.get('modules_to_save') or []) or 'none'}"
+        )
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | `{value}` |" for key, value in settings.items()]
-    lines += ["", "## Parity with PyTorch (eval prompts)", "",
-              "| model | prompts | max \\|logit diff\\| | label agreement | target | passed |", "|---|---|---|---|---|---|"]
-    parities = {"model": metrics.get("parity"), **{f"adapter {k}": v for k, v in (metrics.get("adapter_parity") or {}).items()}}
+    lines += [
+        "",
+        "## Parity with PyTorch (eval prompts)",
+        "",
+        "| model | prompts | max \\|logit diff\\| | label agreement | target | passed |",
+        "|---|---|---|---|---|---|",
+    ]
+    parities = {
+        "model": metrics.get("parity"),
+        **{f"adapter {k}": v for k, v in (metrics.get("adapter_parity") or {}).items()},
+    }
     for name, parity in parities.items():
         if not parity:
             continue
         if "skipped" in parity:
             lines.append(f"| {name} | – | – | – | – | not run: {parity['skipped']} |")
             continue
-        lines.append(f"| {name} | {parity['prompts']} | {parity['max_abs_logit_diff']:.2e} | "
-                     f"{parity['label_agreement']:.3f} | {parity['target']} | {parity['passed']} |")
-    lines += ["", f"Size {metrics['size_mb']:.1f} MB, built in {metrics['build_seconds']:.0f} s. Accuracy on the eval "
-              "split: metrics/eval.json (the eval stage runs after this card is written).", ""]
-    lines += ["## Use", "", "```bash",
-              'make predict TEXT="cricket is a wonderful sport!"   # or: python scripts/predict.py --model <this folder> "..."',
-              "make chat", "```", "",
-              "Without ortune: load this folder with `onnxruntime_genai.Model`, render the prompt as "
-              f"ortune.json says ({json.dumps(task['prompt_template']) if task.get('prompt_template') else 'the chat template'}), "
-              f"decode greedily at most "
-              f"{task['max_new_tokens']} new tokens"
-              + (f", with `set_active_adapter(adapters, \"{task['active_adapter']}\")` after loading "
-                 f"adapters/{task['active_adapter']}.onnx_adapter" if task.get("active_adapter") else "")
-              + ", and take the label with the rule in ortune.json.", ""]
+        lines.append(
+            f"| {name} | {parity['prompts']} | {parity['max_abs_logit_diff']:.2e} | "
+            f"{parity['label_agreement']:.3f} | {parity['target']} | {parity['passed']} |"
+        )
+    lines += [
+        "",
+        f"Size {metrics['size_mb']:.1f} MB, built in {metrics['build_seconds']:.0f} s. Accuracy on the eval "
+        "split: metrics/eval.json (the eval stage runs after this card is written).",
+        "",
+    ]
+    lines += [
+        "## Use",
+        "",
+        "```bash",
+        'make predict TEXT="cricket is a wonderful sport!"   '
+        '# or: python scripts/predict.py --model <this folder> "..."',
+        "make chat",
+        "```",
+        "",
+        "Without ortune: load this folder with `onnxruntime_genai.Model`, render the prompt as "
+        "ortune.json says "
+        f"({json.dumps(task['prompt_template']) if task.get('prompt_template') else 'the chat template'}), "
+        f"decode greedily at most "
+        f"{task['max_new_tokens']} new tokens"
+        + (
+            f', with `set_active_adapter(adapters, "{task["active_adapter"]}")` after loading '
+            f"adapters/{task['active_adapter']}.onnx_adapter"
+            if task.get("active_adapter")
+            else ""
+        )
+        + ", and take the label with the rule in ortune.json.",
+        "",
+    ]
     return "\n".join(lines)

@@ -153,8 +153,10 @@ def packaged_gguf(package: DictConfig) -> tuple[Path, str]:
     path = Path(dist.locate_file(package.file))
     if not path.is_file():
         shipped = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
-        raise OrtuneError(f"model.gguf_package.file={package.file}: not in {package.name} {dist.version}; "
-                          f"it ships: {', '.join(shipped) or 'no .gguf file'}")
+        raise OrtuneError(
+            f"model.gguf_package.file={package.file}: not in {package.name} {dist.version}; "
+            f"it ships: {', '.join(shipped) or 'no .gguf file'}"
+        )
     return path, dist.version
 
 
@@ -237,9 +239,11 @@ def _exportable_architecture(config, setting: str) -> str:
 
     architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     if architecture is None:
-        raise OrtuneError(f"{setting}: GGUF architecture '{config.model_type}' is not a causal language model "
-                          f"transformers can fine-tune; architectures that convert and export: "
-                          f"{', '.join(_working_gguf_architectures())}")
+        raise OrtuneError(
+            f"{setting}: GGUF architecture '{config.model_type}' is not a causal language model "
+            f"transformers can fine-tune; architectures that convert and export: "
+            f"{', '.join(_working_gguf_architectures())}"
+        )
     if architecture not in builder_spec.exportable_architectures():
         raise OrtuneError(
             f"{setting}: architecture {architecture} (GGUF '{config.model_type}') is not one the onnxruntime-genai "
@@ -257,8 +261,12 @@ def _working_gguf_architectures() -> list[str]:
 
     exportable = builder_spec.exportable_architectures()
     # gemma3/gemma4 GGUFs hold only the text model, which transformers names <arch>_text
-    return [name for name in GGUF_SUPPORTED_ARCHITECTURES
-            if (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(f"{name}_text") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name)) in exportable]
+    return [
+        name
+        for name in GGUF_SUPPORTED_ARCHITECTURES
+        if (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(f"{name}_text") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name))
+        in exportable
+    ]
 
 
 def _copy_model_folder(source: Path, out_dir: Path) -> None:
@@ -277,13 +285,19 @@ def _warn_remote_code(trust_remote_code: bool, path) -> None:
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise OrtuneError(f"{path}: no tokenizer (tokenizer.json / tokenizer.model); rebuild it: dvc repro -f fetch_model")
+    if not any(
+        (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        raise OrtuneError(
+            f"{path}: no tokenizer (tokenizer.json / tokenizer.model); rebuild it: dvc repro -f fetch_model"
+        )
     _warn_remote_code(trust_remote_code, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise OrtuneError(f"{path}: tokenizer unreadable ({_first_line(exc)}); rebuild it: dvc repro -f fetch_model") from None
+        raise OrtuneError(
+            f"{path}: tokenizer unreadable ({_first_line(exc)}); rebuild it: dvc repro -f fetch_model"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -313,7 +327,9 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, quantizati
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     _warn_remote_code(trust_remote_code, path)
     if not list(Path(path).glob("*.safetensors")):
-        raise OrtuneError(f"{path}: no *.safetensors weights (ortune loads safetensors only); rerun the stage that writes it")
+        raise OrtuneError(
+            f"{path}: no *.safetensors weights (ortune loads safetensors only); rerun the stage that writes it"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # safetensors raises its own error type for a truncated or corrupt file

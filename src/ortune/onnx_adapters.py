@@ -66,8 +66,10 @@ def check_targets(configs: dict[str, dict], main: str) -> None:
         # PEFT saves all-linear expanded to full module paths: compare the layer names
         extra = sorted(_leaf_names(targets) - _leaf_names(main_targets))
         if extra:
-            raise OrtuneError(f"onnx.extra_adapters.{name}: adapts {', '.join(extra)}, which the pipeline's adapter does not "
-                              f"({', '.join(sorted(main_targets))}); adapters on one base model must target the same modules")
+            raise OrtuneError(
+                f"onnx.extra_adapters.{name}: adapts {', '.join(extra)}, which the pipeline's adapter does not "
+                f"({', '.join(sorted(main_targets))}); adapters on one base model must target the same modules"
+            )
 
 
 def _leaf_names(targets: list[str]) -> set[str]:
@@ -79,8 +81,11 @@ def quantized_lora_nodes(model_path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return sorted(n.name.rsplit("_Q", 1)[0] for n in graph.node
-                  if ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.op_type != "MatMul")
+    return sorted(
+        n.name.rsplit("_Q", 1)[0]
+        for n in graph.node
+        if ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.op_type != "MatMul"
+    )
 
 
 def _initializers(model_path: Path) -> dict[str, np.ndarray]:
@@ -99,8 +104,10 @@ def adapter_tensors(adapter_graph: Path, base_graph: Path | None) -> dict[str, n
     if base_graph is not None:
         base = _initializers(base_graph)
         for name, value in built.items():
-            if name in base and not is_lora_tensor(name) and (
-                base[name].shape != value.shape or not np.array_equal(base[name], value)
+            if (
+                name in base
+                and not is_lora_tensor(name)
+                and (base[name].shape != value.shape or not np.array_equal(base[name], value))
             ):
                 tensors[name] = value
     return tensors
@@ -122,9 +129,11 @@ def make_switchable(model_dir: Path, adapters: dict[str, dict[str, np.ndarray]],
     for adapter, tensors in adapters.items():
         foreign = [name for name in tensors if name not in inits]
         if foreign:
-            raise OrtuneError(f"adapter '{adapter}' changes {foreign[0]} (and {len(foreign) - 1} more), which the "
-                              "graph built from the pipeline's adapter lacks; adapters on one base model must "
-                              "target the same modules")
+            raise OrtuneError(
+                f"adapter '{adapter}' changes {foreign[0]} (and {len(foreign) - 1} more), which the "
+                "graph built from the pipeline's adapter lacks; adapters on one base model must "
+                "target the same modules"
+            )
     base = _initializers(base_graph) if base_graph is not None else {}
     for name in names:
         init = inits[name]
@@ -137,8 +146,10 @@ def make_switchable(model_dir: Path, adapters: dict[str, dict[str, np.ndarray]],
             default = np.zeros(dims, dtype=helper.tensor_dtype_to_np_dtype(init.data_type))
         else:
             if name not in base:
-                raise OrtuneError(f"{name}: changed by an adapter but missing from the base build; cannot restore "
-                                  "the base value for 'no adapter active'")
+                raise OrtuneError(
+                    f"{name}: changed by an adapter but missing from the base build; cannot restore "
+                    "the base value for 'no adapter active'"
+                )
             shape, default = dims, base[name]
         model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, shape))
         init.CopyFrom(numpy_helper.from_array(default, name))
@@ -154,8 +165,9 @@ def make_switchable(model_dir: Path, adapters: dict[str, dict[str, np.ndarray]],
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(1)
         fmt.set_model_version(1)
-        fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-                            for name, value in tensors.items()})
+        fmt.set_parameters(
+            {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in tensors.items()}
+        )
         fmt.export_adapter(str(folder / f"{adapter}.onnx_adapter"))
         files[adapter] = f"{ADAPTER_DIR}/{adapter}.onnx_adapter"
     return files

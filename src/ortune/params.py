@@ -61,8 +61,11 @@ def _flatten(node, prefix: str = "") -> dict:
 def differences(current: str, composed: str, limit: int = 4) -> str:
     """'lora.r=16 (conf/: 64), ...': the settings params.yaml holds that the composition does not."""
     ours, theirs = _flatten(yaml.safe_load(current) or {}), _flatten(yaml.safe_load(composed) or {})
-    changed = [f"{key}={ours.get(key)} (conf/: {theirs.get(key)})"
-               for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+    changed = [
+        f"{key}={ours.get(key)} (conf/: {theirs.get(key)})"
+        for key in sorted(set(ours) | set(theirs))
+        if ours.get(key) != theirs.get(key)
+    ]
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
     return ", ".join(changed[:limit]) + more
 
@@ -71,8 +74,10 @@ def as_overrides(current: str, composed: str) -> str:
     """The ARGS that would compose params.yaml's differing scalar settings again."""
     ours, theirs = _flatten(yaml.safe_load(current) or {}), _flatten(yaml.safe_load(composed) or {})
     keys = [key for key in sorted(ours) if ours[key] != theirs.get(key)]
-    return " ".join(f"{key}={yaml.safe_dump(ours[key], default_flow_style=True).strip().removesuffix('...').strip()}"
-                     for key in keys)
+    return " ".join(
+        f"{key}={yaml.safe_dump(ours[key], default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key in keys
+    )
 
 
 class Workspace:
@@ -115,7 +120,8 @@ class Workspace:
                 raise OrtuneError(
                     f"params.yaml holds settings conf/ does not compose ({kept}), e.g. from `make pull EXP=...` or "
                     f"`make best`; ARGS would discard them: run `make repro` without ARGS to keep them, or "
-                    f"`make params` first to drop them")
+                    f"`make params` first to drop them"
+                )
             return f"params.yaml: keeping the applied settings {kept}; `make params` drops them"
         return self.compose(overrides)
 
@@ -128,14 +134,19 @@ class Workspace:
             raise OrtuneError(
                 f"params.yaml holds settings conf/ does not compose ({differences(current, plain)}), e.g. from "
                 f"`make pull EXP=...` or `make best`; `make all` would discard them (DVC composes conf/ + ARGS): "
-                f"`make repro` reruns on them, ARGS=\"{as_overrides(current, plain)}\" keeps them in a new "
-                f"experiment, `make params` drops them")
+                f'`make repro` reruns on them, ARGS="{as_overrides(current, plain)}" keeps them in a new '
+                f"experiment, `make params` drops them"
+            )
         self.remember(target)
         return ""
 
 
-ACTIONS = {"params": Workspace.compose, "repro": Workspace.prepare_repro, "all": Workspace.prepare_experiment,
-           "sweep": None}
+ACTIONS = {
+    "params": Workspace.compose,
+    "repro": Workspace.prepare_repro,
+    "all": Workspace.prepare_experiment,
+    "sweep": None,
+}
 _BLANKS = " \t\n\r\f\v"
 
 
@@ -167,8 +178,10 @@ def split_overrides(text: str, name: str = "ARGS") -> list[str]:
             continue
         current.append(char)
     if quote:
-        raise OrtuneError(f"{name}: a {quote} is never closed in {text.strip()!r}; quote a value with spaces as "
-                          "key='a b' and write a quote inside it as \\'")
+        raise OrtuneError(
+            f"{name}: a {quote} is never closed in {text.strip()!r}; quote a value with spaces as "
+            "key='a b' and write a quote inside it as \\'"
+        )
     if depth:
         raise OrtuneError(f"{name}: a bracket is never closed in {text.strip()!r}")
     if current:
@@ -205,7 +218,9 @@ def failed_experiments() -> set[str]:
 
 def _pipeline_paths(space: Workspace, texts: list[str]) -> list[str]:
     """params.yaml and every stage's outputs under each of these params.yaml texts."""
-    outputs = {path for text in texts for path in locks.pipeline_outputs(yaml.safe_load(text) or {}, space.root / "dvc.yaml")}
+    outputs = {
+        path for text in texts for path in locks.pipeline_outputs(yaml.safe_load(text) or {}, space.root / "dvc.yaml")
+    }
     return [str(space.params), *sorted(outputs)]
 
 
@@ -228,8 +243,11 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
         status = run_command(["dvc", "exp", "run", "--run-all", "--jobs", "1"])
         # `--run-all` exits 0 when queued experiments fail: their failure must still fail `make sweep`
         if failed := sorted(failed_experiments() - failed_before):
-            print(f"error: {len(failed)} experiment(s) of the sweep failed: {', '.join(failed)}; "
-                  f"`dvc queue logs {failed[0]}` shows why", file=sys.stderr)
+            print(
+                f"error: {len(failed)} experiment(s) of the sweep failed: {', '.join(failed)}; "
+                f"`dvc queue logs {failed[0]}` shows why",
+                file=sys.stderr,
+            )
             return status or 1
         return status
     target = composed_text(overrides)
@@ -244,8 +262,10 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ACTIONS:
-        print(f"usage: python -m ortune.params {{{'|'.join(ACTIONS)}}} [key=value ...]  (or ORTUNE_ARGS=...)",
-              file=sys.stderr)
+        print(
+            f"usage: python -m ortune.params {{{'|'.join(ACTIONS)}}} [key=value ...]  (or ORTUNE_ARGS=...)",
+            file=sys.stderr,
+        )
         return 2
     try:
         overrides = argv[1:] + split_overrides(os.environ.get("ORTUNE_ARGS", ""))

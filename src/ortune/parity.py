@@ -61,12 +61,19 @@ class TorchReference:
         generator = TorchGenerator(self.model, self.tokenizer)
         texts: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            texts += [g.text for g in generator.generate_batch(prompts[start:start + batch_size], max_new_tokens)]
+            texts += [g.text for g in generator.generate_batch(prompts[start : start + batch_size], max_new_tokens)]
         return texts
 
 
-def compare(reference: TorchReference, onnx_generator, prompts: list[str], labels: list[str],
-            max_new_tokens: int, precision: str, min_agreement: float) -> dict:
+def compare(
+    reference: TorchReference,
+    onnx_generator,
+    prompts: list[str],
+    labels: list[str],
+    max_new_tokens: int,
+    precision: str,
+    min_agreement: float,
+) -> dict:
     import numpy as np
 
     from ortune.metrics import parse_label
@@ -81,11 +88,18 @@ def compare(reference: TorchReference, onnx_generator, prompts: list[str], label
     torch_labels = [parse_label(t, labels) for t in reference.generations(prompts, max_new_tokens)]
     onnx_labels = [parse_label(onnx_generator.generate(p, max_new_tokens).text, labels) for p in prompts]
     agreement = sum(a == b for a, b in zip(torch_labels, onnx_labels)) / len(prompts)
-    result = {"prompts": len(prompts), "max_abs_logit_diff": max(diffs), "max_rel_logit_diff": max(relative),
-              "label_agreement": agreement, "onnx_unparsed": sum(label is None for label in onnx_labels)}
+    result = {
+        "prompts": len(prompts),
+        "max_abs_logit_diff": max(diffs),
+        "max_rel_logit_diff": max(relative),
+        "label_agreement": agreement,
+        "onnx_unparsed": sum(label is None for label in onnx_labels),
+    }
     if precision == "fp32":
-        result.update(target=f"max_rel_logit_diff <= {FP32_REL_TOLERANCE:g}",
-                      passed=result["max_rel_logit_diff"] <= FP32_REL_TOLERANCE)
+        result.update(
+            target=f"max_rel_logit_diff <= {FP32_REL_TOLERANCE:g}",
+            passed=result["max_rel_logit_diff"] <= FP32_REL_TOLERANCE,
+        )
     else:
         result.update(target=f"label_agreement >= {min_agreement:g}", passed=agreement >= min_agreement)
     return result
@@ -118,29 +132,40 @@ def check_chat_template(onnx_generator, messages_list: list[list[dict]], model_d
         genai = onnx_generator.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         expected = prompt_text(messages, model_dir)
         if genai != expected:
-            raise OrtuneError(f"{model_dir}: onnxruntime-genai renders the chat template differently from transformers "
-                              f"({genai[:60]!r} vs {expected[:60]!r}); the apps would prompt the model wrongly")
+            raise OrtuneError(
+                f"{model_dir}: onnxruntime-genai renders the chat template differently from transformers "
+                f"({genai[:60]!r} vs {expected[:60]!r}); the apps would prompt the model wrongly"
+            )
 
 
 def summarize_failures(parities: dict[str, dict]) -> list[str]:
-    return [f"{name}: {p['target']} missed ({p['label_agreement']:.3f} agreement, "
-            f"{p['max_abs_logit_diff']:.2e} max logit diff, {p.get('max_rel_logit_diff', float('nan')):.2e} relative)"
-            for name, p in parities.items() if p.get("passed") is False]
+    return [
+        f"{name}: {p['target']} missed ({p['label_agreement']:.3f} agreement, "
+        f"{p['max_abs_logit_diff']:.2e} max logit diff, {p.get('max_rel_logit_diff', float('nan')):.2e} relative)"
+        for name, p in parities.items()
+        if p.get("passed") is False
+    ]
 
 
 def advice(precision: str, builder_logs: str) -> str:
     """What to do about a missed target, for the precision that missed it."""
     if precision == "fp32":
         # nothing was rounded on purpose: the graph computes something else than the model
-        return ("fp32 rounds nothing, so this is an export bug (wrong or missing weights, a layer, rope or "
-                f"attention setting the builder got wrong), not a setting to tune: check the builder log ({builder_logs}), "
-                "rerun with ORTUNE_DEBUG=1 and report both")
+        return (
+            "fp32 rounds nothing, so this is an export bug (wrong or missing weights, a layer, rope or "
+            f"attention setting the builder got wrong), not a setting to tune: check the builder log ({builder_logs}), "
+            "rerun with ORTUNE_DEBUG=1 and report both"
+        )
     if precision == "int4":
-        return ("quantize less: onnx.keep_float=[lm_head], onnx.last_matmul_int8=true, a larger onnx.int8_share, "
-                "a smaller onnx.block_size, precision=int8 (or onnx.quantization=auto), or train longer (decisive "
-                "logits survive rounding)")
+        return (
+            "quantize less: onnx.keep_float=[lm_head], onnx.last_matmul_int8=true, a larger onnx.int8_share, "
+            "a smaller onnx.block_size, precision=int8 (or onnx.quantization=auto), or train longer (decisive "
+            "logits survive rounding)"
+        )
     if precision == "int8":
-        return ("quantize less: onnx.keep_float=[lm_head], a smaller onnx.block_size, precision=fp32, or train "
-                "longer (decisive logits survive rounding)")
+        return (
+            "quantize less: onnx.keep_float=[lm_head], a smaller onnx.block_size, precision=fp32, or train "
+            "longer (decisive logits survive rounding)"
+        )
     # fp16 / bf16: half-precision activations, not weight quantization
     return "half precision changes labels here: precision=fp32 (or bf16 instead of fp16, whose range is narrower)"

@@ -65,14 +65,16 @@ def write_per_class_csv(per_class: dict[str, dict], path: str | Path) -> None:
 def report_template() -> str:
     scripts = "\n".join(f"<script>{(VENDOR / name).read_text(encoding='utf-8')}</script>" for name in VEGA_SCRIPTS)
     return (
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n{refresh_tag}\n<title>ortune plots</title>\n"
+        '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n{refresh_tag}\n<title>ortune plots</title>\n'
         f"{scripts}\n"
         "<style>body { font-family: sans-serif; } table { border-spacing: 15px; }</style>\n"
         "</head>\n<body>\n{plot_divs}\n</body>\n</html>\n"
     )
 
 
-def write_report(out_dir: str | Path, revisions: list[str] | tuple[str, ...] = (), cwd: str | Path | None = None) -> Path:
+def write_report(
+    out_dir: str | Path, revisions: list[str] | tuple[str, ...] = (), cwd: str | Path | None = None
+) -> Path:
     """Run `dvc plots show` (or `dvc plots diff REV...`) into out_dir/index.html with the offline template."""
     out_dir = Path(out_dir).resolve()
     command = ["diff", *revisions] if revisions else ["show"]
@@ -81,7 +83,10 @@ def write_report(out_dir: str | Path, revisions: list[str] | tuple[str, ...] = (
         template.write_text(report_template(), encoding="utf-8")
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "plots", *command, "--html-template", str(template), "-o", str(out_dir)],
-            cwd=cwd, capture_output=True, text=True, check=False,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     page = out_dir / "index.html"
     if done.returncode != 0 or not page.is_file():

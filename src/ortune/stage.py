@@ -14,8 +14,8 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError
@@ -67,8 +67,11 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
         _fail(f"error: {exc}", 2)
     except ConfigAttributeError as exc:
         # the stage read a setting it does not declare: DVC would not rerun it when that setting changes
-        _fail(f"error: stage {stage} reads '{exc.full_key}', which dvc.yaml does not list under "
-              f"stages.{stage}.params; add it there", 2)
+        _fail(
+            f"error: stage {stage} reads '{exc.full_key}', which dvc.yaml does not list under "
+            f"stages.{stage}.params; add it there",
+            2,
+        )
     except Terminated:
         _fail(f"error: stage {stage} terminated (SIGTERM); its partial outputs were removed, rerun it", 143)
     except KeyboardInterrupt:
@@ -77,8 +80,11 @@ def main(stage: str, run: Callable[[DictConfig], dict], metrics_file: str) -> No
         if os.environ.get("ORTUNE_DEBUG"):
             raise
         if (full := _disk_full(exc)) is not None:
-            _fail(f"error: disk full while stage {stage} was writing {full}; free space (or move the DVC cache) "
-                  "and rerun", 1)
+            _fail(
+                f"error: disk full while stage {stage} was writing {full}; free space (or move the DVC cache) "
+                "and rerun",
+                1,
+            )
         _fail(unexpected(exc, f"stage {stage}"), 1)
 
 

@@ -11,8 +11,8 @@ import contextlib
 import logging
 import netrc
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,4 +130,3 @@ def current() -> Tracker:
     """The open run's tracker (inactive outside open_run or with W&B off): for media a stage logs
     itself, like eval's predictions table. wandb.run is no help: reinit="create_new" leaves it None."""
     return _current or Tracker()
-
