@@ -784,6 +784,7 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------- results per CPU family, report
 
 
+CPU_TIME_1_THREAD = "cpu_time_1_thread"  # a decode section recorded by bench/cpu_decode.py --record
 QUICK_NOTE = (" (QUICK: small model, few tokens and repeats; its quantized weights fit in the CPU caches, so % of "
               "floor can pass 100: QUICK checks that the benchmark works, not the hardware)")
 
@@ -837,14 +838,28 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
     spec = SMOLLM2 if model.get("name") == "smollm2" else FULL
     bandwidth = section["copy_bandwidth_gb_s"]
     samples = bandwidth.get("samples") or [bandwidth["used"]]
-    lines = [f"Decode, batch 1, greedy, {section['new_tokens']} new tokens, {spec.describe(model)}"
-             + ("." if compact else
-                f"; median of {section['repeats']} interleaved runs after {section['warmup_rounds']} warm-up rounds. "
-                f"Floor = bytes read per token / copy bandwidth ({bandwidth['used']:.1f} GB/s: median of "
-                f"{len(samples)} measurements in the same run, {min(samples):.0f}-{max(samples):.0f} GB/s)."),
-             "",
-             "| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    one_thread = section.get("timing") == CPU_TIME_1_THREAD
+    if one_thread:  # bench/cpu_decode.py --record: a shared machine, one core, CPU time
+        others = section.get("others_cores") or []
+        load = f" while other processes used {statistics.median(others):.1f} cores" if others else ""
+        lines = [f"**One thread per engine, CPU time** (not a `make bench` run: the machine was shared{load}; "
+                 "`bench/cpu_decode.py --record`): ms/token = CPU time of the decoding thread per token "
+                 f"(a {section['new_tokens']}-token decode minus a {section.get('short_tokens', 8)}-token one), "
+                 f"batch 1, greedy, {spec.describe(model)}"
+                 + ("." if compact else
+                    f"; median of {section['repeats']} interleaved rounds after a warm-up round. Floor = bytes read "
+                    f"per token / what one core copies per CPU second ({bandwidth['used']:.1f} GB/s, median of "
+                    f"{len(samples)}, {min(samples):.0f}-{max(samples):.0f})."),
+                 ""]
+    else:
+        lines = [f"Decode, batch 1, greedy, {section['new_tokens']} new tokens, {spec.describe(model)}"
+                 + ("." if compact else
+                    f"; median of {section['repeats']} interleaved runs after {section['warmup_rounds']} warm-up "
+                    f"rounds. Floor = bytes read per token / copy bandwidth ({bandwidth['used']:.1f} GB/s: median "
+                    f"of {len(samples)} measurements in the same run, {min(samples):.0f}-{max(samples):.0f} GB/s)."),
+                 ""]
+    lines += ["| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in section["engines"]:
         speedup = f"{row['speedup_vs_torch_fp32']:.2f}×" if row["speedup_vs_torch_fp32"] else "-"
         lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.2f} | {speedup} | "
@@ -852,12 +867,13 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
                      f"{row['percent_of_floor']:.0f} % |")
     int4 = next((r for r in section["engines"] if r["engine"] == "genai int4"), None)
     contended = {r["engine"]: r.get("contended_runs", 0) for r in section["engines"] if r.get("contended_runs")}
-    if not compact:
+    if not compact and not one_thread:
         lines += ["", "Contention: " + (
             ", ".join(f"{name} {count} of {section['repeats']}" for name, count in contended.items())
             + f" timed runs had other processes using > {CONTENDED_CORES} cores even after {MAX_TRIES} tries"
             " (shared machine: treat those engines' figures as pessimistic)."
             if contended else f"every timed run had other processes using ≤ {CONTENDED_CORES} cores.")]
+    if not compact:
         if int4:
             settings = int4["settings"]
             quant, session = settings.get("quantization", {}), settings.get("session_options", {})
@@ -865,9 +881,13 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
             lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
                           f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
                           f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
-                          f"{session.get('intra_op_num_threads')} intra-op threads{', ' + extra if extra else ''}."]
+                      + ("1 intra-op thread for this measurement (ortune's genai_config.json: all cores)"
+                             if one_thread else f"{session.get('intra_op_num_threads')} intra-op threads")
+                          + f"{', ' + extra if extra else ''}."]
     if int4 and model.get("name") == "random":
-        lines += ["", goals_line(int4, family) + (" (QUICK: not a verdict.)" if quick else "")]
+        lines += ["", goals_line(int4, family) + (" (QUICK: not a verdict.)" if quick else "")
+                  + (" (1 thread, CPU time: the ratio as measured on one core; the % of floor against one core's "
+                     "copy bandwidth.)" if one_thread else "")]
     elif int4 and int4.get("speedup_vs_torch_fp32"):
         lines += ["", f"No goal is set on this model: int4 decodes {int4['speedup_vs_torch_fp32']:.1f}× faster than "
                       f"PyTorch fp32 at {int4['percent_of_floor']:.0f} % of its floor (where the time goes: "
@@ -936,8 +956,12 @@ def render_markdown(run: dict, compact: bool = False) -> str:
 def render_results(results: dict, compact: bool = False) -> str:
     """Every CPU family's latest run; the goals are judged per family."""
     families = results.get("families") or {}
+    one_thread = [name for name, run in families.items()
+                  if all(section.get("timing") == CPU_TIME_1_THREAD for section in decode_sections(run))]
     head = (f"Decode speed per CPU family: the latest `make bench` on each family measured so far "
-            f"({', '.join(families) or 'none'}); the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
+            f"({', '.join(families) or 'none'})"
+            + (f" (for {', '.join(one_thread)}: no quiet `make bench` yet, one thread per engine in CPU time)"
+               if one_thread else "") + f"; the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
             f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
             "model." + (" Pipeline timings, contention and settings: [bench/results.md](bench/results.md)."
                         if compact else ""))

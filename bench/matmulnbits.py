@@ -85,9 +85,10 @@ def fp32_graph(k: int, n: int, copies: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def copies_for(weight_bytes: int, l3_bytes: int) -> int:
-    """Enough copies that the weights total at least 4x the L3 cache (they come from DRAM each run)."""
-    return max(1, math.ceil(4 * l3_bytes / weight_bytes))
+def copies_for(weight_bytes: int, l3_bytes: int, total_bytes: int | None = None) -> int:
+    """Enough copies that the weights total at least 4x the L3 cache (they come from DRAM each run), or
+    `total_bytes` when given (e.g. a model's int4 weights, to time them as resident as the model's are)."""
+    return max(1, math.ceil((total_bytes or 4 * l3_bytes) / weight_bytes))
 
 
 def session(model, threads: int, scratch: Path, name: str):
@@ -160,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 MatMul reference")
+    parser.add_argument("--weights-mb", type=float, default=None,
+                        help="weights per setting, MB (default: 4x the L3 cache, so they stream from DRAM; a large "
+                             "L3 needs much memory: 4 x 480 MiB per setting)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    total = int(args.weights_mb * 1e6) if args.weights_mb else None
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     blocks = [int(v) for v in args.blocks.split(",")]
     levels = [int(v) for v in args.levels.split(",")]
@@ -182,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             for threads in threads_list:
                 runs: dict = {}
                 for block in blocks:
-                    copies = copies_for(int4_bytes(k, n, block), l3)
+                    copies = copies_for(int4_bytes(k, n, block), l3, total)
                     for level in levels:
                         name = f"int4 b{block} acc{level}"
                         runs[name] = (session(nbits_graph(k, n, block, level, copies), threads, scratch,
                                               f"{k}x{n}-{block}-{level}-{threads}"), k, copies)
                 if not args.no_fp32:
-                    copies = copies_for(k * n * 4, l3)
+                    # with --weights-mb: as many products as int4 at the largest block (the fp32 model of the same weights)
+                    copies = (copies_for(int4_bytes(k, n, max(blocks)), l3, total) if total
+                              else copies_for(k * n * 4, l3))
                     runs["fp32 MatMul"] = (session(fp32_graph(k, n, copies), threads, scratch, f"{k}x{n}-fp32-{threads}"),
                                            k, copies)
                 runs["int4 64x64 (fixed cost)"] = (session(nbits_graph(*TINY, 32, 4, 16), threads, scratch,

@@ -199,6 +199,8 @@ def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
     ("GenuineIntel", 6, 0x55, 4, "Intel Skylake-SP"),
     ("GenuineIntel", 6, 0x55, 7, "Intel Cascade Lake"),
     ("GenuineIntel", 6, 0x99, 0, "Intel family 6 model 153"),  # unknown model: named by its numbers
+    # the Intel Xeon KVM guest of issue 17 reports model 167 (a client part's number) with AMX: not named after it
+    ("GenuineIntel", 6, 167, 1, "Intel family 6 model 167"),
 ])
 def test_cpu_family_names_the_microarchitecture(vendor, family, model, stepping, name):
     assert bench.cpu_family(vendor, family, model, stepping)["name"] == name
@@ -314,3 +316,39 @@ def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
     assert composed["precision"] == "fp32" and composed["onnx"]["block_size"] == 64
     # onnx.quantization=auto would build its own candidates (int4 first) for every engine
     assert composed["onnx"].get("quantization", "fixed") == "fixed"
+
+
+def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_there(tmp_path):
+    import cpu_decode  # bench/cpu_decode.py
+
+    rows = [{"engine": "genai int4", "cpu_ms_per_token": 13.5, "spread": [12.5, 13.6], "speedup_vs_torch_fp32": 5.6,
+             "bytes_per_token": 1.3e8, "one_core_floor_ms": 5.2, "percent_of_one_core_floor": 38.0},
+            {"engine": "torch fp32", "cpu_ms_per_token": 75.7, "spread": [74.0, 76.0], "speedup_vs_torch_fp32": 1.0,
+             "bytes_per_token": 9.6e8, "one_core_floor_ms": 38.0, "percent_of_one_core_floor": 50.0}]
+    model = {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064, "parameters": 271e6}
+    section = cpu_decode.bench_section(model, rows, {}, {"genai int4": {"quantization": {"block_size": 256}}},
+                                       [25e9, 26e9, 24e9], new_tokens=64, short=8, repeats=5)
+    assert section["engines"][0]["ms_per_token"] == 13.5 and section["engines"][0]["tokens_per_s"] == 1000 / 13.5
+    assert section["copy_bandwidth_gb_s"]["used"] == 25.0
+    section["others_cores"] = [0.9, 1.0, 1.0]
+    intel = _run(("GenuineIntel", 6, 167), 0)
+    intel["decode"] = [section]
+    results, readme = tmp_path / "bench", tmp_path / "README.md"
+    results.mkdir()
+    start, end = bench.README_MARKERS
+    readme.write_text(f"# x\n{start}\nold\n{end}\n")
+    (results / "results.json").write_text(json.dumps(bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0))))
+    cpu_decode.record(results, intel, readme)
+    recorded = json.loads((results / "results.json").read_text())["families"]
+    assert set(recorded) == {"AMD Zen 5", "Intel family 6 model 167"}
+    for text in ((results / "results.md").read_text(), readme.read_text()):
+        assert "### Intel family 6 model 167" in text and "### AMD Zen 5" in text
+        assert "One thread per engine, CPU time" in text and "other processes used 1.0 cores" in text
+        assert "Goals on Intel family 6 model 167: ≥ 7× PyTorch fp32 (not met)" in text
+        assert "(for Intel family 6 model 167: no quiet `make bench` yet" in text
+    # never over a make bench entry; a make bench run on the family replaces it
+    with pytest.raises(SystemExit, match="make bench"):
+        cpu_decode.record(results, _run(("AuthenticAMD", 26, 2), 0) | {"decode": [section]}, readme)
+    cpu_decode.record(results, intel, readme)  # its own earlier entry: replaced
+    merged = bench.merge_results(json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0))
+    assert "timing" not in merged["families"]["Intel family 6 model 167"]["decode"][0]
