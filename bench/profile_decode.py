@@ -78,11 +78,14 @@ def step_ms(times: list[float]) -> float:
 def breakdown(events: list[dict], decodes: int = 2) -> dict:
     """Kernel µs by op type, node counts and the run's total, averaged per decode step, over the last of
     `decodes` equal decodes (each: one prompt run, then one run per step)."""
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                  key=lambda e: e["ts"])
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
     skip_runs = len(runs) - len(runs) // decodes + 1  # earlier decodes, and the last one's prompt run
-    kernels = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
-                     key=lambda e: e["ts"])
+    kernels = sorted(
+        (e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
     decode_runs = runs[skip_runs:]
     per_op: dict[str, list[float]] = {}
     per_node: dict[str, tuple[str, list[float]]] = {}  # node -> (op type, its time in each step)
@@ -118,8 +121,10 @@ def breakdown(events: list[dict], decodes: int = 2) -> dict:
         "kernel_us": statistics.fmean(kernel_us),
         "run_us_median": statistics.median(run_us),
         "gap_us_median": statistics.median(r - k for r, k in zip(run_us, kernel_us)),
-        "ops": {op: {"us": sum(v) / steps, "us_typical": typical[op], "nodes": counts.get(op, 0)} for op, v in
-                sorted(per_op.items(), key=lambda kv: -sum(kv[1]))},
+        "ops": {
+            op: {"us": sum(v) / steps, "us_typical": typical[op], "nodes": counts.get(op, 0)}
+            for op, v in sorted(per_op.items(), key=lambda kv: -sum(kv[1]))
+        },
     }
 
 
@@ -135,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = args.dir or model_dir(args.model, args.precision)
     family = bench.this_cpu_family()
-    print(f"{folder} on {family['name']} ({', '.join(family['isa'])}), threads "
-          f"{args.threads or 'as genai_config.json'}", flush=True)
+    print(
+        f"{folder} on {family['name']} ({', '.join(family['isa'])}), threads {args.threads or 'as genai_config.json'}",
+        flush=True,
+    )
 
     og, model, tokenizer = load(folder, args.threads, None)
     decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up
@@ -161,35 +168,61 @@ def main(argv: list[str] | None = None) -> int:
         events = json.loads(files[-1].read_text())
     result = breakdown(events)  # the warm-up decode, then the profiled one
     step_us = 1000 * profiled
-    print(f"\nms/token: {statistics.median(p for p, _, _ in plain):.2f} unprofiled (others' cores "
-          f"{', '.join(f'{b:.1f}' for _, b, _ in plain)}), {profiled:.2f} profiled ({busy:.1f}); "
-          f"{result['steps']} decode runs profiled")
+    print(
+        f"\nms/token: {statistics.median(p for p, _, _ in plain):.2f} unprofiled (others' cores "
+        f"{', '.join(f'{b:.1f}' for _, b, _ in plain)}), {profiled:.2f} profiled ({busy:.1f}); "
+        f"{result['steps']} decode runs profiled"
+    )
     if args.threads == 1:
-        print(f"CPU ms/token of the decoding thread (1 intra-op thread): {statistics.median(c for _, _, c in plain):.2f} "
-              f"unprofiled, {profiled_cpu:.2f} profiled")
-    print(f"per step: onnxruntime run {result['run_us']:.0f} µs, of which kernels {result['kernel_us']:.0f} µs; "
-          f"outside the run (genai: logits, search) {step_us - result['run_us']:.0f} µs\n")
+        print(
+            f"CPU ms/token of the decoding thread (1 intra-op thread): {statistics.median(c for _, _, c in plain):.2f} "
+            f"unprofiled, {profiled_cpu:.2f} profiled"
+        )
+    print(
+        f"per step: onnxruntime run {result['run_us']:.0f} µs, of which kernels {result['kernel_us']:.0f} µs; "
+        f"outside the run (genai: logits, search) {step_us - result['run_us']:.0f} µs\n"
+    )
     typical_step = sum(r["us_typical"] for r in result["ops"].values()) + result["gap_us_median"]
-    print("mean = over the decode steps; typical = each node's median over the steps, summed (robust to the "
-          "steps a busy machine descheduled us in)\n")
+    print(
+        "mean = over the decode steps; typical = each node's median over the steps, summed (robust to the "
+        "steps a busy machine descheduled us in)\n"
+    )
     print("| op type | nodes/step | mean µs/step | % of step | typical µs/step | % of typical run | typical µs/node |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for op, row in result["ops"].items():
-        print(f"| {op} | {row['nodes']} | {row['us']:.0f} | {100 * row['us'] / step_us:.1f} % | "
-              f"{row['us_typical']:.0f} | {100 * row['us_typical'] / typical_step:.1f} % | "
-              f"{row['us_typical'] / max(row['nodes'], 1):.1f} |")
+        print(
+            f"| {op} | {row['nodes']} | {row['us']:.0f} | {100 * row['us'] / step_us:.1f} % | "
+            f"{row['us_typical']:.0f} | {100 * row['us_typical'] / typical_step:.1f} % | "
+            f"{row['us_typical'] / max(row['nodes'], 1):.1f} |"
+        )
     gap = result["run_us"] - result["kernel_us"]
     nodes = max(sum(r["nodes"] for r in result["ops"].values()), 1)
-    print(f"| (onnxruntime between kernels) | | {gap:.0f} | {100 * gap / step_us:.1f} % | "
-          f"{result['gap_us_median']:.0f} | {100 * result['gap_us_median'] / typical_step:.1f} % | "
-          f"{result['gap_us_median'] / nodes:.1f} |")
-    print(f"| (genai outside the run) | | {step_us - result['run_us']:.0f} | "
-          f"{100 * (step_us - result['run_us']) / step_us:.1f} % | | | |")
+    print(
+        f"| (onnxruntime between kernels) | | {gap:.0f} | {100 * gap / step_us:.1f} % | "
+        f"{result['gap_us_median']:.0f} | {100 * result['gap_us_median'] / typical_step:.1f} % | "
+        f"{result['gap_us_median'] / nodes:.1f} |"
+    )
+    print(
+        f"| (genai outside the run) | | {step_us - result['run_us']:.0f} | "
+        f"{100 * (step_us - result['run_us']) / step_us:.1f} % | | | |"
+    )
     if args.out:
-        args.out.write_text(json.dumps({"folder": str(folder), "cpu_family": family, "threads": args.threads,
-                                        "ms_per_token_plain": plain, "ms_per_token_profiled": profiled,
-                                        "cpu_ms_per_token_profiled": profiled_cpu,
-                                        "other_cores": busy, **result}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "folder": str(folder),
+                    "cpu_family": family,
+                    "threads": args.threads,
+                    "ms_per_token_plain": plain,
+                    "ms_per_token_profiled": profiled,
+                    "cpu_ms_per_token_profiled": profiled_cpu,
+                    "other_cores": busy,
+                    **result,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

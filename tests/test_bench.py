@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-import bench  # bench/bench.py (pyproject's pytest pythonpath): the harness lives outside the library
 import pytest
+
+import bench  # bench/bench.py (pyproject's pytest pythonpath): the harness lives outside the library
 
 
 def test_floor_is_bytes_over_bandwidth():
@@ -34,13 +35,31 @@ def _tiny_graph(path):
     ]
     nodes = [
         helper.make_node("Gather", ["embed", "ids"], ["h"]),
-        helper.make_node("MatMulNBits", ["h", "w_q4", "w_scales"], ["y"], domain="com.microsoft", K=8, N=4, bits=4,
-                         block_size=8, accuracy_level=4),
-        helper.make_node("GroupQueryAttention", ["y", "", "", "", "", "", "", "cos_cache", "cos_cache"], ["z"],
-                         domain="com.microsoft"),
+        helper.make_node(
+            "MatMulNBits",
+            ["h", "w_q4", "w_scales"],
+            ["y"],
+            domain="com.microsoft",
+            K=8,
+            N=4,
+            bits=4,
+            block_size=8,
+            accuracy_level=4,
+        ),
+        helper.make_node(
+            "GroupQueryAttention",
+            ["y", "", "", "", "", "", "", "cos_cache", "cos_cache"],
+            ["z"],
+            domain="com.microsoft",
+        ),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
     onnx.save(helper.make_model(graph), str(path))
 
 
@@ -57,9 +76,18 @@ def test_torch_bytes_read_per_token_gather_one_embedding_row():
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                        max_position_embeddings=32, original_max_position_embeddings=32, pad_token_id=0)
+    config = Phi3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=32,
+        original_max_position_embeddings=32,
+        pad_token_id=0,
+    )
     model = Phi3ForCausalLM(config)
     counted = bench.torch_weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
@@ -72,9 +100,17 @@ def test_torch_bytes_read_per_token_gather_one_embedding_row():
 def test_a_tied_embedding_is_read_in_full_by_the_output_projection():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         max_position_embeddings=32, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     counted = bench.torch_weight_bytes(model)
@@ -127,20 +163,51 @@ def test_copy_bandwidth_counts_read_plus_write_over_the_median_copy(monkeypatch)
 
 def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     runs = {name: [bench.summarize_run([0.01 * (i + 1) for i in range(64)])] for name in ("genai int4", "torch fp32")}
-    info = {"genai int4": {"bytes_per_token": 1e8, "settings": {"quantization": {"block_size": 32,
-            "accuracy_level": 4}, "session_options": {"intra_op_num_threads": 2}}},
-            "torch fp32": {"bytes_per_token": 1e9, "settings": {}}}
+    info = {
+        "genai int4": {
+            "bytes_per_token": 1e8,
+            "settings": {
+                "quantization": {"block_size": 32, "accuracy_level": 4},
+                "session_options": {"intra_op_num_threads": 2},
+            },
+        },
+        "torch fp32": {"bytes_per_token": 1e9, "settings": {}},
+    }
     results = {
-        "date": "today", "quick": False,
-        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0,
-                    "cpu_family": bench.cpu_family("AuthenticAMD", 25, 1, flags=["avx2"])},
-        "decode": [{"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
-                    "model": {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064,
-                              "parameters": 271e6},
-                    "engines": bench.decode_table(runs, info, 30e9)}],
-        "pipeline": {"make_all_s": 80.0, "stages_s": {"fetch_model": 5.0}, "outside_stages_s": 75.0,
-                     "noop_repro_s": 0.6, "noop_make_all_s": 3.0, "train_tokens_per_s": 1000.0, "padding_waste": 0.1,
-                     "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 144}},
+        "date": "today",
+        "quick": False,
+        "machine": {
+            "cpu": "CPU",
+            "cores": 2,
+            "ram_gib": 8.0,
+            "cpu_family": bench.cpu_family("AuthenticAMD", 25, 1, flags=["avx2"]),
+        },
+        "decode": [
+            {
+                "new_tokens": 64,
+                "warmup_rounds": 1,
+                "repeats": 1,
+                "copy_bandwidth_gb_s": {"used": 30.0},
+                "model": {
+                    "name": "random",
+                    "hidden_size": 1024,
+                    "num_hidden_layers": 16,
+                    "vocab_size": 32064,
+                    "parameters": 271e6,
+                },
+                "engines": bench.decode_table(runs, info, 30e9),
+            }
+        ],
+        "pipeline": {
+            "make_all_s": 80.0,
+            "stages_s": {"fetch_model": 5.0},
+            "outside_stages_s": 75.0,
+            "noop_repro_s": 0.6,
+            "noop_make_all_s": 3.0,
+            "train_tokens_per_s": 1000.0,
+            "padding_waste": 0.1,
+            "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 144},
+        },
     }
     markdown = bench.render_markdown(results)
     assert "| genai int4 | 100.0 | 10.00 | 1.00× |" in markdown
@@ -190,45 +257,74 @@ def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
     assert bench.wait_for_quiet(bench.time.perf_counter() + 1, probe_s=0.01) is True
 
 
-@pytest.mark.parametrize("vendor, family, model, stepping, name", [
-    ("AuthenticAMD", 25, 1, 1, "AMD Zen 3"),     # EPYC Milan (this project's 2-core VMs)
-    ("AuthenticAMD", 25, 17, 1, "AMD Zen 4"),    # EPYC Genoa
-    ("AuthenticAMD", 26, 2, 0, "AMD Zen 5"),     # EPYC Turin (where bench/results.md was first measured)
-    ("GenuineIntel", 6, 0x8F, 8, "Intel Sapphire Rapids"),
-    ("GenuineIntel", 6, 0xAD, 1, "Intel Granite Rapids"),
-    ("GenuineIntel", 6, 0x55, 4, "Intel Skylake-SP"),
-    ("GenuineIntel", 6, 0x55, 7, "Intel Cascade Lake"),
-    ("GenuineIntel", 6, 0x99, 0, "Intel family 6 model 153"),  # unknown model: named by its numbers
-    # the Intel Xeon KVM guest of issue 17 reports model 167 (a client part's number) with AMX: not named after it
-    ("GenuineIntel", 6, 167, 1, "Intel family 6 model 167"),
-])
+@pytest.mark.parametrize(
+    "vendor, family, model, stepping, name",
+    [
+        ("AuthenticAMD", 25, 1, 1, "AMD Zen 3"),  # EPYC Milan (this project's 2-core VMs)
+        ("AuthenticAMD", 25, 17, 1, "AMD Zen 4"),  # EPYC Genoa
+        ("AuthenticAMD", 26, 2, 0, "AMD Zen 5"),  # EPYC Turin (where bench/results.md was first measured)
+        ("GenuineIntel", 6, 0x8F, 8, "Intel Sapphire Rapids"),
+        ("GenuineIntel", 6, 0xAD, 1, "Intel Granite Rapids"),
+        ("GenuineIntel", 6, 0x55, 4, "Intel Skylake-SP"),
+        ("GenuineIntel", 6, 0x55, 7, "Intel Cascade Lake"),
+        ("GenuineIntel", 6, 0x99, 0, "Intel family 6 model 153"),  # unknown model: named by its numbers
+        # the Intel Xeon KVM guest of issue 17 reports model 167 (a client part's number) with AMX: not named after it
+        ("GenuineIntel", 6, 167, 1, "Intel family 6 model 167"),
+    ],
+)
 def test_cpu_family_names_the_microarchitecture(vendor, family, model, stepping, name):
     assert bench.cpu_family(vendor, family, model, stepping)["name"] == name
 
 
 def test_cpu_family_reads_proc_cpuinfo_and_lists_the_kernel_isa():
-    cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
-               "model name\t: Intel(R) Xeon(R) Platinum 8480+\nstepping\t: 8\n"
-               "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
-               "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "model name\t: Intel(R) Xeon(R) Platinum 8480+\nstepping\t: 8\n"
+        "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\n"
+    )
     family = bench.this_cpu_family(cpuinfo)
     assert family["name"] == "Intel Sapphire Rapids" and family["model_name"].startswith("Intel(R) Xeon")
     assert family["isa"] == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AMX-INT8", "AMX-BF16"]
-    assert bench.this_cpu_family("vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nflags: avx2 fma\n")["isa"] \
-        == ["AVX2"]
+    assert bench.this_cpu_family("vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nflags: avx2 fma\n")["isa"] == [
+        "AVX2"
+    ]
 
 
 def _run(name_family_model, speedup):
     vendor, family, model = name_family_model
-    int4 = {"engine": "genai int4", "tokens_per_s": 100.0, "ms_per_token": 10.0, "speedup_vs_torch_fp32": speedup,
-            "bytes_per_token": 1e8, "floor_ms_per_token": 9.0, "percent_of_floor": 90.0, "settings": {}}
-    return {"date": "today", "quick": False,
-            "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0, "cpu_family": bench.cpu_family(vendor, family, model)},
-            "decode": [{"new_tokens": 64, "warmup_rounds": 1, "repeats": 1, "copy_bandwidth_gb_s": {"used": 30.0},
-                        "model": {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064,
-                                  "parameters": 271e6},
-                        "engines": [int4]}],
-            "pipeline": {"skipped": "skipped"}}
+    int4 = {
+        "engine": "genai int4",
+        "tokens_per_s": 100.0,
+        "ms_per_token": 10.0,
+        "speedup_vs_torch_fp32": speedup,
+        "bytes_per_token": 1e8,
+        "floor_ms_per_token": 9.0,
+        "percent_of_floor": 90.0,
+        "settings": {},
+    }
+    return {
+        "date": "today",
+        "quick": False,
+        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0, "cpu_family": bench.cpu_family(vendor, family, model)},
+        "decode": [
+            {
+                "new_tokens": 64,
+                "warmup_rounds": 1,
+                "repeats": 1,
+                "copy_bandwidth_gb_s": {"used": 30.0},
+                "model": {
+                    "name": "random",
+                    "hidden_size": 1024,
+                    "num_hidden_layers": 16,
+                    "vocab_size": 32064,
+                    "parameters": 271e6,
+                },
+                "engines": [int4],
+            }
+        ],
+        "pipeline": {"skipped": "skipped"},
+    }
 
 
 def test_a_run_replaces_only_its_own_cpu_familys_results():
@@ -245,17 +341,27 @@ def test_results_from_before_families_become_their_familys_entry():
     legacy = _run(("AuthenticAMD", 26, 2), 16.25)
     legacy["decode"] = legacy["decode"][0]  # one unnamed model section, as recorded on 2026-11-25
     del legacy["decode"]["model"]["name"]
-    legacy["machine"] = {"cpu": "AMD EPYC", "cpu_detail": "family 26 model 2, AVX2 AVX-512 VNNI BF16", "cores": 2,
-                         "ram_gib": 23.5}
+    legacy["machine"] = {
+        "cpu": "AMD EPYC",
+        "cpu_detail": "family 26 model 2, AVX2 AVX-512 VNNI BF16",
+        "cores": 2,
+        "ram_gib": 23.5,
+    }
     merged = bench.merge_results(legacy, _run(("AuthenticAMD", 25, 1), 9.0))
     assert set(merged["families"]) == {"AMD Zen 5", "AMD Zen 3"}
-    assert bench.family_of(merged["families"]["AMD Zen 5"])["isa"] == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16"]
+    assert bench.family_of(merged["families"]["AMD Zen 5"])["isa"] == [
+        "AVX2",
+        "AVX-512",
+        "AVX-512 VNNI",
+        "AVX-512 BF16",
+    ]
     assert bench.decode_sections(merged["families"]["AMD Zen 5"])[0]["model"]["name"] == "random"
 
 
 def test_the_report_judges_the_goals_per_family():
-    results = bench.merge_results(bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0)),
-                                  _run(("GenuineIntel", 6, 0x8F), 5.8))
+    results = bench.merge_results(
+        bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0)), _run(("GenuineIntel", 6, 0x8F), 5.8)
+    )
     for compact in (False, True):
         markdown = bench.render_results(results, compact=compact)
         assert "### AMD Zen 5" in markdown and "### Intel Sapphire Rapids" in markdown
@@ -264,10 +370,11 @@ def test_the_report_judges_the_goals_per_family():
 
 
 def test_matmulnbits_reproduction_counts_int4_and_block_scales_and_runs_the_node_it_describes():
-    import matmulnbits  # bench/matmulnbits.py
     import numpy as np
     import onnxruntime as ort
     from onnx import numpy_helper
+
+    import matmulnbits  # bench/matmulnbits.py
 
     assert matmulnbits.int4_bytes(1024, 32064, 256) == 32064 * 1024 // 2 + 32064 * 4 * 4
     assert matmulnbits.int4_bytes(576, 960, 256) == 960 * 768 // 2 + 960 * 3 * 4  # K padded to whole blocks
@@ -295,14 +402,27 @@ def test_profile_breakdown_groups_the_last_decodes_kernels_by_op_type():
     def kernel(ts, dur, op):
         return {"cat": "Node", "name": f"{op}_node_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
 
-    events = [run(0, 100), kernel(1, 90, "MatMulNBits"),                        # warm-up decode: prompt
-              run(200, 50), kernel(201, 40, "MatMulNBits"),                     # and three steps
-              run(260, 50), kernel(261, 40, "MatMulNBits"),
-              run(320, 50), kernel(321, 40, "MatMulNBits"),
-              run(400, 100), kernel(401, 90, "MatMulNBits"),                    # profiled decode: prompt
-              run(600, 50), kernel(601, 30, "MatMulNBits"), kernel(632, 10, "GroupQueryAttention"),
-              run(700, 60), kernel(701, 40, "MatMulNBits"), kernel(742, 10, "GroupQueryAttention"),
-              run(800, 950), kernel(801, 900, "MatMulNBits"), kernel(1702, 10, "GroupQueryAttention")]  # descheduled
+    events = [
+        run(0, 100),
+        kernel(1, 90, "MatMulNBits"),  # warm-up decode: prompt
+        run(200, 50),
+        kernel(201, 40, "MatMulNBits"),  # and three steps
+        run(260, 50),
+        kernel(261, 40, "MatMulNBits"),
+        run(320, 50),
+        kernel(321, 40, "MatMulNBits"),
+        run(400, 100),
+        kernel(401, 90, "MatMulNBits"),  # profiled decode: prompt
+        run(600, 50),
+        kernel(601, 30, "MatMulNBits"),
+        kernel(632, 10, "GroupQueryAttention"),
+        run(700, 60),
+        kernel(701, 40, "MatMulNBits"),
+        kernel(742, 10, "GroupQueryAttention"),
+        run(800, 950),
+        kernel(801, 900, "MatMulNBits"),
+        kernel(1702, 10, "GroupQueryAttention"),
+    ]  # descheduled
     result = profile_decode.breakdown(events)
     assert result["steps"] == 3
     assert result["run_us"] == pytest.approx(1060 / 3) and result["kernel_us"] == pytest.approx(1000 / 3)
@@ -321,13 +441,37 @@ def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
 def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_there(tmp_path):
     import cpu_decode  # bench/cpu_decode.py
 
-    rows = [{"engine": "genai int4", "cpu_ms_per_token": 13.5, "spread": [12.5, 13.6], "speedup_vs_torch_fp32": 5.6,
-             "bytes_per_token": 1.3e8, "one_core_floor_ms": 5.2, "percent_of_one_core_floor": 38.0},
-            {"engine": "torch fp32", "cpu_ms_per_token": 75.7, "spread": [74.0, 76.0], "speedup_vs_torch_fp32": 1.0,
-             "bytes_per_token": 9.6e8, "one_core_floor_ms": 38.0, "percent_of_one_core_floor": 50.0}]
+    rows = [
+        {
+            "engine": "genai int4",
+            "cpu_ms_per_token": 13.5,
+            "spread": [12.5, 13.6],
+            "speedup_vs_torch_fp32": 5.6,
+            "bytes_per_token": 1.3e8,
+            "one_core_floor_ms": 5.2,
+            "percent_of_one_core_floor": 38.0,
+        },
+        {
+            "engine": "torch fp32",
+            "cpu_ms_per_token": 75.7,
+            "spread": [74.0, 76.0],
+            "speedup_vs_torch_fp32": 1.0,
+            "bytes_per_token": 9.6e8,
+            "one_core_floor_ms": 38.0,
+            "percent_of_one_core_floor": 50.0,
+        },
+    ]
     model = {"name": "random", "hidden_size": 1024, "num_hidden_layers": 16, "vocab_size": 32064, "parameters": 271e6}
-    section = cpu_decode.bench_section(model, rows, {}, {"genai int4": {"quantization": {"block_size": 256}}},
-                                       [25e9, 26e9, 24e9], new_tokens=64, short=8, repeats=5)
+    section = cpu_decode.bench_section(
+        model,
+        rows,
+        {},
+        {"genai int4": {"quantization": {"block_size": 256}}},
+        [25e9, 26e9, 24e9],
+        new_tokens=64,
+        short=8,
+        repeats=5,
+    )
     assert section["engines"][0]["ms_per_token"] == 13.5 and section["engines"][0]["tokens_per_s"] == 1000 / 13.5
     assert section["copy_bandwidth_gb_s"]["used"] == 25.0
     section["others_cores"] = [0.9, 1.0, 1.0]
@@ -350,5 +494,7 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
     with pytest.raises(SystemExit, match="make bench"):
         cpu_decode.record(results, _run(("AuthenticAMD", 26, 2), 0) | {"decode": [section]}, readme)
     cpu_decode.record(results, intel, readme)  # its own earlier entry: replaced
-    merged = bench.merge_results(json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0))
+    merged = bench.merge_results(
+        json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0)
+    )
     assert "timing" not in merged["families"]["Intel family 6 model 167"]["decode"][0]
