@@ -292,4 +292,5 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
 
 
 if __name__ == "__main__":
+    # importing ortune.export registered its builder checks: the settings are refused before any work
     stage.main("build_onnx", run, "onnx.json")

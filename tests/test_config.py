@@ -189,3 +189,23 @@ def test_auto_quantization_candidates_are_checked_like_the_settings_they_overrid
     assert "onnx.candidates[2]: onnx.int8_share=2 must be in [0, 1]" in message and "candidates[3]" not in message
     with pytest.raises(OrtuneError, match="onnx.int8_share=0.3 mixes int8 into an int4 model"):
         config.validate(config.compose(["precision=int8", "onnx.int8_share=0.3"]), "t")
+
+
+def test_config_imports_no_domain_module_and_a_stage_config_loads_without_the_builder(in_repo):
+    """Dependencies point one way: config composes and checks shapes; the builder's checks (pairs, option
+    names) live in ortune.export, run where it is imported (build_onnx, `make params`), never for other stages."""
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse((REPO / "src/ortune/config.py").read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name.startswith("ortune")} == {"ortune.errors"}
+    probe = (
+        "import sys; from ortune import config; "
+        "config.load('prepare_data', ['model=tiny-phi3']); config.load('train_qlora', ['model=tiny-phi3']); "
+        "print(sorted(m for m in sys.modules if m.startswith('ortune.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['ortune.config', 'ortune.errors']"

@@ -187,3 +187,12 @@ def test_sweep_queues_each_value_as_typed_then_runs_the_queue(workspace, monkeyp
         ["dvc", "exp", "run", "--queue", "-Slora.r=8,16", "-Swandb.project='a b'"],
         ["dvc", "exp", "run", "--run-all", "--jobs", "1"],
     ]
+
+
+def test_make_params_refuses_a_pair_the_builder_does_not_support_in_one_line(workspace, capsys):
+    """The builder's checks live in ortune.export; composing params.yaml still runs them before any stage."""
+    before = workspace.current()
+    assert main(["params", "model=tiny-phi3", "precision=fp16"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: conf/ + overrides: precision=fp16 with onnx.execution_provider=cpu is not a pair")
+    assert "valid pairs:" in error and "\n" not in error and workspace.current() == before

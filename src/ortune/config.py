@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ortune.errors import OrtuneError
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
+# The int4 blocks the builder's quantizer packs: onnx.block_size and train.qat.block_size (the grid trained through).
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 # Settings that never change a stage's results, visible to every stage without being declared.
 ALWAYS_VISIBLE = ("paths", "wandb")
 
@@ -136,7 +139,7 @@ class TrainConfig:
 
 @dataclass
 class OnnxConfig:
-    execution_provider: str = MISSING  # cpu | cuda | dml | webgpu; valid pairs with precision: ortune.builder_spec
+    execution_provider: str = MISSING  # cpu | cuda | dml | webgpu; valid pairs with precision: ortune.export
     # weight-only quantization (int4, int8), passed to the builder as its extra options
     block_size: int = MISSING
     accuracy_level: int = MISSING
@@ -336,12 +339,10 @@ def _range_problems(cfg: DictConfig):
 
 def _qat_problems(cfg: DictConfig):
     """train.method=qat trains through one int4 grid: every int4 build must use exactly that grid."""
-    from ortune import export
-
     if cfg.train.method != "qat":
         return
     block = cfg.train.qat.block_size
-    if problem := _choice("train.qat.block_size", block, export.BLOCK_SIZES):
+    if problem := choice_problem("train.qat.block_size", block, BLOCK_SIZES):
         yield problem
     if cfg.lora.dropout:
         yield (f"lora.dropout={cfg.lora.dropout} cannot apply with train.method=qat (the adapter trains through the "
@@ -391,7 +392,7 @@ def _renamed_hint(message: str) -> str:
     return ""
 
 
-def _choice(key: str, value, choices) -> str | None:
+def choice_problem(key: str, value, choices) -> str | None:
     if value not in choices:
         return f"{key}={value} must be one of {', '.join(map(str, choices))}"
     return None
@@ -404,7 +405,7 @@ def _lora_problems(lora: DictConfig):
         yield f"lora.alpha={lora.alpha} must be > 0"
     if not 0.0 <= lora.dropout < 1.0:
         yield f"lora.dropout={lora.dropout} must be in [0, 1)"
-    if problem := _choice("lora.bias", lora.bias, ("none", "all", "lora_only")):
+    if problem := choice_problem("lora.bias", lora.bias, ("none", "all", "lora_only")):
         yield problem
     if not lora.target_modules:
         yield "lora.target_modules is empty; name the linear layers to adapt, e.g. [qkv_proj, o_proj]"
@@ -416,11 +417,11 @@ def _train_problems(t: DictConfig):
         "eval_strategy": ("no", "steps", "epoch"), "launcher": ("torchrun", "accelerate"),
     }
     for key, allowed in choices.items():
-        if problem := _choice(f"train.{key}", t[key], allowed):
+        if problem := choice_problem(f"train.{key}", t[key], allowed):
             yield problem
     dtypes = ("float32", "bfloat16", "float16")
     for key, allowed in {"quant_type": ("nf4", "fp4"), "compute_dtype": dtypes, "quant_storage": ("uint8", *dtypes)}.items():
-        if problem := _choice(f"train.qlora.{key}", t.qlora[key], allowed):
+        if problem := choice_problem(f"train.qlora.{key}", t.qlora[key], allowed):
             yield problem
     minimum = {
         "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
@@ -497,9 +498,9 @@ def onnx_candidate(precision: str, o: DictConfig, overrides: dict) -> tuple[str,
 
 
 def _onnx_problems(precision: str, o: DictConfig):
-    """The export settings, checked against what the installed builder accepts (before any stage runs)."""
+    """The export settings and each onnx.candidates entry (and, through ONNX_CHECKS, what the builder accepts)."""
     yield from _onnx_setting_problems(precision, o)
-    if problem := _choice("onnx.quantization", o.quantization, ("fixed", "auto")):
+    if problem := choice_problem("onnx.quantization", o.quantization, ("fixed", "auto")):
         yield problem
     if o.quantization == "auto" and not o.candidates:
         yield "onnx.quantization=auto needs onnx.candidates (fastest first), e.g. [{}, {precision: int8}]"
@@ -516,57 +517,45 @@ def _onnx_problems(precision: str, o: DictConfig):
             yield f"onnx.candidates[{index}]: {problem}"
 
 
-def _onnx_setting_problems(precision: str, o: DictConfig):
-    from ortune import builder_spec, export
+# Checks of one build's export settings (precision, onnx settings) -> problems, that need a domain module:
+# the builder's valid precision/provider pairs and option names are read from its source. The export module
+# registers them when imported (ortune.export.setting_problems), so the stages that build (build_onnx) and
+# `make params` run them, while loading another stage's config neither imports nor reads the builder.
+OnnxCheck = Callable[[str, DictConfig], Iterable[str]]
+ONNX_CHECKS: list[OnnxCheck] = []
 
+
+def add_onnx_check(check: OnnxCheck) -> OnnxCheck:
+    """Run `check` on the export settings of every validated config (and of each onnx.candidates entry)."""
+    if check not in ONNX_CHECKS:
+        ONNX_CHECKS.append(check)
+    return check
+
+
+def _onnx_setting_problems(precision: str, o: DictConfig):
     if not 0.0 <= o.int8_share <= 1.0:
         yield f"onnx.int8_share={o.int8_share} must be in [0, 1]"
     if o.int8_share and (precision != "int4" or o.adapter != "merged"):
-        yield (f"onnx.int8_share={o.int8_share} mixes int8 into an int4 model built from the merged model: "
-               "set precision=int4 and onnx.adapter=merged, or onnx.int8_share=0")
-
-    if problem := _choice("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
-        yield problem
-    elif precision in PRECISIONS:
-        spec = builder_spec.read_spec()
-        if o.execution_provider not in spec.valid_pairs.get(precision, ()):
-            yield (f"precision={precision} with onnx.execution_provider={o.execution_provider} is not a pair the "
-                   f"builder supports; valid pairs: {builder_spec.valid_pairs_text(spec)}")
-        elif reason := export.BROKEN_PAIRS.get((precision, o.execution_provider)):
-            yield f"precision={precision} with onnx.execution_provider={o.execution_provider}: {reason}"
-    for key, allowed in {"block_size": export.BLOCK_SIZES, "accuracy_level": (0, 1, 2, 3, 4),
-                         "algorithm": export.ALGORITHMS, "adapter": ("merged", "separate")}.items():
-        if problem := _choice(f"onnx.{key}", o[key], allowed):
-            legacy = export.LEGACY_ALGORITHMS.get(o[key]) if key == "algorithm" else None
-            yield f"{problem} ({o[key]} is a deprecated builder alias; use {legacy})" if legacy else problem
-    for key, allowed in {"quantize_ops": export.QUANTIZABLE_OPS, "keep_float": tuple(export.KEEP_FLOAT_NODES)}.items():
-        unknown = [item for item in o[key] if item not in allowed]
-        if unknown:
-            yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
+        yield (
+            f"onnx.int8_share={o.int8_share} mixes int8 into an int4 model built from the merged model: "
+            "set precision=int4 and onnx.adapter=merged, or onnx.int8_share=0"
+        )
+    allowed_values = {"block_size": BLOCK_SIZES, "accuracy_level": (0, 1, 2, 3, 4), "adapter": ("merged", "separate")}
+    for key, allowed in allowed_values.items():
+        if problem := choice_problem(f"onnx.{key}", o[key], allowed):
+            yield problem
     if not o.quantize_ops:
         yield "onnx.quantize_ops is empty; list MatMul (and Gather to quantize the embeddings too)"
-    if "Gather" in o.quantize_ops and o.algorithm != "default" and precision in export.QUANTIZED:
-        yield (f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
-               f"leaves it float with {o.algorithm}: set onnx.algorithm=default or drop Gather")
-    if "Gather" in o.quantize_ops and precision == "int8":
-        yield "onnx.quantize_ops: Gather (the embeddings) quantizes to int4 only; the builder leaves it float at int8, drop it"
-    if "embeddings" in o.keep_float and "Gather" not in o.quantize_ops:
-        yield "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops; drop it"
-    if o.last_matmul_int8 and "lm_head" in o.keep_float:
-        yield "onnx.last_matmul_int8=true quantizes lm_head to int8 but onnx.keep_float keeps it float; choose one"
-    for name in o.extra_options:
-        if problem := export.extra_option_problem(name):
-            yield f"onnx.extra_options.{name}: {problem}"
     if o.extra_adapters and o.adapter != "separate":
         yield "onnx.extra_adapters needs onnx.adapter=separate (adapters switch at run time only on an unmerged base)"
-    for name in o.extra_adapters:
-        if not name.isidentifier() or name == export.PIPELINE_ADAPTER:
-            yield f"onnx.extra_adapters.{name}: adapter names are identifiers other than '{export.PIPELINE_ADAPTER}'"
     if not 0.0 <= o.min_label_agreement <= 1.0:
         yield f"onnx.min_label_agreement={o.min_label_agreement} must be in [0, 1]"
     for key in ("intra_op_num_threads", "parity_prompts"):
         if o[key] < 0:
-            yield f"onnx.{key}={o[key]} must be >= 0 (0 = {'all cores' if key.startswith('intra') else 'every eval prompt'})"
+            meaning = "all cores" if key.startswith("intra") else "every eval prompt"
+            yield f"onnx.{key}={o[key]} must be >= 0 (0 = {meaning})"
+    for check in ONNX_CHECKS:
+        yield from check(precision, o)
 
 
 def declared_params(stage: str, dvc_yaml: Path | None = None) -> list[str]:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import builder_spec
+from ortune import builder_spec, config
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
 
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+BLOCK_SIZES = config.BLOCK_SIZES
 ALGORITHMS = ("default", "rtn", "k_quant")
 # The builder's compound algo_config aliases, deprecated in favour of a method + matmul_mixed_precision.
 LEGACY_ALGORITHMS = {
@@ -71,6 +71,50 @@ def extra_option_problem(name: str) -> str | None:
     if name in REFUSED_OPTIONS:
         return f"not allowed: {REFUSED_OPTIONS[name]}"
     return builder_spec.option_name_problem(name)
+
+
+@config.add_onnx_check
+def setting_problems(precision: str, o: DictConfig):
+    """The export settings of one build, checked against what the installed builder accepts: registered with
+    ortune.config on import, so build_onnx and `make params` refuse them in one line before any work."""
+    if problem := config.choice_problem("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
+        yield problem
+    elif precision in config.PRECISIONS:
+        spec = builder_spec.read_spec()
+        if o.execution_provider not in spec.valid_pairs.get(precision, ()):
+            yield (
+                f"precision={precision} with onnx.execution_provider={o.execution_provider} is not a pair the "
+                f"builder supports; valid pairs: {builder_spec.valid_pairs_text(spec)}"
+            )
+        elif reason := BROKEN_PAIRS.get((precision, o.execution_provider)):
+            yield f"precision={precision} with onnx.execution_provider={o.execution_provider}: {reason}"
+    if problem := config.choice_problem("onnx.algorithm", o.algorithm, ALGORITHMS):
+        legacy = LEGACY_ALGORITHMS.get(o.algorithm)
+        yield f"{problem} ({o.algorithm} is a deprecated builder alias; use {legacy})" if legacy else problem
+    for key, allowed in {"quantize_ops": QUANTIZABLE_OPS, "keep_float": tuple(KEEP_FLOAT_NODES)}.items():
+        unknown = [item for item in o[key] if item not in allowed]
+        if unknown:
+            yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
+    if "Gather" in o.quantize_ops and o.algorithm != "default" and precision in QUANTIZED:
+        yield (
+            f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
+            f"leaves it float with {o.algorithm}: set onnx.algorithm=default or drop Gather"
+        )
+    if "Gather" in o.quantize_ops and precision == "int8":
+        yield (
+            "onnx.quantize_ops: Gather (the embeddings) quantizes to int4 only; the builder leaves it float at "
+            "int8, drop it"
+        )
+    if "embeddings" in o.keep_float and "Gather" not in o.quantize_ops:
+        yield "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops; drop it"
+    if o.last_matmul_int8 and "lm_head" in o.keep_float:
+        yield "onnx.last_matmul_int8=true quantizes lm_head to int8 but onnx.keep_float keeps it float; choose one"
+    for name in o.extra_options:
+        if problem := extra_option_problem(name):
+            yield f"onnx.extra_options.{name}: {problem}"
+    for name in o.extra_adapters:
+        if not name.isidentifier() or name == PIPELINE_ADAPTER:
+            yield f"onnx.extra_adapters.{name}: adapter names are identifiers other than '{PIPELINE_ADAPTER}'"
 
 
 def builder_options(

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+import ortune.export  # noqa: F401 - registers the builder's checks, so a bad export setting fails here too
 from ortune import config, locks
 from ortune.artifacts import write_text_atomic
 from ortune.errors import OrtuneError
