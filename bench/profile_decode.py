@@ -31,8 +31,8 @@ def model_dir(model: str, precision: str) -> Path:
     """The bench's cached build of `model` at `precision` with ortune's defaults (built if missing)."""
     spec = bench.QUICK if model == "quick" else bench.MODELS[model]
     hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
-    out = bench.cache_dir() / f"onnx-{spec.key()}-{precision}-{bench.build_key(precision, ())}"
-    bench.build_onnx_models(hf_dir, {out: (precision, ())})
+    out = bench.cache_dir() / f"onnx-{spec.key()}-{precision}-{bench.build_key(precision, (), spec.conf_model)}"
+    bench.build_onnx_models(hf_dir, {out: (precision, ())}, conf_model=spec.conf_model)
     return out
 
 

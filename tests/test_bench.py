@@ -438,6 +438,24 @@ def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
     assert composed["onnx"].get("quantization", "fixed") == "fixed"
 
 
+def test_each_bench_model_builds_with_its_own_conf_model_not_the_default_models():
+    import yaml
+
+    onnx_defaults = yaml.safe_load((bench.ROOT / "conf/onnx/default.yaml").read_text())
+    tiny = yaml.safe_load((bench.ROOT / f"conf/model/{bench.FULL.conf_model}.yaml").read_text())
+    assert "onnx" not in tiny  # the random model's builds are the conf/onnx defaults
+    # conf/config.yaml's default model (smollm2-135m) may set its own onnx options (it set block_size 32 for its
+    # int4 grid): those must not reach the random model's "genai int4", whose goals are judged per CPU family
+    random_int4 = bench.compose_build("int4", (), bench.FULL.conf_model)
+    assert random_int4["model"]["name"] == "tiny-phi3"
+    for key in ("block_size", "accuracy_level", "algorithm", "extra_options", "intra_op_num_threads"):
+        assert random_int4["onnx"][key] == onnx_defaults[key]
+    smollm2 = yaml.safe_load((bench.ROOT / f"conf/model/{bench.SMOLLM2.conf_model}.yaml").read_text())
+    smollm2_int4 = bench.compose_build("int4", (), bench.SMOLLM2.conf_model)
+    assert smollm2_int4["onnx"]["block_size"] == smollm2.get("onnx", {}).get("block_size", onnx_defaults["block_size"])
+    assert bench.build_key("int4", (), "tiny-phi3") != bench.build_key("int4", ("onnx.block_size=32",), "tiny-phi3")
+
+
 def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_there(tmp_path):
     import cpu_decode  # bench/cpu_decode.py
 
@@ -493,7 +511,18 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
     # never over a make bench entry; a make bench run on the family replaces it
     with pytest.raises(SystemExit, match="make bench"):
         cpu_decode.record(results, _run(("AuthenticAMD", 26, 2), 0) | {"decode": [section]}, readme)
-    cpu_decode.record(results, intel, readme)  # its own earlier entry: replaced
+    smollm2 = json.loads(json.dumps(intel))
+    smollm2["decode"][0]["model"]["name"] = "smollm2"
+    cpu_decode.record(results, smollm2, readme)  # another model: beside the first
+    assert [
+        s["model"]["name"]
+        for s in json.loads((results / "results.json").read_text())["families"]["Intel family 6 model 167"]["decode"]
+    ] == ["random", "smollm2"]
+    cpu_decode.record(results, intel, readme)  # the same model again: replaced
+    assert [
+        s["model"]["name"]
+        for s in json.loads((results / "results.json").read_text())["families"]["Intel family 6 model 167"]["decode"]
+    ] == ["smollm2", "random"]
     merged = bench.merge_results(
         json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0)
     )
