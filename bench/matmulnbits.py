@@ -13,6 +13,8 @@ the practical floor) and a 64x64 MatMulNBits (the fixed cost of one node, which 
     python bench/matmulnbits.py                        # bench model + SmolLM2 shapes, block 32/128/256,
                                                        # accuracy_level 0/1/4, 1 and 2 threads
     python bench/matmulnbits.py --shapes 1024x32064 --blocks 256 --levels 4 --threads 2 --repeats 30
+    python bench/matmulnbits.py --weights-mb 130 ...   # the products' weights as large as the model's
+    taskset -c 1 python bench/matmulnbits.py --cache   # one core's bandwidth by buffer size: the cache it gets
 
 Prints a table and writes bench/.cache/matmulnbits-<cpu family>.json. Weights are random (the
 timing does not depend on the values); session options are ortune's (spin_duration_us 20).
@@ -174,6 +176,37 @@ def one_core_copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     return 2 * source.nbytes / statistics.median(seconds)
 
 
+def bandwidth_by_size(sizes_mb=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)) -> list[dict]:
+    """One core's copy (read + written) and read-only bandwidth per CPU second by buffer size: where the
+    cache this machine really gets ends (a VM may report its host's whole L3), so which floor applies."""
+    import numpy as np
+
+    rows = []
+    for mb in sizes_mb:
+        source = np.ones(mb * 2**20, dtype=np.uint8)
+        target = np.zeros_like(source)
+        words = source.view(np.uint64)
+        np.copyto(target, source)
+        repeats = max(5, min(200, 4096 // mb))
+        copy, read = [], []
+        for _ in range(repeats):
+            started = time.thread_time()
+            np.copyto(target, source)
+            copy.append(time.thread_time() - started)
+            started = time.thread_time()
+            words.sum()
+            read.append(time.thread_time() - started)
+        rows.append(
+            {
+                "mb": mb,
+                "copy_gb_s": 2 * source.nbytes / statistics.median(copy) / 1e9,
+                "read_gb_s": source.nbytes / statistics.median(read) / 1e9,
+            }
+        )
+        del source, target, words
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="KxN,... (default: the bench and SmolLM2 shapes)")
@@ -190,7 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         "L3 needs much memory: 4 x 480 MiB per setting)",
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="only print one core's copy and read bandwidth by buffer size (does the model fit the cache?)",
+    )
     args = parser.parse_args(argv)
+    if args.cache:
+        print("| MB | copy GB/s (read + written, per CPU second) | read GB/s |\n|---:|---:|---:|")
+        for row in bandwidth_by_size():
+            print(f"| {row['mb']} | {row['copy_gb_s']:.1f} | {row['read_gb_s']:.1f} |", flush=True)
+        return 0
     total = int(args.weights_mb * 1e6) if args.weights_mb else None
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     blocks = [int(v) for v in args.blocks.split(",")]

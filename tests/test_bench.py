@@ -527,3 +527,11 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
         json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0)
     )
     assert "timing" not in merged["families"]["Intel family 6 model 167"]["decode"][0]
+
+
+def test_bandwidth_by_size_reports_copy_and_read_per_buffer_size():
+    import matmulnbits  # bench/matmulnbits.py
+
+    rows = matmulnbits.bandwidth_by_size((1, 2))
+    assert [row["mb"] for row in rows] == [1, 2]
+    assert all(row["copy_gb_s"] > 0 and row["read_gb_s"] > 0 for row in rows)
