@@ -1200,7 +1200,8 @@ def render_results(results: dict, compact: bool = False) -> str:
         f"Decode speed per CPU family: the latest `make bench` on each family measured so far "
         f"({', '.join(families) or 'none'})"
         + (
-            f" (for {', '.join(one_thread)}: no quiet `make bench` yet, one thread per engine in CPU time)"
+            f", except {', '.join(one_thread)}: no quiet `make bench` there yet, so one thread per engine in CPU "
+            "time (`bench/cpu_decode.py --record`)"
             if one_thread
             else ""
         )

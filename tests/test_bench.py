@@ -507,7 +507,7 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
         assert "### Intel family 6 model 167" in text and "### AMD Zen 5" in text
         assert "One thread per engine, CPU time" in text and "other processes used 1.0 cores" in text
         assert "Goals on Intel family 6 model 167: ≥ 7× PyTorch fp32 (not met)" in text
-        assert "(for Intel family 6 model 167: no quiet `make bench` yet" in text
+        assert ", except Intel family 6 model 167: no quiet `make bench` there yet" in text
     # never over a make bench entry; a make bench run on the family replaces it
     with pytest.raises(SystemExit, match="make bench"):
         cpu_decode.record(results, _run(("AuthenticAMD", 26, 2), 0) | {"decode": [section]}, readme)
