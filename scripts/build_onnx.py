@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ortune import data, export, model_card, onnx_adapters, parity, quantize, stage
-from ortune.artifacts import atomic_dir, owned_temp_dir
+from ortune.artifacts import atomic_dir, folder_megabytes, owned_temp_dir, read_json
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
                 shipped_cfg = cfg
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        metrics.update(build_seconds=time.perf_counter() - started, size_mb=export.folder_megabytes(out))
+        metrics.update(build_seconds=time.perf_counter() - started, size_mb=folder_megabytes(out))
         (out / "README.md").write_text(card(shipped_cfg, metrics, task, options), encoding="utf-8")
         failures = parity.summarize_failures({"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})})
         if failures and o.require_parity:
@@ -108,7 +108,7 @@ def select_candidate(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> t
         result = metrics.get("parity") or {}
         tried.append({"candidate": index, "settings": dict(entry), "precision": candidate.precision,
                       "label_agreement": result.get("label_agreement"), "passed": result.get("passed"), "ms_per_token": speed["ms_per_token"],
-                      "size_mb": export.folder_megabytes(folder), "int8_nodes": len(metrics.get("int8_nodes", []))})
+                      "size_mb": folder_megabytes(folder), "int8_nodes": len(metrics.get("int8_nodes", []))})
         log.info("auto candidate %d: label agreement %s, %.2f ms/token, %.0f MB: %s", index, result.get("label_agreement"),
                  speed["ms_per_token"], tried[-1]["size_mb"], "ships" if result.get("passed") else "not enough")
         last = index == len(cfg.onnx.candidates) - 1
@@ -273,22 +273,42 @@ def _content(completion) -> str:
 
 def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
     prepared = Path(cfg.paths.prepared)
-    base_info = model_card.read_json(Path(cfg.paths.metrics) / "base.json") or {}
+    base_info = read_json(Path(cfg.paths.metrics) / "base.json", {})
     o = cfg.onnx
-    settings = {"precision": cfg.precision, "execution provider": o.execution_provider, "adapter": o.adapter,
-                "builder extra options": "; ".join(f"{k}={v}" for k, v in export.describe_options(options).items()) or "none",
-                "kept float": (", ".join(o.keep_float) or "none") if cfg.precision in export.QUANTIZED else "n/a (not quantized)",
-                "intra_op_num_threads": metrics["intra_op_num_threads"], "search": "greedy (do_sample=false, num_beams=1, top_k=1)",
-                "max new tokens": task["max_new_tokens"], "adapters": ", ".join(metrics["adapters"]) or "none (merged)"}
+    settings = {
+        "precision": cfg.precision,
+        "execution provider": o.execution_provider,
+        "adapter": o.adapter,
+        "builder extra options": "; ".join(f"{k}={v}" for k, v in export.describe_options(options).items()) or "none",
+        "kept float": (", ".join(o.keep_float) or "none")
+        if cfg.precision in export.QUANTIZED
+        else "n/a (not quantized)",
+        "intra_op_num_threads": metrics["intra_op_num_threads"],
+        "search": "greedy (do_sample=false, num_beams=1, top_k=1)",
+        "max new tokens": task["max_new_tokens"],
+        "adapters": ", ".join(metrics["adapters"]) or "none (merged)",
+    }
     return model_card.render(
-        model={**dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),
-               "resolved_revision": base_info.get("resolved_revision"),
-               **{key: value for key, value in base_info.items() if key.startswith("gguf_")}},
-        dataset={"path": cfg.data.path, "sha256": model_card.sha256(Path(cfg.data.path)),
-                 "train_sha256": model_card.sha256(prepared / "train.jsonl") if (prepared / "train.jsonl").is_file() else "none",
-                 "eval_sha256": model_card.sha256(prepared / "eval.jsonl"),
-                 "train_rows": len(_rows_if_any(prepared / "train.jsonl")), "eval_rows": len(data.read_jsonl(prepared / "eval.jsonl"))},
-        settings=settings, lora=model_card.read_json(Path(cfg.paths.adapter) / "adapter_config.json"), metrics=metrics, task=task)
+        model={
+            **dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),
+            "resolved_revision": base_info.get("resolved_revision"),
+            **{key: value for key, value in base_info.items() if key.startswith("gguf_")},
+        },
+        dataset={
+            "path": cfg.data.path,
+            "sha256": model_card.sha256(Path(cfg.data.path)),
+            "train_sha256": model_card.sha256(prepared / "train.jsonl")
+            if (prepared / "train.jsonl").is_file()
+            else "none",
+            "eval_sha256": model_card.sha256(prepared / "eval.jsonl"),
+            "train_rows": len(_rows_if_any(prepared / "train.jsonl")),
+            "eval_rows": len(data.read_jsonl(prepared / "eval.jsonl")),
+        },
+        settings=settings,
+        lora=read_json(Path(cfg.paths.adapter) / "adapter_config.json"),
+        metrics=metrics,
+        task=task,
+    )
 
 
 if __name__ == "__main__":

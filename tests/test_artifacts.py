@@ -102,3 +102,16 @@ def test_outputs_are_readable_by_others_under_the_usual_umask(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+
+
+def test_read_json_and_folder_megabytes(tmp_path):
+    from ortune.artifacts import folder_megabytes, read_json
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.json").write_text('{"k": 1}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "y.bin").write_bytes(b"\0" * 2**20)
+    assert read_json(tmp_path / "a" / "x.json") == {"k": 1} and read_json(tmp_path / "none.json") is None
+    assert read_json(tmp_path / "none.json", {}) == {}
+    assert folder_megabytes(tmp_path / "b") == 1.0
+    assert folder_megabytes(tmp_path / "a", tmp_path / "b") == 1.0 + 8 / 2**20

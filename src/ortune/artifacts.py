@@ -1,4 +1,5 @@
-"""Atomic outputs: a stage's files appear complete or not at all, even if it is killed mid-write.
+"""Atomic outputs: a stage's files appear complete or not at all, even if it is killed mid-write
+(and the few helpers that read them back: JSON files, folder sizes).
 
 Temp files and folders are named after the process that owns them (`.<name>.tmp-<host>-<pid>-<random>`),
 so that a run cleaning up after a killed one removes only leftovers whose owner is gone, never the
@@ -158,3 +159,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path, default=None):
+    """A JSON file's content, or `default` when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def folder_megabytes(*folders: str | Path) -> float:
+    """The size on disk of every file in these folders, in MiB."""
+    return sum(f.stat().st_size for folder in folders for f in Path(folder).rglob("*") if f.is_file()) / 2**20

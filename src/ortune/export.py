@@ -347,6 +347,3 @@ def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters
         spec["input_field"] = fields[0] if len(fields) == 1 else None
     return spec
 
-
-def folder_megabytes(folder: Path) -> float:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20

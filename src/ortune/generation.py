@@ -114,10 +114,9 @@ class OnnxGenerator:
 
 def _task_spec(model_dir: Path) -> dict:
     """The model folder's ortune.json (written by build_onnx), or {} for a folder without one."""
-    import json
+    from ortune.artifacts import read_json
 
-    path = model_dir / "ortune.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(model_dir / "ortune.json", {})
 
 
 def _adapter_files(model_dir: Path) -> dict[str, Path]:

@@ -1,10 +1,16 @@
-"""models/onnx/README.md: what the shipped model is, where it came from, and how well it matches."""
+"""models/onnx/README.md: what the shipped model is, where it came from, and how well it matches.
+
+Rendered by huggingface_hub's ModelCard, so the folder uploads to the Hub as it is: the metadata block
+(base model, library, dataset, tags, and the parity figures as a model-index) heads the card the stage writes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
 def sha256(path: Path) -> str:
@@ -21,10 +27,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
 
 
 def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, metrics: dict, task: dict) -> str:
@@ -108,4 +110,38 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
         + ", and take the label with the rule in ortune.json.",
         "",
     ]
-    return "\n".join(lines)
+    tags = ["onnx", "onnxruntime-genai", "ortune", *(["lora"] if lora else []), metrics["precision"]]
+    data = metadata(model, dataset, parities, title=lines[0].removeprefix("# "), tags=tags)
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))
+    return str(card)
+
+
+def metadata(model: dict, dataset: dict, parities: dict, title: str, tags: list[str]) -> ModelCardData:
+    """The Hub's metadata block: base_model only when the base is a Hub model (a GGUF file or a local folder has
+    no id there), the dataset by its path, and each parity row that ran as a model-index result."""
+    results = [
+        EvalResult(
+            task_type="text-classification",
+            task_name=f"Parity with PyTorch ({name})",
+            dataset_type=dataset["path"],
+            dataset_name=Path(dataset["path"]).name,
+            dataset_split="eval",
+            dataset_revision=dataset["sha256"],
+            metric_type=metric,
+            metric_name=f"{label} with PyTorch ({name}, {parity['prompts']} eval prompts)",
+            metric_value=float(parity[metric]),
+        )
+        for name, parity in parities.items()
+        if parity and "skipped" not in parity
+        for metric, label in (("label_agreement", "label agreement"), ("max_abs_logit_diff", "max |logit diff|"))
+    ]
+    return ModelCardData(
+        base_model=None if model.get("gguf_sha256") else model.get("hub_id") or None,
+        library_name="onnxruntime-genai",
+        datasets=[dataset["path"]],
+        metrics=["label_agreement", "max_abs_logit_diff"] if results else None,
+        model_name=title if results else None,
+        eval_results=results or None,
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
