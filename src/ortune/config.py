@@ -10,10 +10,10 @@ undeclared setting fails instead of silently missing a rerun.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -49,13 +49,13 @@ class GgufPackageConfig:
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # tiny | hub | gguf
-    hub_id: Optional[str] = MISSING
-    revision: Optional[str] = MISSING
-    path: Optional[str] = MISSING
-    gguf_file: Optional[str] = MISSING  # a local .gguf; like path, it overrides source
-    gguf_package: Optional[GgufPackageConfig] = MISSING
+    hub_id: str | None = MISSING
+    revision: str | None = MISSING
+    path: str | None = MISSING
+    gguf_file: str | None = MISSING  # a local .gguf; like path, it overrides source
+    gguf_package: GgufPackageConfig | None = MISSING
     trust_remote_code: bool = MISSING
-    tiny: Optional[TinyModelConfig] = None
+    tiny: TinyModelConfig | None = None
 
 
 @dataclass
@@ -73,7 +73,7 @@ class DataConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     label_field: str = MISSING
     # the allowed labels; null accepts whatever labels the data holds
-    labels: Optional[list[str]] = MISSING
+    labels: list[str] | None = MISSING
     eval_fraction: float = MISSING
 
 
@@ -106,8 +106,8 @@ class TrainConfig:
     qlora: QloraConfig = field(default_factory=QloraConfig)
     qat: QatConfig = field(default_factory=QatConfig)
     loss: str = MISSING  # completion | full
-    seed: Optional[int] = MISSING
-    data_seed: Optional[int] = MISSING
+    seed: int | None = MISSING
+    data_seed: int | None = MISSING
     learning_rate: float = MISSING
     lr_scheduler_type: str = MISSING
     warmup_ratio: float = MISSING
@@ -134,7 +134,7 @@ class TrainConfig:
     master_addr: str = MISSING
     master_port: int = MISSING
     launcher: str = MISSING  # torchrun | accelerate
-    accelerate_config: Optional[str] = MISSING
+    accelerate_config: str | None = MISSING
 
 
 @dataclass
@@ -182,7 +182,7 @@ class EvalConfig:
 class WandbConfig:
     mode: str = MISSING
     project: str = MISSING
-    entity: Optional[str] = MISSING
+    entity: str | None = MISSING
     dir: str = MISSING
 
 
@@ -305,13 +305,18 @@ def secret_problem(raw, prefix: str = "") -> str | None:
         if isinstance(raw, dict) and words & SECRET_WORDS and value not in (None, "", False):
             what = f"its name says it holds a {sorted(words & SECRET_WORDS)[0]}"
         elif isinstance(value, str):
-            what = next((f"its value looks like {kind}" for kind, shape in SECRET_SHAPES.items() if re.search(shape, value)), None)
+            what = next(
+                (f"its value looks like {kind}" for kind, shape in SECRET_SHAPES.items() if re.search(shape, value)),
+                None,
+            )
         elif problem := secret_problem(value, f"{name}."):
             return problem
         if what:
-            return (f"{name}: {what}; settings are written to params.yaml and dvc.lock (git), metrics, the model card "
-                    "and W&B, so a secret never goes in one: export it in the environment instead (HF_TOKEN, "
-                    "WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) and drop the setting")
+            return (
+                f"{name}: {what}; settings are written to params.yaml and dvc.lock (git), metrics, the model card "
+                "and W&B, so a secret never goes in one: export it in the environment instead (HF_TOKEN, "
+                "WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) and drop the setting"
+            )
     return None
 
 
@@ -345,41 +350,78 @@ def _qat_problems(cfg: DictConfig):
     if problem := choice_problem("train.qat.block_size", block, BLOCK_SIZES):
         yield problem
     if cfg.lora.dropout:
-        yield (f"lora.dropout={cfg.lora.dropout} cannot apply with train.method=qat (the adapter trains through the "
-               "merged, rounded weight): set lora.dropout=0")
+        yield (
+            f"lora.dropout={cfg.lora.dropout} cannot apply with train.method=qat (the adapter trains through the "
+            "merged, rounded weight): set lora.dropout=0"
+        )
     o = cfg.onnx
     if o.adapter != "merged":
-        yield ("train.method=qat ships its adapter merged into the rounded weights (an unmerged base would be "
-               "float or another rounding): set onnx.adapter=merged")
-    builds = ([onnx_candidate(cfg.precision, o, dict(entry)) for entry in o.candidates]
-              if o.quantization == "auto" else [(cfg.precision, o)])
+        yield (
+            "train.method=qat ships its adapter merged into the rounded weights (an unmerged base would be "
+            "float or another rounding): set onnx.adapter=merged"
+        )
+    builds = (
+        [onnx_candidate(cfg.precision, o, dict(entry)) for entry in o.candidates]
+        if o.quantization == "auto"
+        else [(cfg.precision, o)]
+    )
     for index, (precision, settings) in enumerate(builds):
         if precision != "int4":
             continue  # int8 and float builds hold the rounded weights as they are
         where = f"onnx.candidates[{index}]" if o.quantization == "auto" else "onnx"
-        differs = [f"block_size={settings.block_size} (train.qat.block_size={block})"] if settings.block_size != block else []
-        differs += [f"{key}={settings[key]}" for key, plain in (("algorithm", "default"), ("int8_share", 0.0),
-                    ("keep_float", []), ("last_matmul_int8", False)) if settings[key] != plain]
+        differs = (
+            [f"block_size={settings.block_size} (train.qat.block_size={block})"] if settings.block_size != block else []
+        )
+        differs += [
+            f"{key}={settings[key]}"
+            for key, plain in (
+                ("algorithm", "default"),
+                ("int8_share", 0.0),
+                ("keep_float", []),
+                ("last_matmul_int8", False),
+            )
+            if settings[key] != plain
+        ]
         if str(settings.extra_options.get("is_symmetric", "true")).lower() == "false":
             differs.append("extra_options.is_symmetric=false")
         if differs:
-            yield (f"train.method=qat trains through int4 block {block}, symmetric, onnx.algorithm=default, every layer "
-                   f"int4, merged; {where} builds int4 with {', '.join(differs)}: make them agree")
+            yield (
+                f"train.method=qat trains through int4 block {block}, symmetric, onnx.algorithm=default, every layer "
+                f"int4, merged; {where} builds int4 with {', '.join(differs)}: make them agree"
+            )
 
 
 # Schedulers that need no extra arguments (the others of transformers' SchedulerType fail without them).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 # Names other tools use for our settings: the Olive/CookBook names are the likeliest typos.
 RENAMED = {
-    "lora.lora_alpha": "lora.alpha", "lora.lora_r": "lora.r", "lora.lora_dropout": "lora.dropout",
-    "lora.lora_target_modules": "lora.target_modules", "train.evaluation_strategy": "train.eval_strategy",
-    "train.max_seq_length": "train.max_length", "train.max_seq_len": "train.max_length",
-    "train.torch_dtype": "train.qlora.compute_dtype", "train.compute_dtype": "train.qlora.compute_dtype",
-    "train.double_quant": "train.qlora.double_quant", "train.quant_type": "train.qlora.quant_type",
-    "train.bnb_4bit_compute_dtype": "train.qlora.compute_dtype", "train.bnb_4bit_quant_type": "train.qlora.quant_type",
-    "train.bnb_4bit_use_double_quant": "train.qlora.double_quant", "train.lr": "train.learning_rate",
-    "train.epochs": "train.num_train_epochs", "train.nproc_per_node": "train.num_processes",
-    "train.warmup": "train.warmup_ratio", "train.batch_size": "train.per_device_train_batch_size",
+    "lora.lora_alpha": "lora.alpha",
+    "lora.lora_r": "lora.r",
+    "lora.lora_dropout": "lora.dropout",
+    "lora.lora_target_modules": "lora.target_modules",
+    "train.evaluation_strategy": "train.eval_strategy",
+    "train.max_seq_length": "train.max_length",
+    "train.max_seq_len": "train.max_length",
+    "train.torch_dtype": "train.qlora.compute_dtype",
+    "train.compute_dtype": "train.qlora.compute_dtype",
+    "train.double_quant": "train.qlora.double_quant",
+    "train.quant_type": "train.qlora.quant_type",
+    "train.bnb_4bit_compute_dtype": "train.qlora.compute_dtype",
+    "train.bnb_4bit_quant_type": "train.qlora.quant_type",
+    "train.bnb_4bit_use_double_quant": "train.qlora.double_quant",
+    "train.lr": "train.learning_rate",
+    "train.epochs": "train.num_train_epochs",
+    "train.nproc_per_node": "train.num_processes",
+    "train.warmup": "train.warmup_ratio",
+    "train.batch_size": "train.per_device_train_batch_size",
 }
 
 
@@ -413,20 +455,37 @@ def _lora_problems(lora: DictConfig):
 
 def _train_problems(t: DictConfig):
     choices = {
-        "method": ("lora", "qlora", "qat"), "loss": ("completion", "full"), "lr_scheduler_type": LR_SCHEDULERS,
-        "eval_strategy": ("no", "steps", "epoch"), "launcher": ("torchrun", "accelerate"),
+        "method": ("lora", "qlora", "qat"),
+        "loss": ("completion", "full"),
+        "lr_scheduler_type": LR_SCHEDULERS,
+        "eval_strategy": ("no", "steps", "epoch"),
+        "launcher": ("torchrun", "accelerate"),
     }
     for key, allowed in choices.items():
         if problem := choice_problem(f"train.{key}", t[key], allowed):
             yield problem
     dtypes = ("float32", "bfloat16", "float16")
-    for key, allowed in {"quant_type": ("nf4", "fp4"), "compute_dtype": dtypes, "quant_storage": ("uint8", *dtypes)}.items():
+    for key, allowed in {
+        "quant_type": ("nf4", "fp4"),
+        "compute_dtype": dtypes,
+        "quant_storage": ("uint8", *dtypes),
+    }.items():
         if problem := choice_problem(f"train.qlora.{key}", t.qlora[key], allowed):
             yield problem
     minimum = {
-        "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-        "max_length": 8, "logging_steps": 1, "eval_steps": 1, "save_steps": 0, "save_total_limit": 1,
-        "warmup_steps": 0, "num_processes": 1, "num_nodes": 1, "node_rank": 0, "master_port": 1,
+        "per_device_train_batch_size": 1,
+        "per_device_eval_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_length": 8,
+        "logging_steps": 1,
+        "eval_steps": 1,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "warmup_steps": 0,
+        "num_processes": 1,
+        "num_nodes": 1,
+        "node_rank": 0,
+        "master_port": 1,
     }
     for key, low in minimum.items():
         if t[key] < low:
@@ -463,8 +522,15 @@ def _eval_problems(e: DictConfig):
         yield f"eval.compare: {', '.join(unknown)} unknown; list any of {', '.join(EVAL_COMPARABLE)} (or [])"
     if len(set(e.compare)) != len(e.compare):
         yield f"eval.compare={list(e.compare)} names a model twice"
-    minimum = {"max_new_tokens": 1, "limit": 0, "batch_size": 1, "latency.new_tokens": 2, "latency.warmup": 0,
-               "latency.repeats": 1, "baseline_shots": 0}
+    minimum = {
+        "max_new_tokens": 1,
+        "limit": 0,
+        "batch_size": 1,
+        "latency.new_tokens": 2,
+        "latency.warmup": 0,
+        "latency.repeats": 1,
+        "baseline_shots": 0,
+    }
     for key, low in minimum.items():
         value = OmegaConf.select(e, key)
         if value < low:
@@ -480,13 +546,24 @@ def _eval_problems(e: DictConfig):
         return
     if unknown := sorted(fields - set(BASELINE_FIELDS)):
         named = ", ".join("{" + name + "}" for name in unknown)
-        yield f"eval.baseline_prompt: {named} unknown; its placeholders are {{labels}} (the label set) and {{input}} (the text)"
+        yield (
+            f"eval.baseline_prompt: {named} unknown; its placeholders are {{labels}} (the label set) "
+            "and {input} (the text)"
+        )
     elif "input" not in fields:
         yield "eval.baseline_prompt has no {input}: the model would never see the text to classify; add it"
 
 
 # What an onnx.candidates entry may set (the rest of the export settings is shared by every candidate).
-CANDIDATE_KEYS = ("precision", "block_size", "accuracy_level", "algorithm", "keep_float", "last_matmul_int8", "int8_share")
+CANDIDATE_KEYS = (
+    "precision",
+    "block_size",
+    "accuracy_level",
+    "algorithm",
+    "keep_float",
+    "last_matmul_int8",
+    "int8_share",
+)
 
 
 def onnx_candidate(precision: str, o: DictConfig, overrides: dict) -> tuple[str, DictConfig]:
@@ -508,7 +585,10 @@ def _onnx_problems(precision: str, o: DictConfig):
     for index, entry in enumerate(o.candidates if o.quantization == "auto" else ()):
         unknown = sorted(set(entry) - set(CANDIDATE_KEYS))
         if unknown:
-            yield f"onnx.candidates[{index}]: {', '.join(unknown)} unknown; a candidate sets any of {', '.join(CANDIDATE_KEYS)}"
+            yield (
+                f"onnx.candidates[{index}]: {', '.join(unknown)} unknown; "
+                f"a candidate sets any of {', '.join(CANDIDATE_KEYS)}"
+            )
             continue
         if (wanted := entry.get("precision", precision)) not in PRECISIONS:
             yield f"onnx.candidates[{index}]: precision={wanted} is unknown; use one of {', '.join(PRECISIONS)}"

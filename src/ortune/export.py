@@ -346,4 +346,3 @@ def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters
         spec["prompt_template"] = data_cfg.template.prompt
         spec["input_field"] = fields[0] if len(fields) == 1 else None
     return spec
-
