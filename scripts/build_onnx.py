@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,13 +49,19 @@ def run(cfg: DictConfig) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
         metrics.update(build_seconds=time.perf_counter() - started, size_mb=folder_megabytes(out))
         (out / "README.md").write_text(card(shipped_cfg, metrics, task, options), encoding="utf-8")
-        failures = parity.summarize_failures({"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})})
+        failures = parity.summarize_failures(
+            {"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})}
+        )
         if failures and o.require_parity:
             advice = parity.advice(shipped_cfg.precision, f"{logs}*.log")
-            tried = "".join(f"; candidate {c['candidate']} ({c['precision']}) kept {c['label_agreement']:.3f}"
-                            for c in metrics.get("candidates", [])[:-1])
-            raise OrtuneError("parity with PyTorch: " + "; ".join(failures) + f"{tried}; {advice}; or set "
-                              "onnx.require_parity=false to ship it anyway")
+            tried = "".join(
+                f"; candidate {c['candidate']} ({c['precision']}) kept {c['label_agreement']:.3f}"
+                for c in metrics.get("candidates", [])[:-1]
+            )
+            raise OrtuneError(
+                "parity with PyTorch: " + "; ".join(failures) + f"{tried}; {advice}; or set "
+                "onnx.require_parity=false to ship it anyway"
+            )
     return metrics
 
 
@@ -69,17 +74,26 @@ def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tupl
     options, adapter_files, target = build(cfg, out, scratch, logs)
     graph = export.check_graph(out)
     threads = export.tune_genai_config(out, o.intra_op_num_threads)
-    texts = [dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
-             for r in rows + _rows_if_any(prepared / "train.jsonl")]
+    texts = [
+        dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
+        for r in rows + _rows_if_any(prepared / "train.jsonl")
+    ]
     task = export.task_spec(cfg.data, labels, _max_new_tokens(cfg, texts), adapter_files)
     (out / export.TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
-    metrics = {"precision": cfg.precision, "execution_provider": o.execution_provider, "adapter": o.adapter,
-               "adapters": sorted(adapter_files), "intra_op_num_threads": threads,
-               "max_new_tokens": task["max_new_tokens"], "builder_options": export.describe_options(options),
-               "logits_dtype": graph["logits_dtype"]}
+    metrics = {
+        "precision": cfg.precision,
+        "execution_provider": o.execution_provider,
+        "adapter": o.adapter,
+        "adapters": sorted(adapter_files),
+        "intra_op_num_threads": threads,
+        "max_new_tokens": task["max_new_tokens"],
+        "builder_options": export.describe_options(options),
+        "logits_dtype": graph["logits_dtype"],
+    }
     if target:
-        metrics["int8_nodes"] = [o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"]
-                                 if o.get("type") == "int8"]
+        metrics["int8_nodes"] = [
+            o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"] if o.get("type") == "int8"
+        ]
     metrics.update(check_parity(cfg, out, [t["prompt_text"] for t in texts[: len(rows)]], labels, task, adapter_files))
     return metrics, options, task
 
@@ -103,14 +117,33 @@ def select_candidate(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> t
         own_scratch.mkdir()
         log.info("auto candidate %d: precision=%s %s", index, candidate.precision, dict(entry) or "(onnx.* as set)")
         metrics, options, task = build_checked(candidate, folder, own_scratch, Path(f"{logs}-candidate{index}"))
-        prompt = data.prompt_text(data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[0]["prompt"], cfg.paths.merged)
-        speed = measure_latency(OnnxGenerator(folder, cpu=cfg.onnx.execution_provider != "cpu"), prompt, **CANDIDATE_TIMING)
+        prompt = data.prompt_text(
+            data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[0]["prompt"], cfg.paths.merged
+        )
+        speed = measure_latency(
+            OnnxGenerator(folder, cpu=cfg.onnx.execution_provider != "cpu"), prompt, **CANDIDATE_TIMING
+        )
         result = metrics.get("parity") or {}
-        tried.append({"candidate": index, "settings": dict(entry), "precision": candidate.precision,
-                      "label_agreement": result.get("label_agreement"), "passed": result.get("passed"), "ms_per_token": speed["ms_per_token"],
-                      "size_mb": folder_megabytes(folder), "int8_nodes": len(metrics.get("int8_nodes", []))})
-        log.info("auto candidate %d: label agreement %s, %.2f ms/token, %.0f MB: %s", index, result.get("label_agreement"),
-                 speed["ms_per_token"], tried[-1]["size_mb"], "ships" if result.get("passed") else "not enough")
+        tried.append(
+            {
+                "candidate": index,
+                "settings": dict(entry),
+                "precision": candidate.precision,
+                "label_agreement": result.get("label_agreement"),
+                "passed": result.get("passed"),
+                "ms_per_token": speed["ms_per_token"],
+                "size_mb": folder_megabytes(folder),
+                "int8_nodes": len(metrics.get("int8_nodes", [])),
+            }
+        )
+        log.info(
+            "auto candidate %d: label agreement %s, %.2f ms/token, %.0f MB: %s",
+            index,
+            result.get("label_agreement"),
+            speed["ms_per_token"],
+            tried[-1]["size_mb"],
+            "ships" if result.get("passed") else "not enough",
+        )
         last = index == len(cfg.onnx.candidates) - 1
         if result.get("passed") or last:
             for item in folder.iterdir():
@@ -147,12 +180,21 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     if o.adapter == "merged":
         options = export.builder_options(precision, o, trust_remote_code=cfg.model.trust_remote_code)
         target = mixed_precision(cfg, options) if o.int8_share else None
-        export.run_builder(Path(cfg.paths.merged), out, precision, provider, options, log_file=Path(f"{logs}.log"),
-                           target_options=target)
+        export.run_builder(
+            Path(cfg.paths.merged),
+            out,
+            precision,
+            provider,
+            options,
+            log_file=Path(f"{logs}.log"),
+            target_options=target,
+        )
         return options, {}, target
     adapters = {export.PIPELINE_ADAPTER: Path(cfg.paths.adapter), **{k: Path(v) for k, v in o.extra_adapters.items()}}
     configs = {name: onnx_adapters.adapter_config(d) for name, d in adapters.items()}
-    onnx_adapters.check_targets(configs, export.PIPELINE_ADAPTER)  # before any build: the graph has LoRA paths for these only
+    onnx_adapters.check_targets(
+        configs, export.PIPELINE_ADAPTER
+    )  # before any build: the graph has LoRA paths for these only
     saved = {m for c in configs.values() for m in c.get("modules_to_save") or []}
     base = Path(cfg.paths.base_model)
     layers = json.loads((base / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
@@ -161,21 +203,28 @@ def build(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tuple[dict, 
     keep += [node for module, node in export.SAVED_MODULE_NODES.items() if module in saved]
     options = export.builder_options(precision, o, keep, trust_remote_code=cfg.model.trust_remote_code)
     if saved & set(export.SAVED_MODULE_NODES) and json.loads((base / "config.json").read_text(encoding="utf-8")).get(
-            "tie_word_embeddings"):
+        "tie_word_embeddings"
+    ):
         # the builder shares one matrix between the embeddings and lm_head of a tied base; an adapter that
         # replaces either one would then replace both (wrong logits): keep them apart, each an adapter input
         if options.get("shared_embeddings", "false").lower() == "true":
-            raise OrtuneError(f"onnx.extra_options.shared_embeddings=true: the adapters save {', '.join(sorted(saved))} "
-                              "in full, which a shared embedding/lm_head matrix cannot hold; drop the option")
+            raise OrtuneError(
+                f"onnx.extra_options.shared_embeddings=true: the adapters save {', '.join(sorted(saved))} "
+                "in full, which a shared embedding/lm_head matrix cannot hold; drop the option"
+            )
         options["shared_embeddings"] = "false"
     graphs = {}
     for name, adapter_dir in adapters.items():
         target = out if name == export.PIPELINE_ADAPTER else scratch / name
-        export.run_builder(base, target, precision, provider, options, log_file=Path(f"{logs}-{name}.log"), adapter_dir=adapter_dir)
+        export.run_builder(
+            base, target, precision, provider, options, log_file=Path(f"{logs}-{name}.log"), adapter_dir=adapter_dir
+        )
         graphs[name] = export.model_file(target)
         if quantized := onnx_adapters.quantized_lora_nodes(graphs[name]):
-            raise OrtuneError(f"the builder quantized LoRA node {quantized[0]}, which ortune could not name up front; "
-                              "use onnx.adapter=merged for this model")
+            raise OrtuneError(
+                f"the builder quantized LoRA node {quantized[0]}, which ortune could not name up front; "
+                "use onnx.adapter=merged for this model"
+            )
     base_graph = None
     if saved:  # restoring the base lm_head/embeddings for "no adapter" needs them as the base build has them
         export.run_builder(base, scratch / "base", precision, provider, options, log_file=Path(f"{logs}-base.log"))
@@ -203,27 +252,41 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
     errors = quantize.output_errors(model, tokenizer, texts, o.block_size)
     sizes = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     units = quantize.pick_int8(errors, sizes, o.int8_share)
-    log.info("int8 for %d of %d units (onnx.int8_share=%g), worst int4 output error first: %s", len(units),
-             len(quantize.unit_errors(errors)), o.int8_share, ", ".join(f"layer {i} {u}" for i, u in units[:6]))
+    log.info(
+        "int8 for %d of %d units (onnx.int8_share=%g), worst int4 output error first: %s",
+        len(units),
+        len(quantize.unit_errors(errors)),
+        o.int8_share,
+        ", ".join(f"layer {i} {u}" for i, u in units[:6]),
+    )
     excluded = [node for node in options.get("nodes_to_exclude", "").split(",") if node]
     target = quantize.int8_overrides(units, options.get("fuse_mlp_gate_up", "").lower() == "true", excluded)
     # structured options replace the legacy op types, and with them the builder's own addition of Gather for
     # a tied model's shared int4 embedding/lm_head matrix: state them (measured: 201 vs 90 MB otherwise)
-    shared = bool(getattr(model.config, "tie_word_embeddings", False)) and options.get("shared_embeddings", "true") != "false"
-    target["quant_config"]["weights"]["op_types"] = sorted(set(o.quantize_ops) | ({"MatMul", "Gather"} if shared else set()))
+    shared = (
+        bool(getattr(model.config, "tie_word_embeddings", False))
+        and options.get("shared_embeddings", "true") != "false"
+    )
+    target["quant_config"]["weights"]["op_types"] = sorted(
+        set(o.quantize_ops) | ({"MatMul", "Gather"} if shared else set())
+    )
     if o.last_matmul_int8:
         target["quant_config"]["weights"]["overrides"].append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
     return target
 
 
-def check_parity(cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict) -> dict:
+def check_parity(
+    cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict
+) -> dict:
     if cfg.onnx.parity_prompts:
         prompts = prompts[: cfg.onnx.parity_prompts]
     if why := parity.runnable_on_cpu(out):
         if cfg.onnx.execution_provider == "cpu":
             # a CPU graph the CPU provider cannot load is a broken build, never something to ship unjudged
-            raise OrtuneError(f"the {cfg.precision}/cpu graph the builder wrote does not load in onnxruntime ({why[:200]}); "
-                              f"it cannot be shipped: change the quantization settings (onnx.extra_options, onnx.*) or the precision")
+            raise OrtuneError(
+                f"the {cfg.precision}/cpu graph the builder wrote does not load in onnxruntime ({why[:200]}); "
+                f"it cannot be shipped: change the quantization settings (onnx.extra_options, onnx.*) or the precision"
+            )
         log.warning("parity not measured: the %s graph does not run on the CPU provider here (%s)", cfg.precision, why)
         return {"parity": {"skipped": f"no CPU kernel for this graph ({why[:160]})", "passed": None}}
     from ortune.generation import OnnxGenerator
@@ -235,18 +298,36 @@ def check_parity(cfg: DictConfig, out: Path, prompts: list[str], labels: list[st
     trust, n = cfg.model.trust_remote_code, task["max_new_tokens"]
     references = {None: (Path(cfg.paths.merged), None)}
     if adapter_files:  # each adapter against PyTorch base + that adapter, and no adapter against the bare base
-        references = {name: (Path(cfg.paths.base_model), Path(cfg.paths.adapter) if name == export.PIPELINE_ADAPTER
-                             else Path(cfg.onnx.extra_adapters[name])) for name in adapter_files}
+        references = {
+            name: (
+                Path(cfg.paths.base_model),
+                Path(cfg.paths.adapter) if name == export.PIPELINE_ADAPTER else Path(cfg.onnx.extra_adapters[name]),
+            )
+            for name in adapter_files
+        }
         references[""] = (Path(cfg.paths.base_model), None)
     results = {}
     for name, (model_dir, adapter_dir) in references.items():
         if name is not None:
             generator.use_adapter(name or None)
-        result = parity.compare(parity.TorchReference(model_dir, adapter_dir, trust), generator, prompts, labels, n,
-                                cfg.precision, cfg.onnx.min_label_agreement)
-        log.info("parity %s: max |logit diff| %.2e (%.2e of the logits' spread), label agreement %.3f (%s: %s)",
-                 "model" if name is None else name or "no adapter", result["max_abs_logit_diff"],
-                 result["max_rel_logit_diff"], result["label_agreement"], result["target"], "ok" if result["passed"] else "MISSED")
+        result = parity.compare(
+            parity.TorchReference(model_dir, adapter_dir, trust),
+            generator,
+            prompts,
+            labels,
+            n,
+            cfg.precision,
+            cfg.onnx.min_label_agreement,
+        )
+        log.info(
+            "parity %s: max |logit diff| %.2e (%.2e of the logits' spread), label agreement %.3f (%s: %s)",
+            "model" if name is None else name or "no adapter",
+            result["max_abs_logit_diff"],
+            result["max_rel_logit_diff"],
+            result["label_agreement"],
+            result["target"],
+            "ok" if result["passed"] else "MISSED",
+        )
         results[name] = result
     if not adapter_files:
         return {"parity": results[None]}

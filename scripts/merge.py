@@ -65,7 +65,11 @@ def run(cfg: DictConfig) -> dict:
         tokenizer.save_pretrained(out)
         if grid:
             (out / quantize.GRID_FILE).write_text(json.dumps(grid, indent=2) + "\n", encoding="utf-8")
-    log.info("merged%s; max |logit diff| vs adapter model = %.2e", f" on the int4 grid (block {grid['block_size']})" if grid else "", max_diff)
+    log.info(
+        "merged%s; max |logit diff| vs adapter model = %.2e",
+        f" on the int4 grid (block {grid['block_size']})" if grid else "",
+        max_diff,
+    )
     return {"max_abs_logit_diff": max_diff, "check_prompts": len(prompts), "quantization_aware": grid}
 
 

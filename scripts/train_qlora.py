@@ -91,15 +91,23 @@ def run(cfg: DictConfig) -> dict:
     metrics["method"] = cfg.train.method
     metrics["truncated_rows"] = training.rows_longer_than(train_rows, tokenizer, cfg.train.max_length)
     if metrics["truncated_rows"]:
-        log.warning("%d training rows are longer than train.max_length=%d: truncated (rows that lost their "
-                    "whole answer are dropped)", metrics["truncated_rows"], cfg.train.max_length)
+        log.warning(
+            "%d training rows are longer than train.max_length=%d: truncated (rows that lost their "
+            "whole answer are dropped)",
+            metrics["truncated_rows"],
+            cfg.train.max_length,
+        )
 
     extra = {quantize.GRID_FILE: json.dumps(grid, indent=2) + "\n"} if grid else None
     training.save_adapter(trainer, checkpoints / "final", adapter, extra_files=extra)
     if trainer.is_world_process_zero():
-        write_text_atomic(Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *training.loss_history(trainer)]))
+        write_text_atomic(
+            Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *training.loss_history(trainer)])
+        )
         training.remove_checkpoints(checkpoints)
-    log.info("trained %d steps in %.1f s; padding waste %.1f%%", metrics["steps"], seconds, 100 * metrics["padding_waste"])
+    log.info(
+        "trained %d steps in %.1f s; padding waste %.1f%%", metrics["steps"], seconds, 100 * metrics["padding_waste"]
+    )
     return metrics
 
 

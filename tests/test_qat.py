@@ -23,7 +23,9 @@ def test_the_torch_grid_is_the_builders_int4_quantizer_to_the_bit(block, shape):
 
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(block)) * 0.05
     weight[0, :3] = torch.tensor([0.5, -0.5, 0.25])  # a tie in magnitude: MLAS takes the minimum
-    np.testing.assert_array_equal(quantize.round_to_grid(weight, block).numpy(), quantize.fake_quantize(weight.numpy(), 4, block))
+    np.testing.assert_array_equal(
+        quantize.round_to_grid(weight, block).numpy(), quantize.fake_quantize(weight.numpy(), 4, block)
+    )
 
 
 def test_weights_on_the_grid_round_to_themselves_in_the_builders_quantizer():
@@ -45,11 +47,20 @@ def qat_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("qat")
     fetch_model.run(compose(root, stage=None))
     prepare_data.run(compose(root, stage=None))
-    settings = ["train.method=qat", "train.qat.block_size=16", "onnx.block_size=16", "lora.dropout=0",
-                "train.max_steps=12", "train.eval_strategy=no", "train.save_steps=0"]
+    settings = [
+        "train.method=qat",
+        "train.qat.block_size=16",
+        "onnx.block_size=16",
+        "lora.dropout=0",
+        "train.max_steps=12",
+        "train.eval_strategy=no",
+        "train.save_steps=0",
+    ]
     metrics, adapter = train(root, "qat", *settings)
     merged = root / "qat" / "merged"
-    merge_metrics = merge.run(compose(root, f"paths.adapter={adapter}", f"paths.merged={merged}", *settings, stage="merge"))
+    merge_metrics = merge.run(
+        compose(root, f"paths.adapter={adapter}", f"paths.merged={merged}", *settings, stage="merge")
+    )
     return root, metrics, adapter, merged, merge_metrics
 
 
@@ -84,14 +95,23 @@ def test_merge_writes_every_linear_weight_on_the_grid(qat_run):
     assert merge_metrics["max_abs_logit_diff"] < 1e-4 and merge_metrics["quantization_aware"]["block_size"] == 16
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["onnx.block_size=256"], r"onnx builds int4 with block_size=256 \(train.qat.block_size=32\)"),
-    (["onnx.block_size=32", "lora.dropout=0.1"], r"lora.dropout=0.1 cannot apply with train.method=qat"),
-    (["onnx.block_size=32", "onnx.keep_float=[lm_head]"], r"onnx builds int4 with keep_float=\['lm_head'\]"),
-    (["onnx.block_size=32", "onnx.quantization=auto", "onnx.candidates=[{},{precision:int4,block_size:64},{precision:int8}]"],
-     r"onnx.candidates\[1\] builds int4 with block_size=64"),
-    (["onnx.block_size=32", "onnx.adapter=separate"], r"set onnx.adapter=merged"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["onnx.block_size=256"], r"onnx builds int4 with block_size=256 \(train.qat.block_size=32\)"),
+        (["onnx.block_size=32", "lora.dropout=0.1"], r"lora.dropout=0.1 cannot apply with train.method=qat"),
+        (["onnx.block_size=32", "onnx.keep_float=[lm_head]"], r"onnx builds int4 with keep_float=\['lm_head'\]"),
+        (
+            [
+                "onnx.block_size=32",
+                "onnx.quantization=auto",
+                "onnx.candidates=[{},{precision:int4,block_size:64},{precision:int8}]",
+            ],
+            r"onnx.candidates\[1\] builds int4 with block_size=64",
+        ),
+        (["onnx.block_size=32", "onnx.adapter=separate"], r"set onnx.adapter=merged"),
+    ],
+)
 def test_settings_that_would_build_another_grid_are_refused_in_one_line(tmp_path, overrides, message):
     with pytest.raises(OrtuneError, match=message) as caught:
         compose(tmp_path, "train.method=qat", "train.qat.block_size=32", "lora.dropout=0", *overrides, stage=None)
@@ -99,8 +119,16 @@ def test_settings_that_would_build_another_grid_are_refused_in_one_line(tmp_path
 
 
 def test_qat_with_int8_and_float_candidates_is_accepted(tmp_path):
-    cfg = compose(tmp_path, "train.method=qat", "train.qat.block_size=32", "onnx.block_size=32", "lora.dropout=0",
-                  "onnx.quantization=auto", "onnx.candidates=[{},{precision:int8},{precision:fp32}]", stage=None)
+    cfg = compose(
+        tmp_path,
+        "train.method=qat",
+        "train.qat.block_size=32",
+        "onnx.block_size=32",
+        "lora.dropout=0",
+        "onnx.quantization=auto",
+        "onnx.candidates=[{},{precision:int8},{precision:fp32}]",
+        stage=None,
+    )
     assert cfg.train.method == "qat" and len(cfg.onnx.candidates) == 3
 
 
@@ -121,9 +149,20 @@ def test_the_int4_build_computes_what_the_quantization_aware_model_computes(qat_
 
     root, _, _, merged, _ = qat_run
     out = root / "qat" / "onnx"
-    cfg = compose(root, f"paths.merged={merged}", f"paths.onnx={out}", f"paths.metrics={root / 'qat' / 'metrics'}",
-                  "train.method=qat", "train.qat.block_size=16", "onnx.block_size=16", "lora.dropout=0",
-                  "precision=int4", "onnx.accuracy_level=1", "onnx.parity_prompts=16", stage="build_onnx")
+    cfg = compose(
+        root,
+        f"paths.merged={merged}",
+        f"paths.onnx={out}",
+        f"paths.metrics={root / 'qat' / 'metrics'}",
+        "train.method=qat",
+        "train.qat.block_size=16",
+        "onnx.block_size=16",
+        "lora.dropout=0",
+        "precision=int4",
+        "onnx.accuracy_level=1",
+        "onnx.parity_prompts=16",
+        stage="build_onnx",
+    )
     metrics = build_onnx.run(cfg)
     assert metrics["parity"]["label_agreement"] == 1.0
     assert metrics["parity"]["max_rel_logit_diff"] < 1e-3, metrics["parity"]

@@ -54,6 +54,12 @@ def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_lab
     assert shipped["passed"] and onnx["parity"]["label_agreement"] >= 0.98 and onnx["precision"] == shipped["precision"]
     assert all(not c["passed"] for c in onnx["candidates"][: onnx["shipped_candidate"]])
     assert evaluation["quantization_agreement"] >= 0.98
+    # trained through the int4 grid (train.method=qat), int4 itself keeps the labels: it ships, within a point of
+    # the merged model's accuracy, at under 20 % of the fp32 model's size (docs/quantization.md)
+    assert onnx["shipped_candidate"] == 0 and onnx["precision"] == "int4", onnx["candidates"]
+    assert evaluation["quantization_accuracy_delta"] >= -0.01, evaluation["runtimes"]
+    assert evaluation["model_size_mb"] <= 0.20 * evaluation["runtimes"]["merged"]["model_size_mb"]
+    assert metrics(root, "merge.json")["quantization_aware"]["block_size"] == 32
     summary = output[output.rindex("eval (") :]
     assert f"{onnx['precision']} ONNX" in summary and "untuned base asked through its chat template" in summary
     assert "quantization (auto): shipped" in summary

@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ortune import data
+from ortune.artifacts import folder_megabytes
 from ortune.config import EVAL_COMPARABLE
 from ortune.errors import OrtuneError
 from ortune.metrics import (
@@ -42,6 +43,7 @@ LATENCY_KEYS = ("ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb"
 
 
 # ---- rows -------------------------------------------------------------------------------------------
+
 
 def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
     """(rows to judge as {prompt, label}, the trained label set, the training rows).
@@ -85,13 +87,16 @@ def render_records(spec: DictConfig, records: list[dict], source: str) -> list[d
 
 # ---- one runtime, in its own process ----------------------------------------------------------------
 
+
 def job(kind: str, cfg: DictConfig, prompts: list[str]) -> dict:
     """Everything a fresh process needs to judge one runtime (plain data: it crosses a process boundary)."""
     e = cfg.eval
     return {
         "kind": kind,
-        "dirs": {name: str(cfg.paths[key]) for name, key in
-                 (("onnx", "onnx"), ("base", "base_model"), ("adapter", "adapter"), ("merged", "merged"))},
+        "dirs": {
+            name: str(cfg.paths[key])
+            for name, key in (("onnx", "onnx"), ("base", "base_model"), ("adapter", "adapter"), ("merged", "merged"))
+        },
         "trust_remote_code": bool(cfg.model.trust_remote_code),
         "prompts": prompts,
         "max_new_tokens": e.max_new_tokens,
@@ -111,7 +116,9 @@ def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
 
     folder = Path(dirs["base" if kind == "prompted" else kind])
     if not (folder / ("adapter_config.json" if kind == "adapter" else "config.json")).is_file():
-        raise OrtuneError(f"{folder}: no {kind} model there; run the pipeline up to it, or drop '{kind}' from eval.compare")
+        raise OrtuneError(
+            f"{folder}: no {kind} model there; run the pipeline up to it, or drop '{kind}' from eval.compare"
+        )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -135,7 +142,9 @@ def measure_latency(generator, prompt: str, new_tokens: int, warmup: int, repeat
         generator.token_times(prompt, new_tokens)
     runs = [generator.token_times(prompt, new_tokens) for _ in range(repeats)]
     if any(len(times) < 2 for times in runs):
-        raise OrtuneError(f"eval.latency.new_tokens={new_tokens}: the model produced fewer than 2 tokens; is its context too short?")
+        raise OrtuneError(
+            f"eval.latency.new_tokens={new_tokens}: the model produced fewer than 2 tokens; is its context too short?"
+        )
     return {
         "ttft_ms": 1000 * statistics.median(times[0] for times in runs),
         "ms_per_token": 1000 * statistics.median((times[-1] - times[0]) / (len(times) - 1) for times in runs),
@@ -155,8 +164,11 @@ def judge(spec: dict) -> dict:
     started = time.perf_counter()
     prompts, size = spec["prompts"], spec["batch_size"]
     if hasattr(generator, "generate_batch"):
-        results = [g for i in range(0, len(prompts), size)
-                   for g in generator.generate_batch(prompts[i:i + size], spec["max_new_tokens"])]
+        results = [
+            g
+            for i in range(0, len(prompts), size)
+            for g in generator.generate_batch(prompts[i : i + size], spec["max_new_tokens"])
+        ]
     else:
         results = [generator.generate(prompt, spec["max_new_tokens"]) for prompt in prompts]
     return {
@@ -201,11 +213,18 @@ def judge_in_fresh_process(spec: dict) -> dict:
 
 def model_megabytes(kind: str, dirs: dict) -> float:
     """On-disk size of what a runtime loads (the adapter needs its base too)."""
-    folders = {"onnx": ["onnx"], "base": ["base"], "prompted": ["base"], "merged": ["merged"], "adapter": ["base", "adapter"]}[kind]
-    return sum(f.stat().st_size for name in folders for f in Path(dirs[name]).rglob("*") if f.is_file()) / 2**20
+    folders = {
+        "onnx": ["onnx"],
+        "base": ["base"],
+        "prompted": ["base"],
+        "merged": ["merged"],
+        "adapter": ["base", "adapter"],
+    }[kind]
+    return folder_megabytes(*(dirs[name] for name in folders))
 
 
 # ---- summary ----------------------------------------------------------------------------------------
+
 
 def summarize(rows: list[dict], labels: list[str], train: list[dict], results: dict[str, dict]) -> tuple[dict, dict]:
     """(eval.json's metrics, each runtime's parsed predictions). Top-level numbers are the shipped ONNX
@@ -229,8 +248,11 @@ def summarize(rows: list[dict], labels: list[str], train: list[dict], results: d
         metrics.update(base_accuracy=base["accuracy"], base_macro_f1=base["macro_f1"], base_unparsed=base["unparsed"])
     if "prompted" in results:
         prompted = classification_scores(truth, predictions["prompted"], labels)
-        metrics.update(prompted_baseline_accuracy=prompted["accuracy"], prompted_baseline_macro_f1=prompted["macro_f1"],
-                       prompted_baseline_unparsed=prompted["unparsed"])
+        metrics.update(
+            prompted_baseline_accuracy=prompted["accuracy"],
+            prompted_baseline_macro_f1=prompted["macro_f1"],
+            prompted_baseline_unparsed=prompted["unparsed"],
+        )
     if "merged" in results:
         merged = classification_scores(truth, predictions["merged"], labels)
         metrics["quantization_accuracy_delta"] = metrics["accuracy"] - merged["accuracy"]
@@ -254,12 +276,19 @@ def summarize(rows: list[dict], labels: list[str], train: list[dict], results: d
     return metrics, predictions
 
 
-def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dict], predictions: dict[str, list]) -> list[dict]:
+def prediction_rows(
+    rows: list[dict], prompts: list[str], results: dict[str, dict], predictions: dict[str, list]
+) -> list[dict]:
     """One line per judged row: the prompt as the models saw it, the shipped model's generation and
     label, and every runtime's label."""
     return [
-        {"prompt": prompts[i], "label": row["label"], "generation": results["onnx"]["generations"][i],
-         "prediction": predictions["onnx"][i], "predictions": {kind: p[i] for kind, p in predictions.items()}}
+        {
+            "prompt": prompts[i],
+            "label": row["label"],
+            "generation": results["onnx"]["generations"][i],
+            "prediction": predictions["onnx"][i],
+            "predictions": {kind: p[i] for kind, p in predictions.items()},
+        }
         for i, row in enumerate(rows)
     ]
 
@@ -269,6 +298,7 @@ def shipped_confusion(rows: list[dict], labels: list[str], predictions: dict[str
 
 
 # ---- the prompted zero-shot (or few-shot) baseline --------------------------------------------------
+
 
 def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict]) -> tuple[list[str], str]:
     """(each row as the untuned base is asked it, and how: "chat" through its chat template, or "text"
@@ -281,16 +311,26 @@ def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train
     shots = pick_shots(train, e.baseline_shots)
     listed = ", ".join(labels)
     ask = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in shots]
-    turns = [turn for question, row in zip(ask, shots)
-             for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})]
+    turns = [
+        turn
+        for question, row in zip(ask, shots)
+        for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})
+    ]
     questions = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in rows]
     tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
     if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template([*turns, {"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True) for q in questions], "chat"
+        return [
+            tokenizer.apply_chat_template(
+                [*turns, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ], "chat"
     # A base model without a chat template is a plain LM: the same question and shots as a text to continue.
-    log.warning("%s: the tokenizer has no chat template; the prompted baseline asks in plain text "
-                "('<question>\\nAnswer:') instead", cfg.paths.base_model)
+    log.warning(
+        "%s: the tokenizer has no chat template; the prompted baseline asks in plain text "
+        "('<question>\\nAnswer:') instead",
+        cfg.paths.base_model,
+    )
     examples = "".join(f"{question}\nAnswer: {row['label']}\n\n" for question, row in zip(ask, shots))
     return [f"{examples}{q}\nAnswer:" for q in questions], "text"
 
@@ -315,12 +355,16 @@ def row_input(prompt: str | list[dict], spec: DictConfig) -> str:
         return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
     groups, pattern = _template_pattern(spec.template.prompt)
     if not groups:
-        raise OrtuneError("data.template.prompt has no {field}, so a prompt holds no text to ask the prompted "
-                          "baseline about; drop 'prompted' from eval.compare")
+        raise OrtuneError(
+            "data.template.prompt has no {field}, so a prompt holds no text to ask the prompted "
+            "baseline about; drop 'prompted' from eval.compare"
+        )
     match = pattern.fullmatch(prompt)
     if match is None:
-        raise OrtuneError(f"data.template.prompt does not produce the prompt {prompt[:60]!r}; the prepared split "
-                          "is older than the template: rerun prepare_data (dvc repro), or drop 'prompted' from eval.compare")
+        raise OrtuneError(
+            f"data.template.prompt does not produce the prompt {prompt[:60]!r}; the prepared split "
+            "is older than the template: rerun prepare_data (dvc repro), or drop 'prompted' from eval.compare"
+        )
     return "\n".join(match.group(group) for group in groups)
 
 

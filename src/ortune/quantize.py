@@ -37,8 +37,11 @@ def fake_quantize(weight: np.ndarray, bits: int, block_size: int, symmetric: boo
     quantize(packed, matrix, scales, zero_points, block_size, cols, blocks * block_size, symmetric)
     if bits == 4:
         codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(cols, blocks, block_size)
-        zeros = (np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(cols, -1)[:, :blocks]
-                 if not symmetric else np.full((cols, blocks), 8))
+        zeros = (
+            np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(cols, -1)[:, :blocks]
+            if not symmetric
+            else np.full((cols, blocks), 8)
+        )
     else:
         codes = packed.reshape(cols, blocks, block_size)
         zeros = zero_points[:, :blocks] if not symmetric else np.full((cols, blocks), 128)
@@ -59,13 +62,14 @@ def output_errors(model, tokenizer, texts: list[str], block_size: int, batch_siz
     def keep(name):
         def hook(module, args, output):
             inputs.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
         return hook
 
     handles = [module.register_forward_hook(keep(name)) for name, module in linears.items()]
     try:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
                 masks.append(batch["attention_mask"].reshape(-1).bool())
                 model(**batch)
     finally:
@@ -88,8 +92,17 @@ def output_errors(model, tokenizer, texts: list[str], block_size: int, batch_siz
 # onnx.extra_options.fuse_mlp_gate_up fuses them into one gate_up_proj MatMul.
 _LINEAR = re.compile(r"^(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$")
 # Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj Linear layers): those are units of their own.
-_UNIT_OF = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down",
-            "qkv": "qkv", "gate_up": "gate_up"}
+_UNIT_OF = {
+    "q": "q",
+    "k": "k",
+    "v": "v",
+    "o": "o",
+    "gate": "gate_up",
+    "up": "gate_up",
+    "down": "down",
+    "qkv": "qkv",
+    "gate_up": "gate_up",
+}
 
 
 def unit_errors(errors: dict[str, float]) -> dict[tuple[int, str], float]:
@@ -110,7 +123,11 @@ def unit_nodes(layer: int, unit: str, fused_gate_up: bool) -> list[str]:
     if unit == "qkv":  # the builder unpacks a fused qkv_proj; naming the parts keeps them apart
         return [f"{prefix}/attn/{p}_proj/MatMul" for p in ("q", "k", "v")]
     if unit == "gate_up":
-        return [f"{prefix}/mlp/gate_up_proj/MatMul"] if fused_gate_up else [f"{prefix}/mlp/{p}_proj/MatMul" for p in ("gate", "up")]
+        return (
+            [f"{prefix}/mlp/gate_up_proj/MatMul"]
+            if fused_gate_up
+            else [f"{prefix}/mlp/{p}_proj/MatMul" for p in ("gate", "up")]
+        )
     return [f"{prefix}/mlp/down_proj/MatMul"]
 
 
@@ -135,8 +152,11 @@ def int8_overrides(units: list[tuple[int, str]], fused_gate_up: bool, excluded: 
     """The builder's --target_options for an int4 model with these units in int8. Structured overrides
     replace the legacy nodes_to_exclude list, so the float nodes (onnx.keep_float, LoRA paths) go in too."""
     overrides = [{"match": {"name": node}, "exclude": True} for node in excluded]
-    overrides += [{"match": {"name": node}, "type": "int8"}
-                  for layer, unit in units for node in unit_nodes(layer, unit, fused_gate_up)]
+    overrides += [
+        {"match": {"name": node}, "type": "int8"}
+        for layer, unit in units
+        for node in unit_nodes(layer, unit, fused_gate_up)
+    ]
     return {"quant_config": {"weights": {"overrides": overrides}}}
 
 
@@ -194,7 +214,9 @@ def make_quantization_aware(model, block_size: int) -> int:
     def trainable_forward(self, x):
         return torch.nn.functional.linear(x, _straight_through(self.weight, block_size), self.bias)
 
-    adapted = [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), torch.nn.Linear)]
+    adapted = [
+        m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), torch.nn.Linear)
+    ]
     inside = {id(p) for layer in adapted for m in (layer.lora_A, layer.lora_B) for p in m.parameters()}
     inside |= {id(layer.get_base_layer().weight) for layer in adapted}
     rounded: set[int] = set()
@@ -230,10 +252,9 @@ def round_merged(model, block_size: int) -> None:
 
 def read_grid(folder) -> dict | None:
     """The grid an adapter (or a merged model) was trained on, or None for plain LoRA."""
-    import json
+    from ortune.artifacts import read_json
 
-    path = Path(folder) / GRID_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(Path(folder) / GRID_FILE)
 
 
 def check_grid(merged, precision: str, block_size: int, algorithm: str, int8_share: float) -> None:
@@ -242,12 +263,19 @@ def check_grid(merged, precision: str, block_size: int, algorithm: str, int8_sha
 
     grid = read_grid(merged)
     if grid and precision == "int4" and (block_size, algorithm, int8_share) != (grid["block_size"], "default", 0.0):
-        raise OrtuneError(f"{merged}: trained through int4 block {grid['block_size']} (train.method=qat), built as int4 "
-                          f"block {block_size}, onnx.algorithm={algorithm}, onnx.int8_share={int8_share}: set "
-                          f"onnx.block_size={grid['block_size']} onnx.algorithm=default onnx.int8_share=0, or retrain")
+        raise OrtuneError(
+            f"{merged}: trained through int4 block {grid['block_size']} (train.method=qat), built as int4 "
+            f"block {block_size}, onnx.algorithm={algorithm}, onnx.int8_share={int8_share}: set "
+            f"onnx.block_size={grid['block_size']} onnx.algorithm=default onnx.int8_share=0, or retrain"
+        )
 
 
 def grid_record(block_size: int) -> dict:
-    return {"bits": 4, "block_size": block_size, "symmetric": True, "algorithm": "default",
-            "what": "trained through the builder's int4 grid (ortune.quantize.round_to_grid); build it as int4 "
-                    "with this block_size, onnx.algorithm=default"}
+    return {
+        "bits": 4,
+        "block_size": block_size,
+        "symmetric": True,
+        "algorithm": "default",
+        "what": "trained through the builder's int4 grid (ortune.quantize.round_to_grid); build it as int4 "
+        "with this block_size, onnx.algorithm=default",
+    }

@@ -25,16 +25,42 @@ log = logging.getLogger("ortune")
 # trainer exists (model loading, launching). A test keeps these lists equal to the schema, so a new
 # key cannot be accepted and then silently ignored.
 SAME_NAME = (
-    "learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "eval_steps",
-    "save_total_limit", "adam_beta2", "max_grad_norm", "bf16",
+    "learning_rate",
+    "lr_scheduler_type",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "logging_steps",
+    "eval_steps",
+    "save_total_limit",
+    "adam_beta2",
+    "max_grad_norm",
+    "bf16",
 )
 TRANSLATED = (
-    "seed", "data_seed", "warmup_ratio", "warmup_steps", "group_by_length", "eval_strategy", "save_steps", "loss",
+    "seed",
+    "data_seed",
+    "warmup_ratio",
+    "warmup_steps",
+    "group_by_length",
+    "eval_strategy",
+    "save_steps",
+    "loss",
     "gradient_checkpointing",
 )
 BEFORE_TRAINER = (
-    "method", "qlora", "qat", "num_processes", "num_nodes", "node_rank", "master_addr", "master_port", "launcher",
+    "method",
+    "qlora",
+    "qat",
+    "num_processes",
+    "num_nodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "launcher",
     "accelerate_config",
 )
 # Inputs whose versions change the trained weights: part of the checkpoint fingerprint.
@@ -84,7 +110,9 @@ def peft_config(lora: DictConfig, model):
     targets = list(lora.target_modules)
     if ALL_LINEAR in targets:
         if len(targets) > 1:
-            raise OrtuneError(f"lora.target_modules={targets}: {ALL_LINEAR} already names every linear layer; list it alone")
+            raise OrtuneError(
+                f"lora.target_modules={targets}: {ALL_LINEAR} already names every linear layer; list it alone"
+            )
         # PEFT expands its shorthand itself, only as a string: every Linear but the output layer
         targets = ALL_LINEAR
     else:
@@ -98,7 +126,9 @@ def peft_config(lora: DictConfig, model):
     modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [name for name in lora.modules_to_save if name not in modules]
     if unknown:
-        raise OrtuneError(f"lora.modules_to_save: {', '.join(unknown)} not in this model; name modules it has (e.g. lm_head)")
+        raise OrtuneError(
+            f"lora.modules_to_save: {', '.join(unknown)} not in this model; name modules it has (e.g. lm_head)"
+        )
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -125,7 +155,7 @@ def load_model(cfg: DictConfig, base: Path):
     return model
 
 
-def keep_adapter_dtype(cfg: DictConfig, trainer: "Trainer") -> None:
+def keep_adapter_dtype(cfg: DictConfig, trainer: Trainer) -> None:
     """QLoRA: TRL casts every trainable weight to bfloat16 (the QLoRA paper's choice for GPUs), whatever
     the compute dtype. Ortune keeps them in train.qlora.compute_dtype instead, so float32 on CPU trains
     the adapter (and modules_to_save) at full precision, and bfloat16 on GPUs stays as TRL does it."""
