@@ -454,6 +454,18 @@ def test_each_bench_model_builds_with_its_own_conf_model_not_the_default_models(
     smollm2_int4 = bench.compose_build("int4", (), bench.SMOLLM2.conf_model)
     assert smollm2_int4["onnx"]["block_size"] == smollm2.get("onnx", {}).get("block_size", onnx_defaults["block_size"])
     assert bench.build_key("int4", (), "tiny-phi3") != bench.build_key("int4", ("onnx.block_size=32",), "tiny-phi3")
+    # a model conf that trains through an int4 grid (train.method=qat) still lets the bench vary the block size:
+    # its models were never trained on a grid, and build_onnx validates the composed settings
+    from ortune import config
+    from ortune.errors import OrtuneError
+
+    conf = bench.ROOT / "conf"
+    for model in ("tiny-phi3", "smollm2-135m"):
+        config.validate(config.compose(bench.build_overrides("int4", ("onnx.block_size=64",), model), conf), "test")
+    with pytest.raises(OrtuneError, match="make them agree"):  # what the pin avoids
+        config.validate(
+            config.compose(["train.method=qat", "train.qat.block_size=32", "onnx.block_size=64"], conf), "t"
+        )
 
 
 def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_there(tmp_path):
