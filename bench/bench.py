@@ -289,7 +289,19 @@ def machine_info() -> dict:
             "numpy": numpy.__version__,
         },
         "load_average_at_start": list(os.getloadavg()),
+        # huge pages change how fast a core streams the int4 weights (8-10 % on the Intel Xeon: bench/NOTES.md)
+        "transparent_hugepage": transparent_hugepage(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None,
     }
+
+
+def transparent_hugepage(path: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled")) -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"): the bracketed word."""
+    try:
+        found = re.search(r"\[(\w+)\]", path.read_text())
+    except OSError:
+        return None
+    return found.group(1) if found else None
 
 
 def _l3_cache() -> str | None:
@@ -1182,7 +1194,9 @@ def render_markdown(run: dict, compact: bool = False) -> str:
         "",
         f"Measured {run['date']} on {machine['cpu']} (family {family['family']} model {family['model']}{detail}), "
         f"{machine['cores']} cores{l3}, {machine['ram_gib']} GiB RAM, CPU only"
-        f"{QUICK_NOTE if run['quick'] else ''}.",
+        + (f", transparent huge pages {machine['transparent_hugepage']}" if machine.get("transparent_hugepage") else "")
+        + (f" (GLIBC_TUNABLES {machine['glibc_tunables']})" if machine.get("glibc_tunables") else "")
+        + f"{QUICK_NOTE if run['quick'] else ''}.",
         "",
     ]
     for section in decode_sections(run):

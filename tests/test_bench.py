@@ -547,3 +547,13 @@ def test_bandwidth_by_size_reports_copy_and_read_per_buffer_size():
     rows = matmulnbits.bandwidth_by_size((1, 2))
     assert [row["mb"] for row in rows] == [1, 2]
     assert all(row["copy_gb_s"] > 0 and row["read_gb_s"] > 0 for row in rows)
+
+
+def test_the_machine_records_its_transparent_huge_page_mode(tmp_path):
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    assert bench.transparent_hugepage(mode) == "madvise"
+    assert bench.transparent_hugepage(tmp_path / "missing") is None
+    run = _run(("GenuineIntel", 6, 167), 5.5)
+    run["machine"] |= {"transparent_hugepage": "madvise", "glibc_tunables": "glibc.malloc.hugetlb=1"}
+    assert "transparent huge pages madvise (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in bench.render_markdown(run)
