@@ -369,6 +369,11 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
         "max new tokens": task["max_new_tokens"],
         "adapters": ", ".join(metrics["adapters"]) or "none (merged)",
     }
+    if grid := quantize.read_grid(cfg.paths.merged if o.adapter == "merged" else cfg.paths.adapter):
+        settings["training"] = (
+            f"quantization-aware: the adapter trained through this int4 grid (block "
+            f"{grid['block_size']}, symmetric); the merged weights are on it"
+        )
     return model_card.render(
         model={
             **dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),

@@ -169,11 +169,13 @@ def test_the_default_is_the_real_model_with_its_measured_training_settings(in_re
         list(default.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
         and not default.lora.modules_to_save
     )
-    assert default.train.learning_rate == 5e-4 and default.train.num_train_epochs == 5
-    assert default.onnx.quantization == "auto"
+    assert default.train.learning_rate == 1e-3 and default.train.num_train_epochs == 5
+    # trained through the int4 grid it ships on (docs/quantization.md)
+    assert default.train.method == "qat" and default.train.qat.block_size == default.onnx.block_size == 32
+    assert default.lora.dropout == 0 and default.onnx.quantization == "auto"
     # the tiny model keeps the generic defaults: its conf entry changes no training setting
     tiny = config.validate(config.compose(["model=tiny-phi3"]), "t")
-    assert tiny.train.learning_rate == 1e-3 and tiny.onnx.quantization == "fixed"
+    assert tiny.train.learning_rate == 1e-3 and tiny.onnx.quantization == "fixed" and tiny.train.method == "lora"
 
 
 def test_auto_quantization_candidates_are_checked_like_the_settings_they_override(in_repo):

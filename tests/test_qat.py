@@ -166,3 +166,4 @@ def test_the_int4_build_computes_what_the_quantization_aware_model_computes(qat_
     metrics = build_onnx.run(cfg)
     assert metrics["parity"]["label_agreement"] == 1.0
     assert metrics["parity"]["max_rel_logit_diff"] < 1e-3, metrics["parity"]
+    assert "quantization-aware: the adapter trained through this int4 grid (block 16" in (out / "README.md").read_text()
