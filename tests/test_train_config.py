@@ -86,6 +86,19 @@ def test_every_train_key_reaches_the_trainer(tmp_path):
     assert training.sft_config(full("train.save_steps=0"), tmp_path, has_eval=False).save_strategy == "no"
 
 
+def test_same_name_keys_are_sftconfigs_own_and_a_key_trl_lacks_stops_training(tmp_path, monkeypatch):
+    from trl import SFTConfig
+
+    from ortune import training
+
+    assert set(training.SAME_NAME) <= {f.name for f in dataclasses.fields(SFTConfig)}
+    # as if TRL renamed max_length: the key would reach no argument, so sft_config refuses, naming it
+    monkeypatch.setattr(training, "SAME_NAME", tuple(k for k in training.SAME_NAME if k != "max_length"))
+    with pytest.raises(OrtuneError, match=r"^train\.max_length: trl [\d.]+'s SFTConfig has no argument") as caught:
+        training.sft_config(full(), tmp_path, has_eval=False)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [

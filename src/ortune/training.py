@@ -3,6 +3,7 @@ let a killed run resume, and the accounting (padding waste, tokens/s) behind met
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,30 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from ortune import modeling
+from ortune import config, modeling
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
 
-# Every train.* key reaches the trainer: under its own name, translated in sft_config, or before the
-# trainer exists (model loading, launching). A test keeps these lists equal to the schema, so a new
-# key cannot be accepted and then silently ignored.
-SAME_NAME = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "logging_steps",
-    "eval_steps",
-    "save_total_limit",
-    "adam_beta2",
-    "max_grad_norm",
-    "bf16",
-)
+# Every train.* key reaches the trainer: translated in sft_config, used before the trainer exists (model
+# loading, launching), or, for every other key SFTConfig has a field of that name, passed as it is
+# (SAME_NAME): TRL's own names and validation are the authority for those, with no copy kept here. A key
+# in none of them (one TRL renamed or dropped) stops sft_config naming it, and a test keeps the three
+# equal to the schema, so a key cannot be accepted and then silently ignored.
 TRANSLATED = (
     "seed",
     "data_seed",
@@ -63,6 +50,11 @@ BEFORE_TRAINER = (
     "launcher",
     "accelerate_config",
 )
+SAME_NAME = tuple(
+    name
+    for name in (f.name for f in dataclasses.fields(config.TrainConfig))
+    if name in {f.name for f in dataclasses.fields(SFTConfig)} and name not in {*TRANSLATED, *BEFORE_TRAINER}
+)
 # Inputs whose versions change the trained weights: part of the checkpoint fingerprint.
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 BIG_FILE = 64 * 2**20
@@ -76,6 +68,12 @@ def sft_config(cfg: DictConfig, output_dir: Path, *, has_eval: bool) -> SFTConfi
     import torch
 
     t = cfg.train
+    routed = {*SAME_NAME, *TRANSLATED, *BEFORE_TRAINER}
+    if unrouted := [f"train.{f.name}" for f in dataclasses.fields(config.TrainConfig) if f.name not in routed]:
+        raise OrtuneError(
+            f"{', '.join(unrouted)}: trl {metadata.version('trl')}'s SFTConfig has no argument of that name and "
+            "ortune.training does not translate it (TRANSLATED, BEFORE_TRAINER)"
+        )
     seed = train_seed(cfg)
     return SFTConfig(
         output_dir=str(output_dir),
