@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def parse_exp_show(payload: list[dict]) -> list[Experiment]:
 
 
 def load(cwd: str | None = None) -> list[Experiment]:
-    done = subprocess.run(["dvc", "exp", "show", "--json", "-A"], cwd=cwd, capture_output=True, text=True)
+    # this interpreter's DVC, whatever PATH holds (tests and tools call this without the venv activated)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"], cwd=cwd, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise OrtuneError(f"`dvc exp show` failed: {done.stderr.strip().splitlines()[-1:]}")
     return parse_exp_show(json.loads(done.stdout or "[]"))
