@@ -1199,7 +1199,10 @@ def render_markdown(run: dict, compact: bool = False) -> str:
         + f"{QUICK_NOTE if run['quick'] else ''}.",
         "",
     ]
-    for section in decode_sections(run):
+    sections = decode_sections(run)
+    if compact:  # the README (200 lines at most) shows the model the goals are judged on; results.md shows all
+        sections = [section for section in sections if section["model"].get("name") == "random"] or sections
+    for section in sections:
         lines += decode_markdown(section, family["name"], run["quick"], compact)
     if not compact:
         lines += pipeline_markdown(run.get("pipeline"))
@@ -1227,7 +1230,12 @@ def render_results(results: dict, compact: bool = False) -> str:
         + f"; the goals (≥ {GOALS['speedup_vs_torch_fp32']:.0f}× PyTorch fp32, "
         f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
         "model."
-        + (" Pipeline timings, contention and settings: [bench/results.md](bench/results.md)." if compact else "")
+        + (
+            " The real model (SmolLM2), pipeline timings, contention and settings: "
+            "[bench/results.md](bench/results.md)."
+            if compact
+            else ""
+        )
     )
     return "\n".join([head, "", *(render_markdown(run, compact) for run in families.values())])
 

@@ -557,3 +557,15 @@ def test_the_machine_records_its_transparent_huge_page_mode(tmp_path):
     run = _run(("GenuineIntel", 6, 167), 5.5)
     run["machine"] |= {"transparent_hugepage": "madvise", "glibc_tunables": "glibc.malloc.hugetlb=1"}
     assert "transparent huge pages madvise (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in bench.render_markdown(run)
+
+
+def test_the_readme_shows_each_familys_goal_model_and_results_md_every_model():
+    run = _run(("GenuineIntel", 6, 167), 6.7)
+    smollm2 = json.loads(json.dumps(run["decode"][0]))
+    smollm2["model"] = {"name": "smollm2", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+    run["decode"].append(smollm2)
+    results = bench.merge_results({}, run)
+    assert "SmolLM2-135M-Instruct" in bench.render_results(results)
+    readme = bench.render_results(results, compact=True)
+    assert "SmolLM2-135M-Instruct" not in readme and "random Phi-3-shaped model" in readme
+    assert "The real model (SmolLM2), pipeline timings" in readme
