@@ -77,6 +77,10 @@ def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: s
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)
     (root / ".venv").symlink_to(REPO / ".venv")
+    # The linked venv is this repo's: a `make setup` in the clone (the README's flow) must find it installed,
+    # never reinstall into it (that would point its editable ortune at the clone's src, deleted later)
+    for pin in [*root.glob("requirements*.txt"), root / "pyproject.toml"]:
+        os.utime(pin, (0, 0))
     home = tmp_path_factory.mktemp(f"{name}-home")
     env = {
         **os.environ,
