@@ -1116,6 +1116,8 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
                     "1 intra-op thread for this measurement (ortune's genai_config.json: all cores)"
                     if one_thread
                     else f"{session.get('intra_op_num_threads')} intra-op threads"
+                    if session.get("intra_op_num_threads")
+                    else "intra-op threads on every core"
                 )
                 + f"{', ' + extra if extra else ''}.",
             ]

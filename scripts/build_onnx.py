@@ -364,7 +364,7 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
         "kept float": (", ".join(o.keep_float) or "none")
         if cfg.precision in export.QUANTIZED
         else "n/a (not quantized)",
-        "intra_op_num_threads": metrics["intra_op_num_threads"],
+        "intra_op_num_threads": metrics["intra_op_num_threads"] or "0 (every core of the machine that runs it)",
         "search": "greedy (do_sample=false, num_beams=1, top_k=1)",
         "max new tokens": task["max_new_tokens"],
         "adapters": ", ".join(metrics["adapters"]) or "none (merged)",

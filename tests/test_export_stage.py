@@ -4,7 +4,6 @@ genai_config.json, the model card), parity with PyTorch after every build, and i
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -75,7 +74,7 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     assert metrics["parity"]["target"] == "label_agreement >= 0.98"
     assert metrics["builder_options"]["algo_config"] == "default" and metrics["precision"] == "int4"
     genai = json.loads((out / "genai_config.json").read_text())
-    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0  # the running machine's cores
     assert genai["search"]["do_sample"] is False and genai["search"]["top_k"] == 1
     task = json.loads((out / "ortune.json").read_text())
     labels = json.loads((project / "prepared" / "labels.json").read_text())

@@ -6,7 +6,6 @@ Slow (about two minutes on 2 cores); CI runs it as part of `make test`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -60,7 +59,7 @@ def test_make_all_runs_every_stage_and_beats_the_baseline(project):
     assert read_metrics(root, "onnx.json")["precision"] == "int4"
     assert (root / "models/onnx/model.onnx").is_file() and (root / "plots/train_loss.csv").is_file()
     genai = json.loads((root / "models/onnx/genai_config.json").read_text())
-    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == os.cpu_count()
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0  # the running machine's cores
     # one offline W&B run per stage, in the repo's git-ignored wandb/ folder
     assert len(list((root / "wandb").glob("offline-run-*"))) == 6
     assert (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -299,10 +298,11 @@ def check_graph(model_dir: Path) -> dict:
 
 
 def tune_genai_config(out_dir: Path, threads: int) -> int:
-    """Decode on every core (genai uses one by default) and search greedily, as classification wants."""
+    """Decode on every core (genai uses one when the key is absent) and search greedily, as classification
+    wants. 0 stays 0: onnxruntime then takes every core of the machine that *runs* the model, not the
+    count of the one that built it (measured equal to an explicit 2 on 2 cores: bench/NOTES.md)."""
     path = Path(out_dir) / "genai_config.json"
     genai = json.loads(path.read_text(encoding="utf-8"))
-    threads = threads or os.cpu_count() or 1
     session = genai["model"]["decoder"].setdefault("session_options", {})
     session["intra_op_num_threads"] = threads
     # intra-op threads spin at most 20 us before sleeping: as fast as ORT's default spinning on an idle
