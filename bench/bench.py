@@ -773,6 +773,25 @@ def decode_table(runs: dict[str, list[dict]], info: dict[str, dict], bandwidth: 
     return rows
 
 
+# The config fields each result records of the model it decoded.
+SHAPE_KEYS = (
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def model_shape(hf_dir: Path) -> dict:
+    """The model's shape as its config.json states it (SHAPE_KEYS)."""
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    return {k: hf_config.get(k) for k in SHAPE_KEYS}
+
+
 def run_decode(
     spec,
     engines: list[Engine],
@@ -830,23 +849,10 @@ def run_decode(
     seconds["decode"] = time.perf_counter() - decode_started
     samples += [quiet_copy_bandwidth(wait_s) for _ in range(bandwidth_samples)]
     bandwidth = statistics.median(b for b, _ in samples)
-    hf_config = json.loads((hf_dir / "config.json").read_text())
     model = {
         "name": spec.name,
         **dataclasses.asdict(spec),
-        **{
-            k: hf_config.get(k)
-            for k in (
-                "architectures",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-                "tie_word_embeddings",
-            )
-        },
+        **model_shape(hf_dir),
         "prompt_tokens": prompt_tokens,
         "parameters": sum(p.numel() for p in runners[REFERENCE].generator.model.parameters())
         if REFERENCE in runners

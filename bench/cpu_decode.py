@@ -236,22 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{min(others):.1f}-{max(others):.1f})"
     )
     if args.record:
-        hf_config = json.loads((hf_dir / "config.json").read_text())
         model = {
             "name": spec.name,
-            **{
-                k: hf_config.get(k)
-                for k in (
-                    "architectures",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "vocab_size",
-                    "tie_word_embeddings",
-                )
-            },
+            **bench.model_shape(hf_dir),
             "prompt_tokens": runners["torch fp32"].prompt_tokens(bench.PROMPT),
             "parameters": sum(p.numel() for p in runners["torch fp32"].generator.model.parameters()),
         }
