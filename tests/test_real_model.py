@@ -24,8 +24,15 @@ def project(tmp_path_factory):
 def make(project, *args: str) -> str:
     root, env = project
     # the default run takes ~10 min on 2 quiet cores: an hour means something hangs
+    # --no-print-directory: under `make test` (CI) this make is a sub-make, whose "Leaving directory" line
+    # would follow the label `make predict` prints
     done = subprocess.run(
-        ["make", "-o", ".venv/.installed", *args], cwd=root, env=env, capture_output=True, text=True, timeout=3600
+        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
