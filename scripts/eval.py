@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict:
     rows, labels, train = evaluation.load_rows(cfg)
     # chat rows hold messages: every runtime gets the string the shipped model's chat template makes of them
     prompts = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in rows]
+    evaluation.check_context(cfg, rows, prompts)  # before any runtime loads: the rows too long, by place
     log.info("judging %d rows of %s", len(rows), cfg.eval.path)
     asked = {}
     if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded

@@ -206,6 +206,39 @@ def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
     )
 
 
+def test_an_unreadable_subfolder_is_bad_input_not_rows_silently_missing(tmp_path):
+    folder = tmp_path / "raw"
+    (folder / "locked").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", rows(3, ("joy", "fear")))
+    write_jsonl(folder / "locked" / "b.jsonl", rows(3, ("sadness", "fear")))
+    (folder / "locked").chmod(0o000)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("DVC_STAGE", None)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "scripts/prepare_data.py",
+                f"data.path={folder}",
+                f"paths.prepared={tmp_path}/p",
+                f"paths.metrics={tmp_path}/m",
+                f"paths.base_model={tmp_path}/b",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+        )
+    finally:
+        (folder / "locked").chmod(0o755)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: data.path={folder}: cannot list {folder / 'locked'} (Permission denied); fix its "
+        f"permissions, e.g. chmod -R a+rX {folder / 'locked'}"
+    )
+
+
 # ---- checking and splitting ---------------------------------------------------------------------------
 
 
@@ -219,6 +252,21 @@ def test_a_missing_field_in_a_json_lines_row_names_its_line(tmp_path):
     path.write_text('{"phrase": "a", "tone": "joy"}\n\n{"phrase": "b"}\n')
     with pytest.raises(OrtuneError, match=rf"^{path}:3: row 2 has no field 'tone' \(missing or null\)"):
         data.check_fields(data.read_records(path), ["phrase", "tone"], str(path))
+
+
+def test_a_field_name_hiding_a_character_is_shown_escaped_and_named(tmp_path):
+    # a non-breaking space after the header's name (a spreadsheet export), a byte-order mark inside a key
+    csv = tmp_path / "nbsp.csv"
+    csv.write_text("phrase\u00a0,tone\nhello there,joy\n", encoding="utf-8")
+    with pytest.raises(OrtuneError) as caught:
+        data.check_fields(data.read_records(csv), ["phrase", "tone"], str(csv))
+    assert str(caught.value) == (
+        f"{csv}: row 1 has no field 'phrase' named by data.template, but 'phrase\\xa0': spaces or invisible "
+        "characters (a byte-order mark, a non-breaking space) around the name; rename that field 'phrase' in the file"
+    )
+    jsonl = write_jsonl(tmp_path / "bom.jsonl", [{"\ufefftext": "hello", "tone": "joy"}])
+    with pytest.raises(OrtuneError, match=r"\(its fields: tone, '\\ufefftext'\); fix data.template"):
+        data.check_fields(data.read_records(jsonl), ["phrase", "tone"], str(jsonl))
 
 
 def test_duplicates_are_dropped_before_the_split():
@@ -404,6 +452,42 @@ def test_a_row_longer_than_the_models_context_is_refused_by_line(make_cfg, tmp_p
         "shorten or remove them",
     ):
         prepare_data.run(make_cfg(f"data.path={source}", f"paths.base_model={base_model}"))
+
+
+def test_a_held_out_row_longer_than_the_models_context_is_refused_by_line_before_any_runtime(
+    make_cfg, tmp_path, base_model
+):
+    """eval.path rows meet no prepare_data: without the check, onnxruntime-genai stops the whole eval with
+    `max_length (...) cannot be greater than model context_length` and names no row."""
+    import shutil
+
+    import eval as eval_stage
+    import prepare_data
+
+    source = write_jsonl(tmp_path / "in.jsonl", rows(10, ("joy", "fear")))
+    common = (f"paths.base_model={base_model}", f"data.path={source}")
+    prepare_data.run(make_cfg(*common))
+    onnx = tmp_path / "onnx"  # what eval reads before loading a runtime: the context and the tokenizer
+    onnx.mkdir()
+    (onnx / "genai_config.json").write_text(json.dumps({"model": {"context_length": 256}}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_model / name, onnx / name)
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(
+        '{"phrase": "short", "tone": "joy"}\n\n{"phrase": "' + "x " * 300 + '", "tone": "fear"}\n', encoding="utf-8"
+    )
+    cfg = make_cfg(*common, f"eval.path={held_out}", "eval.compare=[]", f"paths.onnx={onnx}")
+    with pytest.raises(
+        OrtuneError,
+        match=rf"^eval.path: 1 row\(s\) have a prompt that, with the 6 tokens of the answer \(eval.max_new_tokens\), "
+        rf"is over the model's context of 256 tokens \({onnx}/genai_config.json\): {held_out}:3: row 2 "
+        r"\(\d+ tokens\); shorten or remove them$",
+    ):
+        eval_stage.run(cfg)
+    # the prepared split names its lines too
+    cfg = make_cfg(*common, "eval.compare=[]", f"paths.onnx={onnx}", "eval.max_new_tokens=250")
+    with pytest.raises(OrtuneError, match=rf"{tmp_path}/prepared/eval.jsonl:1: row 1 \(\d+ tokens\)"):
+        eval_stage.run(cfg)
 
 
 def test_a_folder_dataset_has_a_digest_for_the_model_card(tmp_path):

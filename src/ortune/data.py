@@ -12,7 +12,9 @@ import functools
 import json
 import logging
 import math
+import os
 import random
+import re
 import shlex
 import string
 import tempfile
@@ -78,12 +80,28 @@ def read_records(path: str | Path) -> Records:
 def data_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(data files, other files) under `folder`, sorted by relative path; hidden entries are skipped."""
     found, ignored = [], []
-    for file in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
-        relative = file.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not file.is_file():
-            continue
-        (found if file.suffix.lower() in FORMATS else ignored).append(file)
+    for file in sorted(_walk(folder), key=lambda p: p.relative_to(folder).as_posix()):
+        if file.is_file():
+            (found if file.suffix.lower() in FORMATS else ignored).append(file)
     return found, ignored
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under `folder` outside hidden folders. A subfolder this user cannot list is an error:
+    Path.rglob would skip it without a word, and its rows would silently be missing from the data."""
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename or folder)
+        raise OrtuneError(
+            f"data.path={folder}: cannot list {where} ({exc.strerror or exc}); fix its permissions, "
+            f"e.g. chmod -R a+rX {shlex.quote(str(where))}"
+        )
+
+    entries = []
+    for top, folders, files in os.walk(folder, onerror=unreadable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        entries.extend(Path(top) / name for name in [*folders, *files] if not name.startswith("."))
+    return entries
 
 
 def _read_folder(folder: Path) -> Records:
@@ -297,9 +315,16 @@ def check_fields(rows: list[dict], fields: list[str], source: str, setting: str 
     for index, row in enumerate(rows):
         for name in fields:
             if name not in row:
+                near = [field for field in row if _bare(field) == name]
+                if near:
+                    raise OrtuneError(
+                        f"{place(rows, index, source)} has no field '{name}' named by {setting}, but "
+                        f"{near[0]!r}: spaces or invisible characters (a byte-order mark, a "
+                        f"non-breaking space) around the name; rename that field '{name}' in the file"
+                    )
                 raise OrtuneError(
                     f"{place(rows, index, source)} has no field '{name}' named by {setting} "
-                    f"(its fields: {', '.join(sorted(row))}); fix {setting} or the file"
+                    f"(its fields: {', '.join(_shown(field) for field in sorted(row))}); fix {setting} or the file"
                 )
             value = row[name]
             if value is None:
@@ -315,6 +340,21 @@ def check_fields(rows: list[dict], fields: list[str], source: str, setting: str 
                 )
             if not str(value).strip():
                 raise OrtuneError(f"{place(rows, index, source)} has an empty '{name}'; fill it in or remove the row")
+
+
+# whitespace (str.isspace: the non-breaking space too) and the format characters a byte-order mark or a
+# copy from a web page leaves around a name
+_AROUND = re.compile(r"^[\s\u200b-\u200f\u2060\ufeff]+|[\s\u200b-\u200f\u2060\ufeff]+$")
+
+
+def _bare(name: str) -> str:
+    return _AROUND.sub("", str(name))
+
+
+def _shown(name: str) -> str:
+    """A field name as printed in an error: quoted and escaped where plain printing would hide a character."""
+    name = str(name)
+    return name if name.isprintable() and _bare(name) == name else repr(name)
 
 
 def label_key(label: str) -> str:

@@ -61,11 +61,13 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
     if not path.is_file():
         raise OrtuneError(f"eval.path={path}: file not found; point it at a labelled JSONL, JSON, CSV or Parquet file")
     if path.resolve().parent == prepared.resolve():
-        rows = data.read_jsonl(path)
+        lines = data.read_jsonl(path)  # written by prepare_data: one row per line, no blank lines
+        rows = data.Records(lines, (f"{path}:{n}: row {n}" for n in range(1, len(lines) + 1)))
     else:
-        rows = render_records(cfg.data, data.read_records(path), f"eval.path={path}")
+        records = data.read_records(path)
+        rows = data.Records(render_records(cfg.data, records, f"eval.path={path}"), records.places)
     if cfg.eval.limit:
-        rows = rows[: cfg.eval.limit]
+        rows = data.Records(rows[: cfg.eval.limit], rows.places[: cfg.eval.limit])
     if not rows:
         raise OrtuneError(f"eval.path={path}: no rows to judge; it needs labelled rows")
     unknown = sorted({r["label"] for r in rows} - set(labels))
@@ -75,6 +77,38 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
             f"{', '.join(labels)}); drop those rows or retrain with them"
         )
     return rows, labels, train
+
+
+def check_context(cfg: DictConfig, rows: list[dict], prompts: list[str]) -> None:
+    """Refuse, naming them, the rows whose prompt and answer (eval.max_new_tokens) do not fit the shipped
+    model's context: onnxruntime-genai would stop the whole eval at the first one, naming none. Rows of
+    a held-out file (eval.path) meet no other check; prepare_data's splits were checked there."""
+    from ortune import modeling
+    from ortune.artifacts import read_json
+
+    genai = Path(cfg.paths.onnx) / "genai_config.json"
+    try:
+        context = int(read_json(genai, {})["model"]["context_length"])
+    except (KeyError, TypeError, ValueError):
+        return  # no readable context: loading the model reports what is wrong with the folder
+    # the shipped model's tokenizer (the builder saves it beside the model), else the base model's
+    folders = [Path(cfg.paths.onnx), Path(cfg.paths.base_model)]
+    found = next((f for f in folders if (f / "tokenizer.json").is_file() or (f / "tokenizer.model").is_file()), None)
+    if found is None:
+        return
+    tokenizer = modeling.load_tokenizer(found, cfg.model.trust_remote_code)
+    room = cfg.eval.max_new_tokens
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    where = data.placer(rows, str(cfg.eval.path))
+    over = [(where(row), n) for row, n in zip(rows, lengths) if n + room > context]
+    if over:
+        shown = ", ".join(f"{place} ({n} tokens)" for place, n in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        raise OrtuneError(
+            f"eval.path: {len(over)} row(s) have a prompt that, with the {room} tokens of the answer "
+            f"(eval.max_new_tokens), is over the model's context of {context} tokens ({genai}): "
+            f"{shown}{more}; shorten or remove them"
+        )
 
 
 def render_records(spec: DictConfig, records: list[dict], source: str) -> list[dict]:
@@ -317,7 +351,12 @@ def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train
         for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})
     ]
     questions = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in rows]
-    tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
+    # the shipped model's tokenizer (the builder saves it beside the model), else the base model's
+    folders = [Path(cfg.paths.onnx), Path(cfg.paths.base_model)]
+    found = next((f for f in folders if (f / "tokenizer.json").is_file() or (f / "tokenizer.model").is_file()), None)
+    if found is None:
+        return
+    tokenizer = modeling.load_tokenizer(found, cfg.model.trust_remote_code)
     if tokenizer.chat_template:
         return [
             tokenizer.apply_chat_template(
