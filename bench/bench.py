@@ -28,10 +28,11 @@ the mean KV cache read over the 64 steps. Activations, logits and KV writes (a f
 left out, so the floor is a bound. Where the weights fit in the last-level cache (QUICK's model;
 the 271M model's int4 weights on a CPU with hundreds of MB of L3), "% of floor" can pass 100.
 
-Pipeline: `make all` on the tiny default from a clean throwaway clone of this working tree (wall
-time, imports included, and time per stage from the timestamps of DVC's "Running stage" lines), a
+Pipeline: `make all` from a clean throwaway clone of this working tree, twice: the default (the real
+model, goal 6 minutes on 2 cores) and the tiny smoke run (`ARGS=model=tiny-phi3`, goal 90 s): wall
+time, imports included, and time per stage from the timestamps of DVC's "Running stage" lines; a
 no-op `dvc repro`, training tokens/s and padding waste (from the run's metrics/train.json), and
-the label agreement of the shipped int4 model with PyTorch on the eval split (build_onnx's parity
+the label agreement of the shipped model with PyTorch on the eval split (build_onnx's parity
 check). QUICK (`make bench QUICK=1`, under a minute, run by CI) skips it (`make test` runs the same
 pipeline end to end) and the real model, and decodes 32 tokens with a 46M-parameter random model,
 1 warm-up and 2 timed rounds.
@@ -57,7 +58,10 @@ from pathlib import Path
 PROMPT = "### Text: I finally got the job offer I was hoping for!\n### The tone is:\n"
 NEW_TOKENS = 64
 REFERENCE = "torch fp32"
-GOALS = {"speedup_vs_torch_fp32": 7.0, "percent_of_floor": 85.0, "make_all_s": 90.0, "noop_repro_s": 1.0}
+GOALS = {"speedup_vs_torch_fp32": 7.0, "percent_of_floor": 85.0, "noop_repro_s": 1.0}
+# `make all` from a clean clone on 2 cores: the default (the real model, trained and exported for real) and
+# the tiny smoke run (issue 11). (name, overrides, goal in seconds)
+PIPELINES = (("default", "", 360.0), ("tiny", "model=tiny-phi3", 90.0))
 # A run during which other processes used more than this many cores is retried (a shared machine):
 # spinning thread pools (onnxruntime's and PyTorch's) slow down several-fold when a core is taken.
 CONTENDED_CORES = 0.25
@@ -948,11 +952,15 @@ def throwaway_clone(root: Path) -> tuple[Path, dict]:
     return clone, env
 
 
-def run_pipeline(log=print) -> dict:
+def run_pipeline(name: str, overrides: str, goal_s: float, log=print) -> dict:
+    """`make all ARGS=<overrides>` from a clean throwaway clone, then no-op reruns."""
     with tempfile.TemporaryDirectory(prefix="ortune-bench-pipeline-") as scratch:
         clone, env = throwaway_clone(Path(scratch))
-        make = ["make", "-o", ".venv/.installed"]  # the venv is this checkout's (symlinked), never reinstalled
-        log("  make all (tiny default, clean clone) ...")
+        # the venv is this checkout's (symlinked), never reinstalled
+        make = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+        if overrides:
+            make.append(f"ARGS={overrides}")
+        log(f"  make all ({name}{': ' + overrides if overrides else ''}, clean clone) ...")
         wait_for_quiet(time.perf_counter() + 120)
         before = cpu_snapshot()
         status, wall, lines = timed_lines([*make, "all"], clone, env)
@@ -968,6 +976,10 @@ def run_pipeline(log=print) -> dict:
         train = _read_json(clone / "metrics/train.json")
         parity = _read_json(clone / "metrics/onnx.json").get("parity") or {}
         return {
+            "name": name,
+            "overrides": overrides,
+            "goal_s": goal_s,
+            "model": _read_json(clone / "metrics/base.json").get("model"),
             "make_all_s": wall,
             "make_all_other_cores": busy,
             "stages_s": stage_seconds(lines, wall),
@@ -1149,10 +1161,16 @@ def decode_markdown(section: dict, family: str, quick: bool, compact: bool = Fal
     return lines + [""]
 
 
-def pipeline_markdown(pipeline: dict | None) -> list[str]:
+def pipeline_markdown(pipeline) -> list[str]:
+    """The pipeline tables: a list of runs (one per entry of PIPELINES), or one run as recorded before
+    the real model became the default (the tiny model then, goal 90 s)."""
     if pipeline is None or "skipped" in pipeline:
         return [f"Pipeline: {pipeline['skipped'] if pipeline else 'skipped'}.", ""]
+    runs = pipeline if isinstance(pipeline, list) else [{"name": "tiny", "goal_s": 90.0, **pipeline}]
+    return [line for run in runs for line in _one_pipeline_markdown(run)]
 
+
+def _one_pipeline_markdown(pipeline: dict) -> list[str]:
     def cell(value, form, missing="(not reported)"):
         return form.format(value) if value is not None else missing
 
@@ -1162,16 +1180,19 @@ def pipeline_markdown(pipeline: dict | None) -> list[str]:
         for name, seconds in sorted(pipeline["stages_s"].items(), key=lambda item: order.get(item[0], len(order)))
     )
     agreement = pipeline["label_agreement"]
+    command = f'`make all ARGS="{pipeline["overrides"]}"`' if pipeline.get("overrides") else "`make all`"
+    model = f", {pipeline['model']}" if pipeline.get("model") else ""
+    goal = pipeline["goal_s"]
+    met = "met" if pipeline["make_all_s"] <= goal else "not met"
     return [
-        "| pipeline (tiny default) | measured | goal |",
+        f"| pipeline ({pipeline['name']}{model}) | measured | goal |",
         "|---|---:|---:|",
-        f"| `make all` from clean, wall (imports included) | {pipeline['make_all_s']:.1f} s "
-        f"| ≤ {GOALS['make_all_s']:.0f} s |",
+        f"| {command} from clean, wall (imports included) | {pipeline['make_all_s']:.1f} s | ≤ {goal:.0f} s ({met}) |",
         f"| no-op `dvc repro` | {pipeline['noop_repro_s']:.2f} s | ≤ {GOALS['noop_repro_s']:.0f} s |",
         f"| no-op `make all` (`dvc exp run`) | {pipeline['noop_make_all_s']:.1f} s | |",
         f"| training tokens/s | {cell(pipeline['train_tokens_per_s'], '{:.0f}')} | |",
         f"| padding waste | {cell(pipeline['padding_waste'], '{:.1%}')} | |",
-        f"| int4 label agreement with PyTorch fp32 (eval split, build_onnx parity) | "
+        f"| shipped model's label agreement with PyTorch fp32 (eval split, build_onnx parity) | "
         f"{cell(agreement['int4_vs_torch_fp32'], '{:.1%}')} of {agreement['n']} | ≥ 98 % |",
         "",
         f"Per stage: {stages}; outside the stages (make, DVC start-up and hashing): "
@@ -1334,8 +1355,8 @@ def main(argv: list[str] | None = None) -> int:
             else "skipped (--no-pipeline)"
         }
     else:
-        log("pipeline benchmark: make all in a throwaway clone")
-        run["pipeline"] = run_pipeline(log)
+        log("pipeline benchmark: make all in throwaway clones")
+        run["pipeline"] = [run_pipeline(name, overrides, goal, log) for name, overrides, goal in PIPELINES]
     run["bench_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     from ortune.artifacts import write_json_atomic, write_text_atomic

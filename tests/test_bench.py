@@ -215,6 +215,16 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     assert "block_size 32" in markdown and "100.0% of 144" in markdown
     assert "### AMD Zen 3" in markdown and "Goals on AMD Zen 3: ≥ 7× PyTorch fp32 (not met)" in markdown
     json.dumps(results)  # results.json must serialize
+    assert "| pipeline (tiny) |" in markdown and "| ≤ 90 s (met) |" in markdown  # recorded before the real default
+    tiny = {**results["pipeline"], "name": "tiny", "overrides": "model=tiny-phi3", "goal_s": 90.0}
+    default = {**results["pipeline"], "name": "default", "overrides": "", "goal_s": 360.0, "make_all_s": 386.0}
+    results["pipeline"] = [{**default, "model": "smollm2-135m"}, tiny]
+    markdown = bench.render_markdown(results)
+    assert "| pipeline (default, smollm2-135m) |" in markdown
+    assert "| `make all` from clean, wall (imports included) | 386.0 s | ≤ 360 s (not met) |" in markdown
+    assert (
+        '| `make all ARGS="model=tiny-phi3"` from clean, wall (imports included) | 80.0 s | ≤ 90 s (met) |' in markdown
+    )
     results["pipeline"] = {"skipped": "skipped in QUICK mode"}
     assert "Pipeline: skipped in QUICK mode." in bench.render_markdown(results)
 
