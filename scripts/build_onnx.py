@@ -158,7 +158,7 @@ def candidate_config(cfg: DictConfig, entry: dict) -> DictConfig:
     """The stage config with one candidate's precision and onnx.* settings in place."""
     from omegaconf import OmegaConf
 
-    from ortune.config import onnx_candidate
+    from ortune.settings.onnx import onnx_candidate
 
     precision, onnx_settings = onnx_candidate(cfg.precision, cfg.onnx, entry)
     view = OmegaConf.to_container(cfg)

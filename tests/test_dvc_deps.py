@@ -18,16 +18,22 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages
 
 def imported_modules(path: Path) -> set[Path]:
     """The src/ortune/*.py files that importing or running `path` imports directly, or runs with `python -m`
-    (importing any of them also runs the package's __init__.py)."""
+    (importing any of them also runs the package's __init__.py). A sub-package (src/ortune/settings/) is one
+    dependency, its folder: its __init__.py imports every module of it."""
+    if path.is_dir():
+        return set().union(*(imported_modules(module) for module in sorted(path.glob("*.py")))) - {path}
     in_package = path.parent == PACKAGE
     found: set[Path] = set()
+
+    def module(name: str) -> Path:
+        return PACKAGE / name if (PACKAGE / name).is_dir() else PACKAGE / f"{name}.py"
 
     def add(dotted: str | None, names: list[str]) -> None:
         parts = dotted.split(".") if dotted else []
         if parts:
-            found.add(PACKAGE / f"{parts[0]}.py")
+            found.add(module(parts[0]))
         else:  # `from ortune import data` / `from . import data`: each name a module, or a name in __init__.py
-            found.update(PACKAGE / f"{name}.py" for name in names if (PACKAGE / f"{name}.py").exists())
+            found.update(module(name) for name in names if module(name).exists())
         found.add(PACKAGE / "__init__.py")
 
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):

@@ -422,3 +422,20 @@ def test_qlora_loads_the_base_in_4bit_with_the_configured_quantization(tiny_base
     assert type(model.lm_head).__name__ == "Linear"  # the head stays in full precision
     nf4 = modeling.load_causal_lm(tiny_base, quantization=full().train.qlora).model.layers[0].self_attn.o_proj
     assert nf4.weight.quant_state.quant_type == "nf4" and nf4.weight.quant_state.nested is True
+
+
+def test_every_lora_key_reaches_peft_under_peft_s_own_name():
+    from ortune import training
+    from ortune.settings.lora import LoraConfig
+
+    names = {f.name: training.peft_name(f.name) for f in dataclasses.fields(LoraConfig)}
+    assert names == {
+        "r": "r",
+        "alpha": "lora_alpha",
+        "dropout": "lora_dropout",
+        "bias": "bias",
+        "target_modules": "target_modules",
+        "modules_to_save": "modules_to_save",
+    }
+    with pytest.raises(OrtuneError, match=r"^lora\.rank: peft \S+'s LoraConfig has no field rank or lora_rank"):
+        training.peft_name("rank")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import builder_spec, config
+from ortune import builder_spec
 from ortune.errors import OrtuneError
+from ortune.settings.fields import choice_problem
+from ortune.settings.onnx import BLOCK_SIZES, PRECISIONS, add_onnx_check
 
 log = logging.getLogger("ortune")
 
-BLOCK_SIZES = config.BLOCK_SIZES
 ALGORITHMS = ("default", "rtn", "k_quant")
 # The builder's compound algo_config aliases, deprecated in favour of a method + matmul_mixed_precision.
 LEGACY_ALGORITHMS = {
@@ -72,13 +73,13 @@ def extra_option_problem(name: str) -> str | None:
     return builder_spec.option_name_problem(name)
 
 
-@config.add_onnx_check
+@add_onnx_check
 def setting_problems(precision: str, o: DictConfig):
     """The export settings of one build, checked against what the installed builder accepts: registered with
-    ortune.config on import, so build_onnx and `make params` refuse them in one line before any work."""
-    if problem := config.choice_problem("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
+    ortune.settings.onnx on import, so build_onnx and `make params` refuse them in one line before any work."""
+    if problem := choice_problem("onnx.execution_provider", o.execution_provider, builder_spec.PROVIDERS):
         yield problem
-    elif precision in config.PRECISIONS:
+    elif precision in PRECISIONS:
         spec = builder_spec.read_spec()
         if o.execution_provider not in spec.valid_pairs.get(precision, ()):
             yield (
@@ -87,7 +88,7 @@ def setting_problems(precision: str, o: DictConfig):
             )
         elif reason := BROKEN_PAIRS.get((precision, o.execution_provider)):
             yield f"precision={precision} with onnx.execution_provider={o.execution_provider}: {reason}"
-    if problem := config.choice_problem("onnx.algorithm", o.algorithm, ALGORITHMS):
+    if problem := choice_problem("onnx.algorithm", o.algorithm, ALGORITHMS):
         legacy = LEGACY_ALGORITHMS.get(o.algorithm)
         yield f"{problem} ({o.algorithm} is a deprecated builder alias; use {legacy})" if legacy else problem
     for key, allowed in {"quantize_ops": QUANTIZABLE_OPS, "keep_float": tuple(KEEP_FLOAT_NODES)}.items():

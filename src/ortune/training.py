@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from ortune import config, modeling
+from ortune import modeling
 from ortune.errors import OrtuneError
+from ortune.settings.train import TrainConfig
 
 log = logging.getLogger("ortune")
 
@@ -52,7 +53,7 @@ BEFORE_TRAINER = (
 )
 SAME_NAME = tuple(
     name
-    for name in (f.name for f in dataclasses.fields(config.TrainConfig))
+    for name in (f.name for f in dataclasses.fields(TrainConfig))
     if name in {f.name for f in dataclasses.fields(SFTConfig)} and name not in {*TRANSLATED, *BEFORE_TRAINER}
 )
 # Inputs whose versions change the trained weights: part of the checkpoint fingerprint.
@@ -69,7 +70,7 @@ def sft_config(cfg: DictConfig, output_dir: Path, *, has_eval: bool) -> SFTConfi
 
     t = cfg.train
     routed = {*SAME_NAME, *TRANSLATED, *BEFORE_TRAINER}
-    if unrouted := [f"train.{f.name}" for f in dataclasses.fields(config.TrainConfig) if f.name not in routed]:
+    if unrouted := [f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in routed]:
         raise OrtuneError(
             f"{', '.join(unrouted)}: trl {metadata.version('trl')}'s SFTConfig has no argument of that name and "
             "ortune.training does not translate it (TRANSLATED, BEFORE_TRAINER)"
@@ -127,14 +128,26 @@ def peft_config(lora: DictConfig, model):
         raise OrtuneError(
             f"lora.modules_to_save: {', '.join(unknown)} not in this model; name modules it has (e.g. lm_head)"
         )
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        bias=lora.bias,
-        target_modules=targets,
-        modules_to_save=list(lora.modules_to_save) or None,
-        task_type="CAUSAL_LM",
+    values = {
+        **OmegaConf.to_container(lora),
+        "target_modules": targets,
+        "modules_to_save": list(lora.modules_to_save) or None,
+    }
+    return LoraConfig(**{peft_name(key): value for key, value in values.items()}, task_type="CAUSAL_LM")
+
+
+def peft_name(key: str) -> str:
+    """PEFT's name for lora.<key>: its own field of that name, or its `lora_`-prefixed one (alpha -> lora_alpha).
+    PEFT's names and validation are the authority: no table of ours to keep in step with it."""
+    from peft import LoraConfig
+
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    for name in (key, f"lora_{key}"):
+        if name in names:
+            return name
+    raise OrtuneError(
+        f"lora.{key}: peft {metadata.version('peft')}'s LoraConfig has no field {key} or lora_{key}, "
+        "so ortune.training cannot pass it on"
     )
 
 

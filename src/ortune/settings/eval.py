@@ -1,0 +1,57 @@
+"""eval.*: which rows are judged, which models beside the shipped one, and how speed is measured."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, fields
+
+from omegaconf import DictConfig
+
+from ortune.settings.fields import field_problems, group, setting
+
+
+@dataclass
+class EvalLatencyConfig:
+    new_tokens: int = setting("tokens each timed run decodes", range=">= 2")
+    warmup: int = setting("untimed runs first", range=">= 0")
+    repeats: int = setting("timed runs; the median is reported", range=">= 1")
+
+
+@dataclass
+class EvalConfig:
+    path: str = setting("the labelled rows judged; default: the split prepare_data held out")
+    max_new_tokens: int = setting("tokens generated per eval prompt", range=">= 1")
+    limit: int = setting("rows judged; 0 = every row", range=">= 0")
+    compare: list[str] = setting(
+        "PyTorch models judged beside the shipped ONNX model; [] = the ONNX model alone",
+        choices=("base", "prompted", "adapter", "merged"),
+    )
+    baseline_prompt: str = setting("the prompted baseline's question: {labels} and {input}")
+    baseline_shots: int = setting("answered training rows shown first; 0 = zero-shot", range=">= 0")
+    batch_size: int = setting("prompts per PyTorch generate call", range=">= 1")
+    latency: EvalLatencyConfig = group(EvalLatencyConfig, "batch-1 speed of each model on the first row's prompt")
+
+
+EVAL_COMPARABLE = next(f.metadata["choices"] for f in fields(EvalConfig) if f.name == "compare")
+BASELINE_FIELDS = ("labels", "input")  # eval.baseline_prompt's placeholders
+
+
+def problems(e: DictConfig):
+    yield from field_problems(EvalConfig, e, "eval.")
+    if len(set(e.compare)) != len(e.compare):
+        yield f"eval.compare={list(e.compare)} names a model twice"
+    if not e.path.strip():
+        yield "eval.path is empty; leave it at its default (the prepared eval split) or name a labelled file"
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(e.baseline_prompt) if name is not None}
+    except ValueError as exc:
+        yield f"eval.baseline_prompt is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+        return
+    if unknown := sorted(names - set(BASELINE_FIELDS)):
+        named = ", ".join("{" + name + "}" for name in unknown)
+        yield (
+            f"eval.baseline_prompt: {named} unknown; its placeholders are {{labels}} (the label set) "
+            "and {input} (the text)"
+        )
+    elif "input" not in names:
+        yield "eval.baseline_prompt has no {input}: the model would never see the text to classify; add it"
