@@ -31,7 +31,7 @@ plots: export ORTUNE_REVS = $(value REVS)
 push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint params all repro sweep compare best push pull bench plots predict chat
+.PHONY: help setup test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ test-fast: setup ## Unit tests only (skips the slow end-to-end pipeline tests)
 lint: setup ## Lint and format check with ruff (pyproject.toml; `.venv/bin/ruff format .` fixes the format)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+docs: setup ## Write docs/' settings tables from the schema in src/ortune/settings/ (a test fails when one is stale)
+	$(PY) scripts/settings_docs.py
 
 params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml by hand; drops applied settings)
 	$(PY) -m ortune.params params

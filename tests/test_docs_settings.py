@@ -2,6 +2,9 @@
 documented default is conf/'s, and every setting of the data, lora, train, onnx and eval groups is either
 a row of such a table or named on the page listed for it in DOCUMENTED_ELSEWHERE.
 
+The tables are generated from the schema (`make docs`, scripts/settings_docs.py): the last test fails when
+one is stale, so a setting's doc, values and default are spelled in src/ortune/settings/ and conf/ only.
+
 A settings table is a docs/*.md table with a `default` column whose first column names `group.key`
 settings in backticks (docs/training.md, docs/export.md). A default cell is read as YAML (`1e-3` as the
 number it spells).
@@ -164,3 +167,13 @@ def test_settings_documented_elsewhere_are_named_there_and_not_tabled(key, page)
     assert not covered(key, {k for _, k, _ in ROWS}), f"{key} has a table row: drop it from DOCUMENTED_ELSEWHERE"
     text = (DOCS / page).read_text(encoding="utf-8")
     assert re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", text), f"docs/{page} never names {key}"
+
+
+def test_the_settings_tables_are_generated_from_the_schema():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "scripts/settings_docs.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
