@@ -251,3 +251,41 @@ def test_rows_longer_than_max_length_are_truncated_and_counted(base):
     assert metrics["truncated_rows"] > 0 and (adapter / "adapter_model.safetensors").is_file()
     full, _ = train(base, "long-rows", "train.max_steps=2")
     assert full["truncated_rows"] == 0
+
+
+def test_the_fused_lm_head_scores_only_labelled_positions_on_cpu_with_the_same_results(monkeypatch):
+    # TRL scores every position on devices without Triton; ortune makes the CPU score only the labelled
+    # ones (a third of SmolLM2's training step). Fails when TRL stops deciding through `_use_triton`.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import kernels
+    from trl.trainer import utils
+
+    from ortune import training
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=300)
+    )
+    utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 300, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]  # completion-only: the last 3 tokens of each row
+    scored = []
+    apply = utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(utils._ChunkedLogProbFunction, "apply", counting)
+    monkeypatch.setattr(utils, "_use_triton", kernels.chunked_logprob._use_triton)  # TRL's own choice
+    every = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert scored == [3 * 11]  # TRL on the CPU: every shifted position
+
+    assert training.score_only_labelled_positions_on_cpu() and training.score_only_labelled_positions_on_cpu()
+    labelled = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert scored[1:] == [3 * 3]
+    for name in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(labelled, name), getattr(every, name), atol=1e-6, rtol=1e-6)
+    assert utils._use_triton(torch.device("meta")) is kernels.chunked_logprob._use_triton(torch.device("meta"))

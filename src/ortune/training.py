@@ -199,11 +199,39 @@ def rows_longer_than(rows: list[dict], tokenizer, max_length: int) -> int:
     return count
 
 
+def score_only_labelled_positions_on_cpu() -> bool:
+    """Make TRL's fused LM head score only the labelled positions on the CPU, as it does on CUDA.
+
+    SFTTrainer's loss projects hidden states onto the vocabulary in chunks (trl.trainer.utils's fused LM
+    head). On a device without Triton it scores every position, so that XLA/Neuron see one tile shape
+    per batch and do not recompile; eager CPU compiles nothing. With the completion-only loss about 7 %
+    of the positions carry a label, and projecting the rest onto 49k words was a third of SmolLM2's step:
+    scoring only the labelled ones made a training step 1.49x faster on one core (Intel, measured side by
+    side), with the same loss to 1e-5 (per-position results do not depend on which other rows are scored).
+    Returns False, changing nothing, when TRL no longer decides this through `_use_triton` (a test fails then).
+    """
+    from trl.trainer import utils
+
+    decide = getattr(utils, "_use_triton", None)
+    if decide is None:
+        return False
+    if getattr(decide, "ortune_cpu_compact", False):
+        return True
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or decide(device)
+
+    compact.ortune_cpu_compact = True
+    utils._use_triton = compact  # rebinds trl.trainer.utils's name only: TRL's kernel choice stays its own
+    return True
+
+
 class Trainer(SFTTrainer):
     """SFTTrainer that counts the tokens of every training batch, real and padded, so that tokens/s
-    and padding waste are measured on what was actually computed."""
+    and padding waste are measured on what was actually computed, and scores only labelled positions."""
 
     def __init__(self, *args, **kwargs):
+        score_only_labelled_positions_on_cpu()
         super().__init__(*args, **kwargs)
         self.real_tokens = 0
         self.batch_tokens = 0
