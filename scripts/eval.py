@@ -49,13 +49,13 @@ def run(cfg: DictConfig) -> dict:
     for kind in ["onnx", *cfg.eval.compare]:
         spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts)
         results[kind] = evaluation.judge_in_fresh_process(spec)
-        log.info(
-            "%-7s judged in %.1f s: %.2f ms/token, %.0f MB peak",
-            kind,
-            results[kind]["eval_seconds"],
-            results[kind]["ms_per_token"],
-            results[kind]["peak_memory_mb"],
+        judged = results[kind]
+        speed = (
+            f": {judged['ms_per_token']:.2f} ms/token, {judged['peak_memory_mb']:.0f} MB peak"
+            if spec["latency"]
+            else ""
         )
+        log.info("%-7s judged in %.1f s%s", kind, judged["eval_seconds"], speed)
     if asked:
         results["prompted"].update(prompt_format=asked["format"], shots=cfg.eval.baseline_shots)
     metrics, predictions = evaluation.summarize(rows, labels, train, results)
