@@ -183,10 +183,18 @@ def test_chat_rows_train_on_the_prompt_inference_uses(base, tmp_path):
         answer = tokenizer.decode([t for t in example["labels"] if t != -100])
         assert answer.startswith(row["label"] + "<|end|>")
 
-    metrics, adapter = train(
-        base, "chat", *chat, "train.max_steps=4", "train.eval_strategy=epoch", "train.per_device_train_batch_size=2"
-    )
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # train.json records the count the losses depend on, whatever the machine's
+    try:
+        metrics, adapter = train(
+            base, "chat", *chat, "train.max_steps=4", "train.eval_strategy=epoch", "train.per_device_train_batch_size=2"
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert metrics["steps"] == 4 and "eval_loss" in metrics and (adapter / "adapter_model.safetensors").is_file()
+    assert metrics["threads"] == 1
 
 
 def _padding_waste(trainer) -> float:
