@@ -32,6 +32,22 @@ def test_fp32_build_matches_pytorch_to_rounding(project):
     assert result["target"] == "max_rel_logit_diff <= 0.001"
 
 
+@pytest.mark.parametrize("adapter", [None, "adapter"])
+def test_the_torch_reference_projects_only_the_last_position_with_the_full_forwards_logits(project, adapter):
+    import numpy as np
+    import torch
+
+    folder = project / ("base_model" if adapter else "merged")
+    reference = parity.TorchReference(folder, project / adapter if adapter else None)
+    prompt = data.read_jsonl(project / "prepared" / "eval.jsonl")[0]["prompt"]
+    ids = reference.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        every_position = reference.model(**ids).logits
+    assert every_position.shape[1] == ids["input_ids"].shape[1] > 1
+    assert reference._last_only == {"logits_to_keep": 1}  # Phi-3 in transformers takes it: the fast path is tested
+    np.testing.assert_allclose(reference.last_logits(prompt), every_position[0, -1].numpy(), rtol=0, atol=1e-5)
+
+
 def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     cfg = stage_cfg(project, "onnx.require_parity=false", "onnx.parity_prompts=8", onnx_dir="onnx-int4")
     metrics = build_onnx.run(cfg)

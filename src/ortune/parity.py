@@ -14,6 +14,7 @@ MatMul excepted), which checks the graph and its weights, not the provider's ker
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -47,13 +48,17 @@ class TorchReference:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
         self.tokenizer = modeling.load_tokenizer(model_dir, trust_remote_code)
+        # only the last position through lm_head: the vocabulary projection of every other position was a
+        # tenth of build_onnx's time on SmolLM2 (49k words); remote code may not know the argument
+        forward = inspect.signature(model.get_base_model().forward if adapter_dir else model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
     def last_logits(self, prompt: str):
         import torch
 
         ids = self.tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
-            return self.model(**ids).logits[0, -1].float().numpy()
+            return self.model(**ids, **self._last_only).logits[0, -1].float().numpy()
 
     def generations(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
         from ortune.generation import TorchGenerator
