@@ -180,12 +180,11 @@ def _without_root_file_access() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
-    source = write_jsonl(tmp_path / "secret.jsonl", rows(3, ("joy", "fear")))
-    source.chmod(0o000)
+def _prepare_without_root_access(source: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """prepare_data on `source`, by hand (not under DVC), as a user whom file modes bind."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("DVC_STAGE", None)
-    done = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "scripts/prepare_data.py",
@@ -200,6 +199,12 @@ def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
         text=True,
         preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
     )
+
+
+def test_an_unreadable_file_is_bad_input_exit_2_not_a_crash(tmp_path):
+    source = write_jsonl(tmp_path / "secret.jsonl", rows(3, ("joy", "fear")))
+    source.chmod(0o000)
+    done = _prepare_without_root_access(source, tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: {source}: permission denied (this user cannot read it); fix its permissions, e.g. chmod a+r {source}"
@@ -212,24 +217,8 @@ def test_an_unreadable_subfolder_is_bad_input_not_rows_silently_missing(tmp_path
     write_jsonl(folder / "a.jsonl", rows(3, ("joy", "fear")))
     write_jsonl(folder / "locked" / "b.jsonl", rows(3, ("sadness", "fear")))
     (folder / "locked").chmod(0o000)
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    env.pop("DVC_STAGE", None)
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "scripts/prepare_data.py",
-                f"data.path={folder}",
-                f"paths.prepared={tmp_path}/p",
-                f"paths.metrics={tmp_path}/m",
-                f"paths.base_model={tmp_path}/b",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
-        )
+        done = _prepare_without_root_access(folder, tmp_path)
     finally:
         (folder / "locked").chmod(0o755)
     assert done.returncode == 2, done.stderr[-2000:]
