@@ -49,6 +49,24 @@ def tiny_texts():
     return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in rows]
 
 
+# The numbers eval.json reports at its top level on the default eval.compare (what `dvc exp show` and
+# `dvc metrics diff` show): the eval stage run by hand and in a fresh clone's pipeline must write each.
+EVAL_HEADLINE_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "unparsed",
+    "majority_baseline",
+    "base_accuracy",
+    "quantization_accuracy_delta",
+    "quantization_agreement",
+    "ttft_ms",
+    "ms_per_token",
+    "tokens_per_second",
+    "peak_memory_mb",
+    "model_size_mb",
+)
+
+
 def ran_stages(output: str) -> set[str]:
     """The stages DVC actually executed (`dvc status`/`--dry` list only the directly changed ones)."""
     import re
@@ -56,10 +74,14 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: str) -> tuple[Path, dict]:
+def clone_project(
+    tmp_path_factory, name: str, tiny: bool = True, params: tuple[str, ...] = (), **extra_env: str
+) -> tuple[Path, dict]:
     """A fresh git clone holding this working tree as it is (new files included, run outputs left out),
     committed, with the repo's .venv linked in and DVC/git isolated from the user's config. `tiny`: the
-    clone's conf/ defaults to the tiny model (and its params.yaml follows), so `make all` there is fast."""
+    clone's conf/ defaults to the tiny model (and its params.yaml follows), so `make all` there is fast.
+    `params`: overrides its params.yaml is written with (as `python -m ortune.params params ...` takes them),
+    for a test that runs `dvc repro` on settings of its own."""
     import shutil
     import subprocess
 
@@ -101,8 +123,9 @@ def clone_project(tmp_path_factory, name: str, tiny: bool = True, **extra_env: s
     if tiny:
         conf = root / "conf/config.yaml"
         conf.write_text(re.sub(r"(?m)^  - model: .*$", "  - model: tiny-phi3", conf.read_text()))
+    if tiny or params:
         subprocess.run(
-            [str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params"],
+            [str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params", *params],
             cwd=root,
             env=env,
             check=True,

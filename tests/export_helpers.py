@@ -74,6 +74,19 @@ def make_project(root: Path, tiny_texts: list[str], *, seed: int = 3, tiny=TINY,
     return root
 
 
+def torch_logits(model_dir, prompt, adapter_dir=None):
+    """PyTorch's next-token logits after prompt (base + adapter when given): what an ONNX export must match."""
+    import torch
+    from peft import PeftModel
+
+    model = modeling.load_causal_lm(model_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    ids = modeling.load_tokenizer(model_dir)(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**ids).logits[0, -1].numpy()
+
+
 def stage_cfg(root: Path, *overrides: str, onnx_dir: str = "onnx"):
     """build_onnx's config view (only its declared params), every path in root."""
     names = ("base_model", "prepared", "adapter", "merged", "metrics", "plots")

@@ -12,24 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clone_project, ran_stages
+from conftest import EVAL_HEADLINE_METRICS, clone_project, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-HEADLINE = (
-    "accuracy",
-    "macro_f1",
-    "unparsed",
-    "majority_baseline",
-    "base_accuracy",
-    "quantization_accuracy_delta",
-    "quantization_agreement",
-    "ttft_ms",
-    "ms_per_token",
-    "tokens_per_second",
-    "peak_memory_mb",
-    "model_size_mb",
-)
 # Phrases that are not in data/raw/tones.jsonl: a held-out test set the pipeline never prepared.
 HELD_OUT = [
     ("My sister just told me she's getting married, I'm over the moon!", "joy"),
@@ -76,7 +62,7 @@ def eval_json(root: Path) -> dict:
 def test_eval_json_has_the_shipped_model_beside_its_baselines(project):
     root, _ = project
     metrics = eval_json(root)
-    for key in HEADLINE:
+    for key in EVAL_HEADLINE_METRICS:
         assert isinstance(metrics[key], (int, float)) and not isinstance(metrics[key], bool), key
     assert metrics["accuracy"] >= 0.7 > metrics["majority_baseline"]
     assert metrics["accuracy"] > metrics["base_accuracy"], "fine-tuning must beat the untuned base"
@@ -102,7 +88,7 @@ def test_dvc_exp_show_lists_the_headline_metrics_as_numbers(project):
     table = json.loads(dvc(root, env, "exp", "show", "--json"))
     workspace = next(entry for entry in table if entry.get("rev") == "workspace")
     shown = workspace["data"]["metrics"]["metrics/eval.json"]["data"]
-    for key in HEADLINE:
+    for key in EVAL_HEADLINE_METRICS:
         assert isinstance(shown[key], (int, float)), key
     header = dvc(root, env, "exp", "show", "--csv").splitlines()[0].split(",")
     assert {"accuracy", "macro_f1", "base_accuracy", "quantization_agreement", "ms_per_token"} <= set(header)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import EVAL_HEADLINE_METRICS
 from ortune import data, export, modeling
 from ortune.generation import OnnxGenerator, TorchGenerator
 
@@ -178,20 +179,7 @@ def test_eval_stage_writes_metrics_pictures_and_wandb_media(models, tmp_path):
     assert metrics["runtimes"]["prompted"]["prompt_format"] == "chat" and metrics["runtimes"]["prompted"]["shots"] == 0
     assert isinstance(metrics["prompted_baseline_accuracy"], float) and 0 <= metrics["prompted_baseline_unparsed"] <= 24
     assert "prompted baseline (chat, 0 shots), first prompt: '<|user|>\\nClassify the tone" in done.stderr
-    for key in (
-        "accuracy",
-        "macro_f1",
-        "unparsed",
-        "majority_baseline",
-        "base_accuracy",
-        "quantization_accuracy_delta",
-        "quantization_agreement",
-        "ttft_ms",
-        "ms_per_token",
-        "tokens_per_second",
-        "peak_memory_mb",
-        "model_size_mb",
-    ):
+    for key in EVAL_HEADLINE_METRICS:
         assert isinstance(metrics[key], (int, float)), key
     assert metrics["ttft_ms"] > 0 and metrics["ms_per_token"] > 0 and metrics["tokens_per_second"] > 0
     assert set(metrics["per_class"]) == {"fear", "joy", "sadness", "surprise"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import build_onnx
-from export_helpers import REPO, make_project, stage_cfg
+from export_helpers import REPO, make_project, stage_cfg, torch_logits
 from ortune import export, modeling, onnx_adapters
 from ortune.errors import OrtuneError
 from ortune.generation import OnnxGenerator
@@ -28,18 +28,6 @@ def project(tmp_path_factory, tiny_texts):
 @pytest.fixture(autouse=True)
 def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
-
-
-def torch_logits(model_dir, prompt, adapter_dir=None):
-    import torch
-    from peft import PeftModel
-
-    model = modeling.load_causal_lm(model_dir)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    ids = modeling.load_tokenizer(model_dir)(prompt, return_tensors="pt")
-    with torch.no_grad():
-        return model.eval()(**ids).logits[0, -1].numpy()
 
 
 def test_the_builder_bakes_the_adapter_into_a_fixed_graph(project, tmp_path):

@@ -9,19 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from export_helpers import TINY
 from ortune import export, modeling
 from ortune.errors import OrtuneError
-
-TINY = OmegaConf.create(
-    {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 256,
-        "vocab_size": 600,
-    }
-)
 
 
 def digest(folder: Path) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 import build_onnx
 import merge
-from export_helpers import PROMPT, REPO, stage_cfg
+from export_helpers import PROMPT, REPO, stage_cfg, torch_logits
 from ortune import config, data, modeling
 from ortune.generation import OnnxGenerator
 
@@ -85,18 +85,6 @@ def project(tmp_path_factory, tiny_texts):
 @pytest.fixture(autouse=True)
 def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
-
-
-def torch_logits(model_dir, prompt, adapter_dir=None):
-    import torch
-    from peft import PeftModel
-
-    model = modeling.load_causal_lm(model_dir)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    ids = modeling.load_tokenizer(model_dir)(prompt, return_tensors="pt")
-    with torch.no_grad():
-        return model.eval()(**ids).logits[0, -1].numpy()
 
 
 @pytest.mark.slow

@@ -40,16 +40,20 @@ def compose(root: Path, *overrides: str, stage: str | None = "train_qlora"):
     return config.stage_view(full, config.declared_params(stage, REPO / "dvc.yaml")) if stage else full
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The tiny base model and the tones data prepared as text, shared by every run of this module."""
+def fetch_and_prepare(root: Path) -> Path:
+    """root/base_model (the tiny base model) and root/prepared (the tones data prepared as text)."""
     import fetch_model
     import prepare_data
 
-    root = tmp_path_factory.mktemp("train")
     fetch_model.run(compose(root, stage=None))
     prepare_data.run(compose(root, stage=None))
     return root
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny base model and prepared data, shared by every run of this module."""
+    return fetch_and_prepare(tmp_path_factory.mktemp("train"))
 
 
 def train(base: Path, name: str, *overrides: str) -> tuple[dict, Path]:

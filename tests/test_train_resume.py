@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_train import TINY, adapter_bytes, train
+from conftest import clone_project
+from test_train import TINY, adapter_bytes, fetch_and_prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -23,8 +23,10 @@ pytestmark = pytest.mark.slow
 RUN = ["train.max_steps=60", "train.save_steps=5", "train.eval_strategy=no", "train.logging_steps=10"]
 
 
-def env() -> dict:
-    environment = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def env(base: dict = os.environ) -> dict:
+    """base (this process's environment unless given) for a stage run: W&B off, output unbuffered,
+    and no stage or torchrun variables inherited from whatever runs the tests."""
+    environment = {**base, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     for name in ("DVC_STAGE", "DVC_ROOT", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
         environment.pop(name, None)
     return environment
@@ -45,6 +47,18 @@ def stage_command(base: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
+def start_stage(base: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """The train_qlora stage into base/name, in the background (to be killed), stdout and stderr in one pipe."""
+    return subprocess.Popen(
+        stage_command(base, name, *overrides),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def wait_for_checkpoint(folder: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
     """The first complete checkpoint under folder/adapter-*/ (trainer_state.json is written last)."""
     deadline = time.monotonic() + timeout
@@ -59,27 +73,13 @@ def wait_for_checkpoint(folder: Path, process: subprocess.Popen, timeout: float 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    import fetch_model
-    import prepare_data
-    from test_train import compose
-
-    root = tmp_path_factory.mktemp("resume")
-    fetch_model.run(compose(root, stage=None))
-    prepare_data.run(compose(root, stage=None))
-    return root
+    return fetch_and_prepare(tmp_path_factory.mktemp("resume"))
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(base):
     reference = adapter_bytes(train(base, "uninterrupted", *RUN)[1])
 
-    process = subprocess.Popen(
-        stage_command(base, "killed", *RUN),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_stage(base, "killed", *RUN)
     wait_for_checkpoint(base / "killed" / ".checkpoints", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
@@ -108,14 +108,7 @@ def test_two_cpu_processes_train_one_adapter_with_torchrun_and_resume_together(b
         "train.eval_steps=20",
         "train.logging_steps=5",
     ]
-    process = subprocess.Popen(
-        stage_command(base, "ddp", *overrides),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_stage(base, "ddp", *overrides)
     wait_for_checkpoint(base / "ddp" / ".checkpoints", process)
     process.send_signal(signal.SIGTERM)  # to the stage, which forwards it through torchrun to both processes
     output = process.communicate(timeout=300)[0]
@@ -155,40 +148,10 @@ def _train_process(root: Path) -> int | None:
     return None
 
 
-def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path):
-    root = tmp_path / "ortune"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:  # the working tree under test, not just the last commit
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    (root / ".venv").symlink_to(REPO / ".venv")
-    home = tmp_path / "home"
-    environment = {
-        **env(),
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(home / "s"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "g"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "y"),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-        "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
-    }
-    subprocess.run(
-        [sys.executable, "-m", "ortune.params", "params", *TINY, *RUN], cwd=root, env=environment, check=True
-    )
-    subprocess.run(["git", "add", "-A"], cwd=root, env=environment, check=True)
-    subprocess.run(["git", "commit", "-qm", "test state"], cwd=root, env=environment, check=True)
+def test_dvc_repro_resumes_a_run_killed_with_sigkill(tmp_path_factory):
+    # the clone keeps conf/'s default model: the tiny one and the short run come from params.yaml alone
+    root, cloned = clone_project(tmp_path_factory, "resume-sigkill", tiny=False, params=(*TINY, *RUN))
+    environment = env(cloned)
     dvc = [str(REPO / ".venv/bin/dvc"), "repro", "train_qlora"]
 
     first = subprocess.Popen(
