@@ -307,6 +307,12 @@ def test_prompted_baseline_without_a_chat_template_asks_in_plain_text(make_cfg, 
     (base_tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
     (base_tokenizer / "chat_template.jinja").unlink(missing_ok=True)
     cfg = make_cfg("eval.baseline_shots=1")
+    # the untuned base is asked through its own tokenizer, never the shipped model's (here: one with a template)
+    from ortune import modeling
+
+    shipped = modeling.train_tiny_tokenizer(["I am scared of spiders"], 300)
+    shipped.chat_template = modeling.PHI3_CHAT_TEMPLATE
+    shipped.save_pretrained(cfg.paths.onnx)
     rows, labels, train = evaluation.load_rows(cfg)
     prompts, how = evaluation.prompted_prompts(cfg, rows, labels, train)
     assert how == "text" and prompts[0] == f"{ASK}a\nAnswer: joy\n\n{ASK}e0\nAnswer:"

@@ -358,12 +358,7 @@ def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train
         for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})
     ]
     questions = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in rows]
-    # the shipped model's tokenizer (the builder saves it beside the model), else the base model's
-    folders = [Path(cfg.paths.onnx), Path(cfg.paths.base_model)]
-    found = next((f for f in folders if (f / "tokenizer.json").is_file() or (f / "tokenizer.model").is_file()), None)
-    if found is None:
-        return
-    tokenizer = modeling.load_tokenizer(found, cfg.model.trust_remote_code)
+    tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
     if tokenizer.chat_template:
         return [
             tokenizer.apply_chat_template(
