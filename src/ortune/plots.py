@@ -3,12 +3,19 @@
 `dvc plots show` writes an HTML page whose <script> tags load Vega from a CDN, so offline it is
 blank. report_template() gives DVC a page with Vega, Vega-Lite and Vega-Embed inlined from
 src/ortune/vendor/vega/ instead; its `{plot_divs}` placeholder is where DVC puts the plots.
+
+DVC writes each plot's data (labels, revision and experiment names) into that page as it is: a label such as
+`</script><script>...` would end the plot's <script> element and run its own. So DVC runs here through
+`python -m ortune.plots`, its renderers escaping what they write (script_json, html.escape).
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,17 +79,67 @@ def report_template() -> str:
     )
 
 
+def script_json(text: str) -> str:
+    """JSON text that stays data inside an HTML <script> element: `<`, `>` and `&` (which JSON holds only
+    inside strings) as \\u escapes, so no label can close the element or open a comment."""
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def html_id(name: str) -> str:
+    """A plot's element id, also written inside a quoted JS string: letters, digits, - and _ only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def _image_html(renderer, html_path=None, **_) -> str:
+    """dvc_render's ImageRenderer.partial_html with every data-derived string HTML-escaped."""
+    parts = []
+    for point in renderer.datapoints:
+        src = point[renderer.SRC_FIELD]
+        if not src.startswith("data:image;base64") and os.path.isabs(src) and html_path:
+            src = os.path.relpath(src, os.path.dirname(html_path))
+        parts.append(
+            '<div style="border:1px dotted black;margin:2px;display:inline-block;overflow:hidden;margin-left:8px;">'
+            f'<p>{html.escape(str(point[renderer.TITLE_FIELD]))}</p><img src="{html.escape(src)}"></div>'
+        )
+    return "\n".join([f"<p>{html.escape(renderer.name)}</p>", *parts]) if parts else ""
+
+
+def escape_dvc_renderers() -> None:
+    """Make dvc_render (DVC's HTML writer, pinned) escape what it writes: the Vega spec as script_json, the
+    images' titles and paths with html.escape, element ids as html_id. Only in `python -m ortune.plots`."""
+    from dvc_render.base import Renderer
+    from dvc_render.image import ImageRenderer
+    from dvc_render.vega import VegaRenderer
+
+    vega_html = VegaRenderer.partial_html
+    VegaRenderer.partial_html = lambda self, **kwargs: script_json(vega_html(self, **kwargs))
+    ImageRenderer.partial_html = _image_html
+    Renderer.remove_special_chars = staticmethod(html_id)
+
+
 def write_report(
     out_dir: str | Path, revisions: list[str] | tuple[str, ...] = (), cwd: str | Path | None = None
 ) -> Path:
     """Run `dvc plots show` (or `dvc plots diff REV...`) into out_dir/index.html with the offline template."""
     out_dir = Path(out_dir).resolve()
-    command = ["diff", *revisions] if revisions else ["show"]
+    if options := [rev for rev in revisions if rev.startswith("-")]:
+        raise OrtuneError(
+            f"REVS: {options[0]!r} is not a revision (it starts with '-'); name git revisions or experiments"
+        )
+    unknown = unknown_revisions(revisions, cwd)
+    if unknown:
+        raise OrtuneError(
+            f"REVS: unknown revision {', '.join(map(repr, unknown))}; name a git revision (HEAD, a branch, a tag) "
+            "or an experiment `make compare` lists"
+        )
     with tempfile.TemporaryDirectory(prefix="ortune-report-") as scratch:
         template = Path(scratch) / "template.html"
         template.write_text(report_template(), encoding="utf-8")
+        options = ["--html-template", str(template), "-o", str(out_dir)]
+        # revisions after `--`: a value a user typed is an argument, never an option of DVC's
+        command = ["diff", *options, "--", *revisions] if revisions else ["show", *options]
         done = subprocess.run(
-            [sys.executable, "-m", "dvc", "plots", *command, "--html-template", str(template), "-o", str(out_dir)],
+            [sys.executable, "-m", "ortune.plots", "plots", *command],
             cwd=cwd,
             capture_output=True,
             text=True,
@@ -93,3 +150,32 @@ def write_report(
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise OrtuneError(f"dvc plots {command[0]} failed ({last[0][:300]}); run the pipeline first (make all)")
     return page
+
+
+def unknown_revisions(revisions, cwd: str | Path | None = None) -> list[str]:
+    """The revisions neither git nor DVC's experiments know (DVC draws nothing for them, and says nothing)."""
+    if not revisions:
+        return []
+    from dvc.repo import Repo
+    from dvc.scm import Git, RevError, resolve_rev
+
+    unknown = []
+    with Repo(str(cwd or Path.cwd())) as repo:
+        for rev in revisions:
+            if rev == "workspace":  # DVC's name for the files as they are
+                continue
+            if not isinstance(repo.scm, Git):  # a DVC project outside git has no revisions
+                unknown.append(rev)
+                continue
+            try:
+                resolve_rev(repo.scm, rev)
+            except RevError:
+                unknown.append(rev)
+    return unknown
+
+
+if __name__ == "__main__":  # `dvc ...` with the escaping renderers (write_report runs `dvc plots` so)
+    from dvc.cli import main
+
+    escape_dvc_renderers()
+    sys.exit(main(sys.argv[1:]))
