@@ -31,7 +31,7 @@ plots: export ORTUNE_REVS = $(value REVS)
 push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat
+.PHONY: help setup test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ best: setup ## Apply (or BRANCH=name: branch) the best experiment on METRIC with
 push: setup ## Upload data and models to the DVC remote (EXP=name also pushes that experiment)
 	$(PY) -m dvc push
 	if [ -n "$$ORTUNE_EXP" ]; then $(PY) -m dvc exp push origin -- "$$ORTUNE_EXP"; fi
+
+restore: setup ## Put back the last successful run's outputs after a run was killed (any make target does it first too)
+	$(PY) -m ortune.lastgood restore
 
 # the apply and the checkout rewrite params.yaml and the outputs: not under a running pipeline (ortune.locks)
 pull: setup ## Download data and models from the DVC remote (EXP=name pulls and applies that experiment)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ortune import experiments, locks
+from ortune import experiments, lastgood, locks
 from ortune.errors import OrtuneError
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     metric = args.metric if "." in args.metric else f"eval.{args.metric}"
     try:
+        lastgood.recover(Path.cwd())
         limits = {(k if "." in k else f"eval.{k}"): v for k, v in parse_limits(args.max).items()}
         found = experiments.load()
         if args.table:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ortune import lastgood
 from ortune.errors import OrtuneError
 from ortune.plots import write_report
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="dvc_plots", help="output folder (default: dvc_plots)")
     args = parser.parse_args(argv)
     try:
+        lastgood.recover()
         page = write_report(args.out, args.revisions)
     except OrtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ortune import lastgood
 from ortune.errors import OrtuneError
 from ortune.generation import OnnxGenerator
 from ortune.metrics import parse_label
@@ -76,6 +77,7 @@ def context_length(model_dir: Path) -> int:
 class App:
     def __init__(self, model_dir: str | Path = DEFAULT_MODEL, adapter: str | None = "auto"):
         model_dir = Path(model_dir)
+        lastgood.recover(Path.cwd())  # a killed run's half-replaced outputs are put back before reading them
         self.task = read_task(model_dir)
         self.context_length = context_length(model_dir)
         try:

@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 import ortune.export  # noqa: F401 - registers the builder's checks, so a bad export setting fails here too
-from ortune import config, locks
+from ortune import config, lastgood, locks
 from ortune.artifacts import write_text_atomic
 from ortune.errors import OrtuneError
 
@@ -229,12 +229,14 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
     space = Workspace()
     what = f"make {action}"
     if action == "params":
+        lastgood.recover(space.root)
         with locks.hold([space.params], what, space.root):
             print(space.compose(overrides))
         return 0
     if action == "sweep":
         if not sweep:
             raise OrtuneError('set SWEEP, e.g. make sweep SWEEP="lora.r=8,16,32 precision=int4,int8"')
+        lastgood.recover(space.root)
         # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
         with locks.hold([space.params], what, space.root):
             status = run_command(["dvc", "exp", "run", "--queue", *(f"-S{o}" for o in sweep)])
@@ -252,13 +254,32 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
             return status or 1
         return status
     target = composed_text(overrides)
-    with locks.hold(_pipeline_paths(space, [target, space.current() or ""]), what, space.root):
-        message = ACTIONS[action](space, overrides)
+    paths = _pipeline_paths(space, [target, space.current() or ""])
+    with locks.hold(paths, what, space.root):
+        kept = lastgood.Snapshot(space.root)
+        if recovered := kept.recover_if_killed():
+            print(recovered, file=sys.stderr, flush=True)
+            paths = _pipeline_paths(space, [target, space.current() or ""])
+        # kept before anything is written (the action writes params.yaml or ortune's compose record)
+        kept.save(paths, what)
+        try:
+            message = ACTIONS[action](space, overrides)
+        except BaseException:
+            kept.restore()  # refused before DVC ran: only what the action wrote goes back
+            raise
         if message:
             print(message, flush=True)
         if action == "repro":
-            return run_command(["dvc", "repro"])
-        return run_command(["dvc", "exp", "run", *([f"--name={name}"] if name else []), *(f"-S{o}" for o in overrides)])
+            status = run_command(["dvc", "repro"])
+        else:
+            status = run_command(
+                ["dvc", "exp", "run", *([f"--name={name}"] if name else []), *(f"-S{o}" for o in overrides)]
+            )
+        if status == 0:
+            kept.drop()
+        else:
+            print(lastgood.failed_message(what, status, kept.restore()), file=sys.stderr, flush=True)
+        return status
 
 
 def main(argv: list[str]) -> int:
