@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ortune.app import DEFAULT_MODEL, App
+from ortune.app import DEFAULT_MODEL, App, printable
 from ortune.errors import OrtuneError, unexpected
 
 
@@ -59,11 +59,11 @@ def main(argv: list[str]) -> int:
             reply = []
             for piece in app.stream(app.chat_prompt(messages), args.max_new_tokens):
                 reply.append(piece)
-                print(piece, end="", flush=True)
+                print(printable(piece, keep="\n\t"), end="", flush=True)  # never a raw escape sequence
             print(flush=True)
             messages.append({"role": "assistant", "content": "".join(reply).strip()})
     except OrtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

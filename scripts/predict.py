@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ortune.app import DEFAULT_MODEL, App
+from ortune.app import DEFAULT_MODEL, App, printable
 from ortune.data import text_lines
 from ortune.errors import OrtuneError, unexpected
 
@@ -93,10 +93,11 @@ def main(argv: list[str]) -> int:
                 label, raw = app.classify(text)
             except OrtuneError as exc:
                 raise OrtuneError(f"{where}: {exc}" if where else str(exc)) from None
+            # what a file or the model holds is printed escaped: an ANSI/OSC sequence must not drive the terminal
             fields = [label or UNPARSED] + ([repr(raw)] if args.show else []) + ([text] if tabular else [])
-            print("\t".join(fields), flush=True)
+            print("\t".join(map(printable, fields)), flush=True)
     except OrtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a bug: one line naming the traceback's file, not a traceback
         print(unexpected(exc, "predict"), file=sys.stderr)

@@ -19,6 +19,13 @@ from ortune.metrics import parse_label
 DEFAULT_MODEL = "models/onnx"
 
 
+def printable(text: str, keep: str = "") -> str:
+    """Text as a terminal shows it without obeying it: control characters (ESC of ANSI and OSC sequences, BEL,
+    CR, C1's CSI, ...) as their escape, \\x1b, except those in `keep`. Phrases, labels and generations come from
+    files and a model: printed raw, they could retitle, clear or rewrite the user's terminal."""
+    return "".join(c if c in keep or not (c < " " or "\x7f" <= c < "\xa0") else repr(c)[1:-1] for c in text)
+
+
 REBUILD = "rebuild the model (`dvc repro -f build_onnx`) or restore the file"
 # what the apps read from ortune.json (written by build_onnx)
 TASK_KEYS = ("format", "labels", "max_new_tokens")
