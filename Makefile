@@ -20,7 +20,7 @@ REVS ?=
 # program fails its target. Recipes read them as "$$ORTUNE_X" (one word, never evaluated again).
 # make exports command-line variables itself, expanding them first (a `$(shell ...)` in one would run
 # for every target): never under their own names.
-unexport ARGS NAME SWEEP METRIC MAX_MS_PER_TOKEN BRANCH EXP REVS QUICK TEXT FILE MODEL URL OUT HF_CONFIG HF_SPLIT
+unexport ARGS NAME SWEEP METRIC MAX_MS_PER_TOKEN BRANCH EXP REVS QUICK TEXT FILE MODEL URL OUT HF_CONFIG HF_SPLIT TIMEOUT
 params repro all: export ORTUNE_ARGS = $(value ARGS)
 all: export ORTUNE_NAME = $(value NAME)
 sweep: export ORTUNE_SWEEP = $(value SWEEP)
@@ -113,12 +113,14 @@ predict: setup ## Label a phrase with the built model: make predict TEXT="cricke
 chat: setup ## Chat with the built model through its chat template (/reset starts over, /quit leaves)
 	@$(PY) scripts/chat.py $${ORTUNE_MODEL:+"--model=$$ORTUNE_MODEL"}
 
-# URL, OUT, HF_CONFIG and HF_SPLIT reach the program through the environment, unexpanded ($(value ...))
-# and never through a shell command line, so quotes, spaces and `$` arrive exactly as typed.
+# URL, OUT, HF_CONFIG, HF_SPLIT and TIMEOUT (seconds a server may stay silent, default 60) reach the program
+# through the environment, unexpanded ($(value ...)) and never through a shell command line, so quotes, spaces
+# and `$` arrive exactly as typed.
 .PHONY: import-data
 import-data: export ORTUNE_IMPORT_URL = $(value URL)
 import-data: export ORTUNE_IMPORT_OUT = $(value OUT)
 import-data: export ORTUNE_IMPORT_HF_CONFIG = $(value HF_CONFIG)
 import-data: export ORTUNE_IMPORT_HF_SPLIT = $(value HF_SPLIT)
+import-data: export ORTUNE_IMPORT_TIMEOUT = $(value TIMEOUT)
 import-data: setup ## Bring a remote dataset under DVC: make import-data URL=https://.../x.jsonl [OUT=data/raw/x.jsonl] (s3, gs, azure, hf: docs/data.md)
 	@$(PY) scripts/import_data.py

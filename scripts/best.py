@@ -61,12 +61,13 @@ def main(argv: list[str]) -> int:
         root = Path.cwd()
         try:
             with locks.hold(locks.workspace_paths(root), "make best (dvc exp apply)", root):
-                return subprocess.run(["dvc", "exp", "apply", best.name]).returncode
+                return subprocess.run(["dvc", "exp", "apply", "--", best.name]).returncode
         except OrtuneError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.branch:
-        return subprocess.run(["dvc", "exp", "branch", best.name, args.branch]).returncode
+        # after `--`: BRANCH=-f is a branch name as typed (DVC refuses it), never DVC's --force
+        return subprocess.run(["dvc", "exp", "branch", "--", best.name, args.branch]).returncode
     return 0
 
 

@@ -13,15 +13,23 @@ Parquet conversion of one config and split (refs/convert/parquet/CONFIG/SPLIT/00
 Settings arrive through the environment (the Makefile exports them), never through a shell command
 line, so quotes, spaces and `$` in them reach this program as typed: ORTUNE_IMPORT_URL,
 ORTUNE_IMPORT_OUT, ORTUNE_IMPORT_HF_CONFIG, ORTUNE_IMPORT_HF_SPLIT; HF_ENDPOINT as huggingface_hub reads it.
+They reach DVC after `--`: a value a user typed is an argument, never an option (OUT=-f would force).
+
+An http(s) server that accepts the connection and never answers would hold DVC's lock (and make compare,
+best, pull behind it) for as long as DVC retries: the address is asked once first, with a timeout
+(TIMEOUT=seconds, ORTUNE_IMPORT_TIMEOUT; default 60), and DVC reads with the same timeout.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shlex
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -42,6 +50,7 @@ PLUGINS = {
     "webhdfs": "webhdfs",
 }
 BUILT_IN = ("http", "https")
+DEFAULT_TIMEOUT = 60.0  # seconds without an answer: a slow server answers well within it, a dead one never
 
 
 def hf_url(url: str, config: str, split: str, endpoint: str) -> tuple[str, str]:
@@ -99,6 +108,9 @@ def resolve(url: str, out: str, config: str, split: str, endpoint: str, root: Pa
             f"URL={url}: scheme '{scheme}' unknown; use http(s)://, hf://datasets/, "
             f"{'://, '.join(PLUGINS)}:// or a local path"
         )
+    if out.startswith("-") or url.startswith("-"):
+        name, value = ("OUT", out) if out.startswith("-") else ("URL", url)
+        raise OrtuneError(f"{name}={value}: starts with '-'; name a path (data/raw/NAME, or ./{value} if you mean it)")
     if out:
         target = Path(out)
     elif Path(name).suffix.lower() in FORMATS:
@@ -125,6 +137,38 @@ def resolve(url: str, out: str, config: str, split: str, endpoint: str, root: Pa
     return url, target
 
 
+def timeout_seconds(text: str) -> float:
+    if not text.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise OrtuneError(f"TIMEOUT={text}: must be a number of seconds > 0 (default {DEFAULT_TIMEOUT:g})")
+    return seconds
+
+
+def probe(url: str, seconds: float) -> None:
+    """Ask an http(s) address for its first byte, so a server that never answers is one line after
+    `seconds` instead of DVC's retries under its lock. What the answer says is left to DVC."""
+    if urlsplit(url).scheme.lower() not in BUILT_IN:
+        return
+    request = urllib.request.Request(url, headers={"Range": "bytes=0-0", "User-Agent": "ortune import-data"})
+    try:
+        with urllib.request.urlopen(request, timeout=seconds) as answer:
+            answer.read(1)
+    except urllib.error.HTTPError:  # an answer: DVC reports it in its own words
+        return
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise OrtuneError(
+                f"URL={url}: no answer within {seconds:g} s; check the address, or wait longer with TIMEOUT=SECONDS"
+            ) from None
+        raise OrtuneError(f"URL={url}: cannot be reached ({getattr(reason, 'strerror', None) or reason})") from None
+
+
 def main() -> int:
     env = os.environ
     root = Path.cwd()
@@ -137,10 +181,21 @@ def main() -> int:
             env.get("HF_ENDPOINT") or "https://huggingface.co",
             root,
         )
+        seconds = timeout_seconds(env.get("ORTUNE_IMPORT_TIMEOUT", ""))
+        probe(url, seconds)
         print(f"importing {url} -> {out}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
+        timeouts = (
+            # DVC reads whole seconds here (and keeps them in OUT.dvc for `dvc update`)
+            ["--fs-config", f"read_timeout={math.ceil(seconds)}", f"connect_timeout={math.ceil(seconds)}"]
+            if urlsplit(url).scheme.lower() in BUILT_IN
+            else []
+        )
         done = subprocess.run(
-            [sys.executable, "-m", "dvc", "import-url", url, str(out)], cwd=root, capture_output=True, text=True
+            [sys.executable, "-m", "dvc", "import-url", *timeouts, "--", url, str(out)],
+            cwd=root,
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
