@@ -101,3 +101,32 @@ def test_every_repo_path_named_in_code_exists(page):
     ).stdout.split()
     missing = sorted(p for p in named - set(ignored) if not (REPO / p).exists())
     assert not missing, f"{page_id(page)} names paths that do not exist: {missing}"
+
+
+# Where comments and notes send a reader: README "Section", or a page path (docs/x.md, bench/NOTES.md).
+SECTION_POINTER = re.compile(r'README(?:\.md)?\s+"([^"\n]+)"')
+PAGE_POINTER = re.compile(r"(?<![\w/.])((?:docs|bench)/[\w-]+\.md)")
+POINTING = [
+    *sorted((REPO / "conf").rglob("*.yaml")),
+    *sorted((REPO / "src").rglob("*.py")),
+    *sorted((REPO / "scripts").glob("*.py")),
+    *sorted((REPO / "bench").rglob("*.py")),
+    REPO / "Makefile",
+    REPO / "dvc.yaml",
+]
+
+
+def test_every_section_and_page_a_comment_points_at_exists():
+    """A conf/, code or Makefile comment naming README "Some section" or docs/page.md sends the reader
+    somewhere that exists (conf/train/cpu.yaml once pointed at README sections that had moved)."""
+    headings = {
+        re.sub(r"\s*#*\s*$", "", m.group(1)).strip().lower()
+        for m in re.finditer(r"(?m)^#{1,6}\s+(.*)$", FENCE.sub("", (REPO / "README.md").read_text(encoding="utf-8")))
+    }
+    broken = []
+    for file in POINTING:
+        text = file.read_text(encoding="utf-8")
+        rel = file.relative_to(REPO)
+        broken += [f"{rel}: README \"{s}\"" for s in SECTION_POINTER.findall(text) if s.strip().lower() not in headings]
+        broken += [f"{rel}: {page}" for page in PAGE_POINTER.findall(text) if not (REPO / page).is_file()]
+    assert not broken, f"comments point at sections or pages that do not exist: {broken}"
