@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ortune.app import DEFAULT_MODEL, App, printable
+from ortune.app import DEFAULT_MODEL, MAX_LINE_BYTES, App, printable
 from ortune.errors import OrtuneError, unexpected
 
 
@@ -43,7 +43,9 @@ def main(argv: list[str]) -> int:
         while True:
             if interactive:
                 print("> ", end="", flush=True)
-            raw = sys.stdin.buffer.readline()
+            raw = sys.stdin.buffer.readline(MAX_LINE_BYTES + 1)  # /dev/zero has no line end: never read it all
+            if len(raw) > MAX_LINE_BYTES:
+                raise OrtuneError(f"stdin: a line longer than {MAX_LINE_BYTES >> 20} MB; a chat turn is one short line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ortune.app import DEFAULT_MODEL, App, printable
+from ortune.app import DEFAULT_MODEL, MAX_INPUT_BYTES, App, printable, read_bounded
 from ortune.data import text_lines
 from ortune.errors import OrtuneError, unexpected
 
@@ -55,17 +55,20 @@ def phrases(args: argparse.Namespace) -> tuple[list[tuple[str | None, str]], boo
             raise OrtuneError("the phrase is not UTF-8 text; pass it as UTF-8") from None
         return [(None, text)], False
     if args.file:
-        if not args.file.is_file():
+        if not args.file.exists():
             raise OrtuneError(f"--file {args.file}: no such file")
+        if not args.file.is_file():  # a FIFO, a device (/dev/zero): no end to wait for
+            raise OrtuneError(f"--file {args.file}: not a regular file; pass a text file, or pipe it to stdin")
         try:
-            payload = args.file.read_bytes()
+            with args.file.open("rb") as handle:
+                payload = read_bounded(handle, MAX_INPUT_BYTES, f"--file {args.file}")
         except OSError as exc:
             raise OrtuneError(f"--file {args.file}: cannot be read ({exc.strerror or exc})") from None
         lines = text_lines(utf8(payload, f"--file {args.file}"))
     else:
         if sys.stdin.isatty():
             raise OrtuneError('nothing to classify: pass a phrase ("..."), --file FILE, or lines on stdin')
-        lines = text_lines(utf8(sys.stdin.buffer.read(), "stdin"))
+        lines = text_lines(utf8(read_bounded(sys.stdin.buffer, MAX_INPUT_BYTES, "stdin"), "stdin"))
     source = args.file or "stdin"
     found = [(f"{source}:{n}", line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
     if not found:

@@ -68,6 +68,8 @@ def test_printable_escapes_control_characters_and_keeps_text():
 class FakeApp:
     """The model as predict and chat see it: answers with an escape sequence of its own."""
 
+    task = {"format": "text", "labels": ["joy"], "max_new_tokens": 4}
+
     def __init__(self, *args, **kwargs):
         pass
 

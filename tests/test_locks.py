@@ -165,4 +165,4 @@ def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkou
     with another_run(checkout, checkout / "params.yaml") as run:
         assert best.main(["--apply"]) == 2
     assert not applied and f"params.yaml is being written by another run (pid {run.pid}" in capsys.readouterr().err
-    assert best.main(["--apply"]) == 0 and applied == [["dvc", "exp", "apply", "exp-a"]]
+    assert best.main(["--apply"]) == 0 and applied == [["dvc", "exp", "apply", "--", "exp-a"]]

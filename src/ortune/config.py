@@ -72,8 +72,10 @@ def params_yaml_text(composed: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(composed))
 
 
-def validate(raw: dict, source: str) -> DictConfig:
-    """Check a composed config against the schema and value ranges; return it typed and read-only."""
+def validate(raw: dict, source: str, workspace: bool = False) -> DictConfig:
+    """Check a composed config against the schema and value ranges; return it typed and read-only.
+    `workspace`: it is the config of the repository's own pipeline (params.yaml), whose outputs DVC tracks,
+    so they must lie inside the repository (by hand, a stage may write anywhere: tests write to temp dirs)."""
     if problem := secret_problem(raw):  # first: later messages may quote values
         raise OrtuneError(f"{source}: {problem}")
     lora = raw.get("lora") if isinstance(raw, dict) else None
@@ -90,7 +92,7 @@ def validate(raw: dict, source: str) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise OrtuneError(f"{source}: no value for {', '.join(missing)}; set it in conf/ (see conf/config.yaml)")
-    problems = list(setting_problems(cfg))
+    problems = list(setting_problems(cfg, project_root(), workspace))
     if problems:
         raise OrtuneError(f"{source}: " + "; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
@@ -188,8 +190,7 @@ def load(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         if not params_file.exists():
             raise OrtuneError(f"{params_file} is missing: run `make params` (or `dvc exp run`) to compose it")
         raw = yaml.safe_load(params_file.read_text(encoding="utf-8"))
-        source = str(params_file.name)
-    else:
-        raw = compose(overrides)
-        source = "conf/ + overrides" if overrides else "conf/"
+        return stage_view(validate(raw, params_file.name, workspace=True), declared_params(stage))
+    raw = compose(overrides)
+    source = "conf/ + overrides" if overrides else "conf/"
     return stage_view(validate(raw, source), declared_params(stage))

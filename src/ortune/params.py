@@ -46,7 +46,7 @@ STAMP = Path(".dvc/tmp/ortune/params.composed.yaml")
 
 def composed_text(overrides: list[str]) -> str:
     composed = config.compose(overrides)
-    config.validate(composed, "conf/ + overrides" if overrides else "conf/")
+    config.validate(composed, "conf/ + overrides" if overrides else "conf/", workspace=True)
     return config.params_yaml_text(composed)
 
 

@@ -6,6 +6,7 @@ defaults; docs/ tables are generated from it (scripts/settings_docs.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -38,8 +39,9 @@ class Config:
 RENAMED = renamed(Config, "")
 
 
-def problems(cfg: DictConfig):
-    """Every problem of a typed config: each group's declared choices and ranges, then its cross-field checks."""
+def problems(cfg: DictConfig, root: Path, workspace: bool = False):
+    """Every problem of a typed config: each group's declared choices and ranges, then its cross-field checks,
+    then the paths in `root` (the repository) it would read or write (ortune.settings.run)."""
     if problem := value_problem("precision", cfg.precision, onnx.PRECISION):
         yield problem
     yield from data.problems(cfg.data)
@@ -50,3 +52,5 @@ def problems(cfg: DictConfig):
     yield from eval.problems(cfg.eval)
     yield from onnx.problems(cfg.precision, cfg.onnx)
     yield from train.qat_problems(cfg)
+    yield from run.output_problems(cfg.paths, root, workspace)
+    yield from run.input_problems(cfg, root)

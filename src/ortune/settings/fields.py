@@ -9,6 +9,7 @@ not here: Hydra composes params.yaml from conf/, so conf/ holds every default, o
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Iterator
@@ -50,6 +51,8 @@ def in_range(value, spec: str) -> bool:
 
 def value_problem(key: str, value, meta) -> str | None:
     """The one problem of `value` for the setting `key` declared with `meta`, or None."""
+    if isinstance(value, float) and not math.isfinite(value):  # every number of a setting is finite (nan, inf)
+        return f"{key}={value} must be a finite number"
     choices, spec = meta.get("choices"), meta.get("range")
     listed = OmegaConf.is_list(value) or isinstance(value, list)
     if choices is not None and listed:
