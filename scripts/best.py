@@ -47,7 +47,10 @@ def main(argv: list[str]) -> int:
     try:
         lastgood.recover(Path.cwd())
         limits = {(k if "." in k else f"eval.{k}"): v for k, v in parse_limits(args.max).items()}
-        found = experiments.load()
+        found = experiments.load(unfinished=True) if args.table else experiments.load()
+        experiments.check_metric(found, metric)
+        for key in limits:
+            experiments.check_metric(found, key, "--max")
         if args.table:
             print(experiments.compare_table(found, metric))
             return 0

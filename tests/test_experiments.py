@@ -69,8 +69,8 @@ def test_environment_records_every_pinned_package():
 def test_compare_table_shows_changed_params_and_metrics_best_first():
     parsed = experiments.parse_exp_show(payload(exp_entry("r8", 0.7, 1.0, r=8), exp_entry("r16", 0.8, 1.2, r=16)))
     table = experiments.compare_table(parsed, "eval.accuracy").splitlines()
-    assert table[0] == "| experiment | lora.r | eval.accuracy | eval.ms_per_token |"
-    assert table[2].startswith("| r16 | 16 | 0.8 |") and table[3].startswith("| r8 | 8 | 0.7 |")
+    assert table[0] == "| experiment | state | lora.r | eval.accuracy | eval.ms_per_token |"
+    assert table[2].startswith("| r16 | success | 16 | 0.8 |") and table[3].startswith("| r8 | success | 8 | 0.7 |")
     assert "precision" not in table[0]  # unchanged params are left out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ EXPERIMENTS = [
 @pytest.fixture
 def dvc_calls(monkeypatch):
     calls = []
-    monkeypatch.setattr(best.experiments, "load", lambda: list(EXPERIMENTS))
+    monkeypatch.setattr(best.experiments, "load", lambda **_: list(EXPERIMENTS))
     monkeypatch.setattr(
         best.subprocess, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0)
     )
@@ -28,3 +29,65 @@ def dvc_calls(monkeypatch):
 def test_a_branch_name_is_never_an_option_of_dvcs(dvc_calls):
     assert best.main(["--metric=accuracy", "--branch=-f"]) == 0
     assert dvc_calls == [["dvc", "exp", "branch", "--", "exp-b", "-f"]]
+
+
+def rev(name, accuracy, r):
+    return {
+        "rev": f"{name}-sha" if name != "workspace" else "workspace",
+        "name": name if name != "workspace" else None,
+        "error": None,
+        "data": {
+            "rev": name,
+            "params": {"params.yaml": {"data": {"lora": {"r": r}}}},
+            "metrics": {"metrics/eval.json": {"data": {"accuracy": accuracy, "ms_per_token": 1.0}}},
+        },
+    }
+
+
+# `dvc exp show --json` (DVC 3) while `make all NAME=exp-new` runs in the workspace: DVC lists the running
+# experiment with the workspace's metrics files, which the run before it wrote
+PAYLOAD = [
+    {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+    {
+        "rev": "base-sha",
+        "name": "main",
+        "data": {},
+        "experiments": [
+            {"revs": [rev("exp-old", 0.7, 8)], "executor": None, "name": "exp-old"},
+            {
+                "revs": [rev("workspace", 0.99, 16)],
+                "executor": {"state": "running", "name": "workspace", "local": {"pid": 1}},
+                "name": "exp-new",
+            },
+            {"revs": [rev("exp-q", 0.98, 32)], "executor": {"state": "queued", "name": None}, "name": "exp-q"},
+        ],
+    },
+]
+
+
+def test_a_running_experiment_shows_its_state_and_not_the_previous_runs_metrics():
+    found = experiments.parse_exp_show(PAYLOAD, unfinished=True)
+    table = experiments.compare_table(found, "eval.accuracy").splitlines()
+    assert table[0].startswith("| experiment | state | lora.r | eval.accuracy |")
+    assert table[2].startswith("| exp-old | success | 8 | 0.7 |")
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[3:]}
+    assert rows["exp-new"].startswith("| exp-new | running | 16 | - |"), rows
+    assert rows["exp-q"].startswith("| exp-q | queued | 32 | - |"), rows
+    assert "0.99" not in "\n".join(table) and "0.98" not in "\n".join(table)
+    best_found, _ = experiments.pick_best(found, "eval.accuracy")
+    assert best_found.name == "exp-old", "only a finished experiment can win"
+    assert [e.name for e in experiments.parse_exp_show(PAYLOAD)] == ["exp-old"]
+
+
+@pytest.mark.parametrize("args", [["--table", "--metric=foo.bar"], ["--metric=foo.bar", "--apply"], ["--max=foo=1"]])
+def test_an_unknown_metric_is_one_line_listing_the_valid_ones(dvc_calls, capsys, args):
+    assert best.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"no experiment has the metric (eval\.)?foo", err), err
+    assert "valid: eval.accuracy" in err
+    assert dvc_calls == []
+
+
+def test_a_name_with_a_control_character_or_a_pipe_stays_in_its_cell():
+    found = [experiments.Experiment(rev="c" * 40, name="a|b\x1b[2J", metrics={"eval.accuracy": 0.5})]
+    assert experiments.compare_table(found, "eval.accuracy").splitlines()[2] == "| a\\|b\\x1b[2J | success | 0.5 |"

@@ -156,7 +156,7 @@ def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkou
     (checkout / "params.yaml").write_text("paths: {metrics: metrics}\n")
     monkeypatch.chdir(checkout)
     monkeypatch.delenv(locks.OWNERS_ENV, raising=False)
-    monkeypatch.setattr(experiments, "load", lambda: ["exp-a"])
+    monkeypatch.setattr(experiments, "load", lambda: [])
     monkeypatch.setattr(experiments, "pick_best", lambda found, *a: (type("E", (), {"name": "exp-a"}), ["exp-a wins"]))
     applied = []
     monkeypatch.setattr(

@@ -19,7 +19,8 @@ class Experiment:
     rev: str
     name: str
     params: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)  # {"eval.json:accuracy": 0.8, ...} flattened per file
+    metrics: dict = field(default_factory=dict)  # {"eval.accuracy": 0.8, ...} flattened per file
+    state: str = "success"  # DVC's executor state: success, running, queued or failed
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -30,10 +31,16 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-def _experiment(entry: dict) -> Experiment | None:
+def _state(group: dict, entry: dict) -> str:
+    """DVC 3 says where an experiment stands in its group's executor (`status` in the data: older DVC)."""
+    if entry.get("error"):
+        return "failed"
+    state = (group.get("executor") or {}).get("state") or (entry.get("data") or {}).get("status") or "success"
+    return str(state).lower()
+
+
+def _experiment(entry: dict, state: str) -> Experiment:
     data = entry.get("data") or {}
-    if entry.get("error") or data.get("status") in ("Failed", "Queued", "Running"):
-        return None
     params: dict = {}
     for file_params in (data.get("params") or {}).values():
         _flatten("", file_params.get("data", {}), params)
@@ -43,29 +50,52 @@ def _experiment(entry: dict) -> Experiment | None:
         _flatten("", content.get("data", {}), flat)
         name = path.rsplit("/", 1)[-1].removesuffix(".json")
         metrics.update({f"{name}.{k}": v for k, v in flat.items()})
-    return Experiment(rev=entry["rev"], name=entry.get("name") or entry["rev"][:7], params=params, metrics=metrics)
+    if state != "success":
+        # a running experiment's metrics are the workspace's, from the run before it: never shown as its own
+        metrics = {}
+    name = entry.get("name") or ("" if entry["rev"] == "workspace" else entry["rev"][:7])
+    return Experiment(rev=entry["rev"], name=name, params=params, metrics=metrics, state=state)
 
 
-def parse_exp_show(payload: list[dict]) -> list[Experiment]:
-    """Every finished experiment in `dvc exp show --json` output (baselines and workspace excluded)."""
+def parse_exp_show(payload: list[dict], unfinished: bool = False) -> list[Experiment]:
+    """Every finished experiment in `dvc exp show --json` output (baselines and workspace excluded);
+    `unfinished`: running, queued and failed ones too, with their state and without metrics."""
     found = []
     for baseline in payload:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs", []):
-                experiment = _experiment(rev)
-                if experiment is not None:
+                experiment = _experiment(rev, _state(group, rev))
+                experiment.name = experiment.name or group.get("name") or "workspace run"
+                if unfinished or experiment.state == "success":
                     found.append(experiment)
     return found
 
 
-def load(cwd: str | None = None) -> list[Experiment]:
+def metric_names(experiments: list[Experiment]) -> list[str]:
+    """The numeric metrics finished experiments hold: the headline ones first, then the rest by name."""
+    names = {k for e in experiments for k, v in e.metrics.items() if isinstance(v, (int, float))}
+    return [m for m in HEADLINE if m in names] + sorted(names - set(HEADLINE))
+
+
+def check_metric(experiments: list[Experiment], metric: str, setting: str = "METRIC") -> None:
+    """One line when no finished experiment has `metric` (a typo would otherwise rank every row as equal)."""
+    names = metric_names([e for e in experiments if e.state == "success"])
+    if names and metric not in names:
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        raise OrtuneError(
+            f"{setting}={metric.removeprefix('eval.')}: no experiment has the metric {metric}; "
+            f"valid: {shown} (the eval. prefix may be left out)"
+        )
+
+
+def load(cwd: str | None = None, unfinished: bool = False) -> list[Experiment]:
     # this interpreter's DVC, whatever PATH holds (tests and tools call this without the venv activated)
     done = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"], cwd=cwd, capture_output=True, text=True
     )
     if done.returncode != 0:
         raise OrtuneError(f"`dvc exp show` failed: {done.stderr.strip().splitlines()[-1:]}")
-    return parse_exp_show(json.loads(done.stdout or "[]"))
+    return parse_exp_show(json.loads(done.stdout or "[]"), unfinished)
 
 
 def pick_best(
@@ -76,6 +106,7 @@ def pick_best(
     Returns the winner and one line per experiment saying why it won, lost or was excluded.
     """
     limits = limits or {}
+    experiments = [e for e in experiments if e.state == "success"]
     if not experiments:
         raise OrtuneError("no finished experiments: run `make all` or `make sweep` first")
     reasons, eligible = [], []
@@ -113,15 +144,17 @@ HEADLINE = (
 
 
 def compare_table(experiments: list[Experiment], metric: str) -> str:
-    """Markdown: the params that differ between experiments, then the headline metrics, best first."""
+    """Markdown: each experiment's state, the params that differ between experiments, then the headline
+    metrics (with `metric` among them), best first; unfinished experiments last, without metrics."""
     keys = sorted({k for e in experiments for k in e.params if not k.startswith(("paths.", "wandb."))})
     changed = [k for k in keys if len({repr(e.params.get(k)) for e in experiments}) > 1]
-    columns = [*changed, *[m for m in HEADLINE if any(m in e.metrics for e in experiments)]]
-    ranked = sorted(experiments, key=lambda e: _sort_key(e.metrics.get(metric)), reverse=True)
-    lines = ["| experiment | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    shown = [*HEADLINE, *([metric] if metric not in HEADLINE else [])]
+    columns = [*changed, *[m for m in shown if any(m in e.metrics for e in experiments)]]
+    ranked = sorted(experiments, key=lambda e: (e.state == "success", _sort_key(e.metrics.get(metric))), reverse=True)
+    lines = ["| experiment | state | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for exp in ranked:
-        cells = [_cell(exp.params.get(c, exp.metrics.get(c))) for c in columns]
-        lines.append(f"| {exp.name} | " + " | ".join(cells) + " |")
+        cells = [_cell(exp.name), exp.state, *(_cell(exp.params.get(c, exp.metrics.get(c))) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -132,7 +165,9 @@ def _sort_key(value) -> float:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "-" if value is None else str(value)
+    # names and settings a user typed: no control character reaches the terminal, no `|` splits the cell
+    text = "-" if value is None else "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    return text.replace("|", "\\|")
 
 
 def _read_metrics(folder: Path, name: str) -> dict:
