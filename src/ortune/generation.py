@@ -33,6 +33,10 @@ class OnnxGenerator:
             config.clear_providers()
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        # encode as transformers' tokenizer(text) does, which training and the PyTorch runtimes use: with the
+        # tokenizer's own special tokens (Gemma's <bos>: genai 0.18 leaves them out by default, and Gemma
+        # without <bos> answers with noise); a tokenizer that adds none (SmolLM2, the tiny model) is unchanged
+        self.tokenizer.update_options(add_special_tokens="true")
         self.adapter_files = _adapter_files(Path(model_dir))
         self.adapters = None
         self.adapter: str | None = None
