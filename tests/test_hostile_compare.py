@@ -91,3 +91,26 @@ def test_an_unknown_metric_is_one_line_listing_the_valid_ones(dvc_calls, capsys,
 def test_a_name_with_a_control_character_or_a_pipe_stays_in_its_cell():
     found = [experiments.Experiment(rev="c" * 40, name="a|b\x1b[2J", metrics={"eval.accuracy": 0.5})]
     assert experiments.compare_table(found, "eval.accuracy").splitlines()[2] == "| a\\|b\\x1b[2J | success | 0.5 |"
+
+
+@pytest.mark.parametrize(
+    ("sweep", "needle"),
+    [
+        ("lora.r=8,,16", "SWEEP: Error parsing override 'lora.r=8,,16' extraneous input ','; write each"),
+        ("lora.r=8,0", "SWEEP: the run lora.r=0: conf/ + overrides: lora.r=0 must be >= 1"),
+        (
+            "lora.r=8 paths.onnx=models/x,src",
+            "SWEEP: the run lora.r=8 paths.onnx=src: conf/ + overrides: paths.onnx=src",
+        ),
+        ("lora.rr=8,16", "SWEEP: the run lora.rr=8: conf/: Could not override 'lora.rr'"),
+    ],
+)
+def test_a_bad_sweep_is_one_line_before_anything_is_queued(monkeypatch, capsys, sweep, needle):
+    from ortune import params
+
+    monkeypatch.setattr(params, "run_command", lambda argv: pytest.fail(f"ran {argv}"))
+    monkeypatch.setenv("ORTUNE_SWEEP", sweep)
+    monkeypatch.delenv("ORTUNE_ARGS", raising=False)
+    assert params.main(["sweep"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {needle}"), err

@@ -4,6 +4,7 @@ few lines `make all` prints about the run in the workspace (`python -m ortune.ex
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -86,6 +87,23 @@ def check_metric(experiments: list[Experiment], metric: str, setting: str = "MET
             f"{setting}={metric.removeprefix('eval.')}: no experiment has the metric {metric}; "
             f"valid: {shown} (the eval. prefix may be left out)"
         )
+
+
+def sweep_combinations(sweep: list[str]) -> list[list[str]]:
+    """The runs `dvc exp run --queue -S ...` makes of SWEEP's overrides (DVC's own Hydra expansion), or one line
+    (`lora.r=8,,16` had ended in DVC's multi-line "unexpected error")."""
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    try:
+        return [runs["params.yaml"] for runs in get_hydra_sweeps({"params.yaml": list(sweep)})]
+    except Exception as exc:  # noqa: BLE001 - Hydra's parser and DVC raise several types for one bad value
+        cause = exc.__cause__ or exc
+        message = " ".join(str(cause).split()).split(" See https://hydra.cc")[0]
+        message = re.sub(r" expecting \{[^}]*\}", "", message).rstrip(".")  # the grammar's token list
+        raise OrtuneError(
+            f"SWEEP: {message or type(cause).__name__}; write each swept setting as key=a,b,c "
+            '(make sweep SWEEP="lora.r=8,16 precision=int4,int8")'
+        ) from None
 
 
 def load(cwd: str | None = None, unfinished: bool = False) -> list[Experiment]:

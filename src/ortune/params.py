@@ -236,6 +236,13 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
     if action == "sweep":
         if not sweep:
             raise OrtuneError('set SWEEP, e.g. make sweep SWEEP="lora.r=8,16,32 precision=int4,int8"')
+        from ortune.experiments import sweep_combinations
+
+        for combination in sweep_combinations(sweep):  # each checked as ARGS is, before any is queued
+            try:
+                composed_text(combination)
+            except OrtuneError as exc:
+                raise OrtuneError(f"SWEEP: the run {' '.join(combination)}: {exc}") from None
         lastgood.recover(space.root)
         # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
         with locks.hold([space.params], what, space.root):
