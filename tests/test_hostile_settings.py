@@ -57,3 +57,14 @@ def test_a_number_that_is_not_finite_is_refused_like_nan(key, value):
 def test_every_float_setting_refuses_inf():
     assert fields.value_problem("x", float("inf"), {}) == "x=inf must be a finite number"
     assert fields.value_problem("x", 1e308, {}) is None
+
+
+@pytest.mark.parametrize("separator", [";", "\t", "|"])
+def test_a_csv_with_another_separator_gets_a_delimiter_hint(tmp_path, separator):
+    from ortune import data
+
+    path = tmp_path / "rows.csv"
+    path.write_text(f"phrase{separator}tone\nhello there{separator}joy\nsad day{separator}sadness\n")
+    with pytest.raises(OrtuneError, match=re.escape(f"the file looks {separator!r}-separated")) as caught:
+        data.read_records(path)
+    assert "\n" not in str(caught.value) and "re-save it with commas" in str(caught.value)

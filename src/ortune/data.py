@@ -200,6 +200,12 @@ def _load(file: Path, kind: str) -> list[dict]:
             columns = pd.read_csv(file, nrows=0, encoding="utf-8").columns
             if len(columns) == 0:
                 raise OrtuneError(f"{file}: no header line; the first line must name the columns")
+            if len(columns) == 1 and (separator := next((c for c in ";\t|" if c in columns[0]), None)):
+                # one column named "phrase;tone": the rows are another separator's, which CSV does not read
+                raise OrtuneError(
+                    f"{file}: one column named {columns[0]!r}: the file looks {separator!r}-separated; "
+                    "ortune reads comma-separated CSV: re-save it with commas (or as JSON Lines)"
+                )
             options["features"] = datasets.Features({name: datasets.Value("string") for name in columns})
             options["na_filter"] = False
         # a throwaway cache: the stage's inputs are the files, never a stale copy of them
