@@ -945,8 +945,14 @@ def throwaway_clone(root: Path) -> tuple[Path, dict]:
         "GIT_COMMITTER_NAME": "bench",
         "GIT_COMMITTER_EMAIL": "bench@ortune",
     }
-    for name in ("DVC_STAGE", "DVC_ROOT", "VIRTUAL_ENV"):
+    for name in ("DVC_STAGE", "DVC_ROOT", "VIRTUAL_ENV", "ORTUNE_ARGS", "ORTUNE_SWEEP", "ORTUNE_NAME"):
         env.pop(name, None)
+    # the configuration conf/ composes, whatever the workspace's params.yaml holds: after `make best` or
+    # `make all ARGS=...` it is that experiment's, and the clone lacks ortune's record of composing it (in
+    # git-ignored .dvc/tmp), so make all there refused it; compose it again as `make params` does
+    subprocess.run(
+        [sys.executable, "-m", "ortune.params", "params"], cwd=clone, env=env, check=True, capture_output=True
+    )
     subprocess.run(["git", "add", "-A"], cwd=clone, env=env, check=True)
     subprocess.run(["git", "commit", "-qm", "bench state", "--allow-empty"], cwd=clone, env=env, check=True)
     return clone, env
