@@ -37,6 +37,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
+    # a killed process nobody reaped yet (its parent died with it, and the container's init does not
+    # reap) still answers kill(0) as a zombie: it will never write again
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
