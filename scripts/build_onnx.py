@@ -377,6 +377,9 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
     return model_card.render(
         model={
             **dict(name=cfg.model.name, hub_id=cfg.model.hub_id, revision=cfg.model.revision, path=cfg.model.path),
+            # what fetch_model loaded (a model.gguf_file is named after its file, not the conf entry it overrode)
+            **{key: base_info[key] for key in ("architecture", "license", "base_model") if base_info.get(key)},
+            "name": base_info.get("model") or cfg.model.name,
             "resolved_revision": base_info.get("resolved_revision"),
             **{key: value for key, value in base_info.items() if key.startswith("gguf_")},
         },

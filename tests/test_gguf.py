@@ -53,6 +53,70 @@ def write_gguf(path: Path, arch: str) -> Path:
     return path
 
 
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character, so any text tokenizes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+QWEN2_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"self_attn.{p}_proj.{kind}": f"attn_{p}.{kind}" for p in "qkv" for kind in ("weight", "bias")},
+    "self_attn.o_proj.weight": "attn_output.weight",
+    **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
+}
+
+
+def write_tiny_qwen2_gguf(path: Path):
+    """A complete random Qwen2 (2 layers, width 64, untied head, a byte-level BPE) as a float32 GGUF, the way
+    llama.cpp's converter names its tensors and metadata; returns the PyTorch model it holds."""
+    import torch
+    from gguf import GGUFWriter
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "o n", "e r"]
+    tokens = [*byte_alphabet(), *(m.replace(" ", "") for m in merges), "<|endoftext|>"]
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config_ = Qwen2Config(
+        vocab_size=len(tokens), num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **shape
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config_).eval()
+    weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    writer = GGUFWriter(str(path), arch="qwen2")
+    writer.add_name("tiny qwen2")
+    writer.add_license("apache-2.0")
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_add_bos_token(False)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    names["lm_head.weight"] = "output.weight"  # stored apart: it converts as an untied model
+    for layer in range(2):
+        names.update({f"model.layers.{layer}.{hf}": f"blk.{layer}.{gg}" for hf, gg in QWEN2_TENSORS.items()})
+    for hf, gg in names.items():
+        writer.add_tensor(gg, weights[hf])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
 # --- configuration --------------------------------------------------------------------------------
 
 
@@ -298,3 +362,80 @@ def test_transformers_and_genai_give_identical_token_ids_for_text_and_chat(smoll
     # the apps render chat prompts with genai's template engine: it must produce the same text
     for conversation, chat in zip(conversations, chats):
         assert genai.apply_chat_template(json.dumps(conversation), add_generation_prompt=True) == chat
+
+
+# --- model.gguf_file beyond Llama: another architecture through fetch_model and build_onnx ------------
+
+
+@pytest.mark.slow
+def test_a_gguf_of_another_architecture_converts_exports_and_names_what_was_loaded(tmp_path, monkeypatch):
+    """model.gguf_file under the default entry (SmolLM2's, Llama): a Qwen2 GGUF written here goes through
+    fetch_model and the builder; metrics name the file, its architecture, digest and license, not the entry."""
+    import numpy as np
+    import torch
+
+    from ortune.generation import OnnxGenerator
+    from ortune.parity import TorchReference
+
+    monkeypatch.chdir(REPO)
+    gguf = tmp_path / "tiny-qwen2.gguf"
+    original = write_tiny_qwen2_gguf(gguf)
+    metrics = fetch_model.run(fetch_cfg(tmp_path, f"model.gguf_file={gguf}"))
+    assert metrics["model"] == "tiny-qwen2" and metrics["conf_entry"] == "smollm2-135m"
+    assert metrics["architecture"] == "Qwen2ForCausalLM" and metrics["license"] == "apache-2.0"
+    assert metrics["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert metrics["gguf_file"] == str(gguf) and metrics["gguf_name"] == "tiny qwen2"
+    base = tmp_path / "base"
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is False
+
+    export.run_builder(base, tmp_path / "fp32", "fp32", "cpu", {}, log_file=tmp_path / "build.log")
+    reference, onnx = TorchReference(base), OnnxGenerator(tmp_path / "fp32", adapter=None)
+    for prompt in ["the cat sat on the mat", "### Text: héllo wörld 🎉\n### The tone is:\n"]:
+        ids = reference.tokenizer(prompt)["input_ids"]
+        assert onnx.encode(prompt) == ids
+        expected = reference.last_logits(prompt)
+        # the converted weights are the written ones, and the export computes what they compute
+        with torch.no_grad():
+            written = original(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(expected - written).max() < 1e-5
+        assert np.abs(onnx.last_logits(prompt) - expected).max() <= 1e-3 * expected.std()
+
+
+def test_the_card_names_what_was_loaded_with_its_license_and_base_model():
+    card = model_card.render(
+        model={
+            "name": "tiny-qwen2",
+            "hub_id": None,
+            "revision": None,
+            "path": None,
+            "resolved_revision": None,
+            "gguf_file": "/data/tiny-qwen2.gguf",
+            "gguf_sha256": "cd" * 32,
+            "architecture": "Qwen2ForCausalLM",
+            "license": "apache-2.0",
+            "base_model": "Qwen/Qwen2-0.5B",
+        },
+        dataset={
+            "path": "d.jsonl",
+            "sha256": "0" * 64,
+            "eval_rows": 1,  # the split's names before and after the validation/test split
+            "eval_sha256": "2" * 64,
+            "train_rows": 1,
+            "validation_rows": 1,
+            "test_rows": 1,
+            "train_sha256": "1" * 64,
+            "validation_sha256": "2" * 64,
+            "test_sha256": "3" * 64,
+        },
+        settings={},
+        lora=None,
+        metrics={"precision": "int4", "execution_provider": "cpu", "size_mb": 1.0, "build_seconds": 1.0},
+        task={"labels": ["a"], "max_new_tokens": 2, "format": "text"},
+    )
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data
+    assert data.license == "apache-2.0" and data.base_model == "Qwen/Qwen2-0.5B"
+    assert next(line for line in card.splitlines() if line.startswith("# ")).startswith("# tiny-qwen2 fine-tuned")
+    base = next(line for line in card.splitlines() if line.startswith("- Base model:"))
+    assert "/data/tiny-qwen2.gguf, dequantized to float32 (Qwen2ForCausalLM)" in base and "cd" * 32 in base

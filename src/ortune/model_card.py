@@ -63,6 +63,8 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
         package = f" from {model['gguf_package']} {model['gguf_package_version']}" if model.get("gguf_package") else ""
         base = f"{model['gguf_file']}{package}, dequantized to float32"
         revision = f"sha256 {model['gguf_sha256']}"
+    if model.get("architecture"):  # what was loaded: a model.gguf_file of any architecture says which
+        base = f"{base} ({model['architecture']})"
     title = (
         f"{model['name']} fine-tuned for {', '.join(task['labels'])} ({metrics['precision']}/"
         f"{metrics['execution_provider']} ONNX)"
@@ -166,7 +168,9 @@ def metadata(model: dict, dataset: dict, parities: dict, title: str, tags: list[
         for metric, label in (("label_agreement", "label agreement"), ("max_abs_logit_diff", "max |logit diff|"))
     ]
     return ModelCardData(
-        base_model=None if model.get("gguf_sha256") else model.get("hub_id") or None,
+        # a GGUF or a local folder has no Hub id of its own: the model it derives from, where known
+        base_model=model.get("base_model") or (None if model.get("gguf_sha256") else model.get("hub_id") or None),
+        license=model.get("license") or None,
         library_name="onnxruntime-genai",
         datasets=[dataset["path"]],
         metrics=["label_agreement", "max_abs_logit_diff"] if results else None,

