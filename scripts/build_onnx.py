@@ -48,6 +48,8 @@ def run(cfg: DictConfig) -> dict:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         metrics.update(build_seconds=time.perf_counter() - started, size_mb=folder_megabytes(out))
+        # where the megabytes are (a tied 262k-word embedding, an untied float one: issue 23)
+        metrics["size_by_part"] = export.size_by_part(out)
         (out / "README.md").write_text(card(shipped_cfg, metrics, task, options), encoding="utf-8")
         failures = parity.summarize_failures(
             {"model": metrics.get("parity") or {}, **metrics.get("adapter_parity", {})}

@@ -183,6 +183,9 @@ def test_fp32_export_matches_pytorch_across_the_sliding_window(gemma, tmp_path):
 
     base, _ = gemma
     export.run_builder(base, tmp_path / "fp32", "fp32", "cpu", {}, log_file=tmp_path / "build.log")
+    # tied: the embedding lookup reads the head's 262k x 640 matrix, most of the model
+    parts = export.size_by_part(tmp_path / "fp32")
+    assert parts["embedding_shared_with_head"] and parts["embedding_mb"] == 0 and parts["head_share"] > 0.5
     reference, onnx = TorchReference(base), OnnxGenerator(tmp_path / "fp32", adapter=None)
     window = " ".join(f"Sentence {i}: the river flows past the old mill while birds sing." for i in range(60))
     for prompt in ["The capital of France is", "### Text: I can't believe it!\n### The tone is:\n", window]:

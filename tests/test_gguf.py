@@ -389,6 +389,10 @@ def test_a_gguf_of_another_architecture_converts_exports_and_names_what_was_load
     assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is False
 
     export.run_builder(base, tmp_path / "fp32", "fp32", "cpu", {}, log_file=tmp_path / "build.log")
+    # untied: the embedding and the head are two matrices of vocabulary x 64 floats each
+    parts = export.size_by_part(tmp_path / "fp32")
+    assert not parts["embedding_shared_with_head"] and parts["embedding_mb"] == parts["head_mb"] > 0
+    assert parts["layers_mb"] > 0 and abs(sum(v for k, v in parts.items() if k.endswith("_share")) - 1) < 1e-3
     reference, onnx = TorchReference(base), OnnxGenerator(tmp_path / "fp32", adapter=None)
     for prompt in ["the cat sat on the mat", "### Text: héllo wörld 🎉\n### The tone is:\n"]:
         ids = reference.tokenizer(prompt)["input_ids"]

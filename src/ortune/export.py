@@ -298,6 +298,39 @@ def check_graph(model_dir: Path) -> dict:
     return {"ops": dict(sorted(ops.items())), "logits_dtype": types.get("logits")}
 
 
+def size_by_part(model_dir: Path) -> dict:
+    """MB and share of the model's weights per part: the embedding, the decoder layers, the LM head and the
+    rest (RoPE caches, final norm), from the graph's initializers (headers only). A tied model's embedding
+    Gather reads the head's matrix: it counts once, as the head, and `embedding_shared_with_head` says so."""
+    import onnx
+
+    path = model_file(model_dir)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    parts = dict.fromkeys(("embedding", "layers", "head", "other"), 0)
+    for tensor in graph.initializer:
+        external = {entry.key: entry.value for entry in tensor.external_data}
+        size = int(external["length"]) if "length" in external else len(tensor.raw_data)
+        size = size or onnx.numpy_helper.to_array(tensor).nbytes  # typed fields (small constants)
+        part = (
+            "embedding"
+            if "embed_tokens" in tensor.name
+            else "head"
+            if "lm_head" in tensor.name
+            else "layers"
+            if tensor.name.startswith(("model.layers.", "/model/layers."))
+            else "other"
+        )
+        parts[part] += size
+    total = sum(parts.values()) or 1
+    # the builder's embedding nodes (/model/embed_tokens/...) reading the head's initializer
+    lookup = [node for node in graph.node if node.name.startswith("/model/embed_tokens/")]
+    shared = any("lm_head" in name for node in lookup for name in node.input)
+    result: dict = {f"{part}_mb": round(size / 1e6, 3) for part, size in parts.items()}
+    result.update({f"{part}_share": round(size / total, 4) for part, size in parts.items()})
+    result["embedding_shared_with_head"] = shared
+    return result
+
+
 def tune_genai_config(out_dir: Path, threads: int) -> int:
     """Decode on every core (genai uses one when the key is absent) and search greedily, as classification
     wants. 0 stays 0: onnxruntime then takes every core of the machine that *runs* the model, not the
