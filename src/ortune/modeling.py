@@ -53,15 +53,19 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def build_tiny_phi3(tiny: DictConfig, texts: list[str], seed: int, out_dir: Path) -> dict:
-    """Write a random-init Phi3ForCausalLM and its tokenizer to out_dir, deterministically from seed."""
+def build_tiny_phi3(
+    tiny: DictConfig, texts: list[str], seed: int, out_dir: Path, model_vocab_size: int | None = None
+) -> dict:
+    """Write a random-init Phi3ForCausalLM and its tokenizer to out_dir, deterministically from seed.
+    `model_vocab_size`: the embedding's rows when they outnumber the tokenizer's tiny.vocab_size tokens
+    (as in Phi-3 itself; make bench's 271M-parameter random model), else the tokenizer's size."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     tokenizer = train_tiny_tokenizer(texts, tiny.vocab_size)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")]
     config = Phi3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=model_vocab_size or len(tokenizer),
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_hidden_layers,
