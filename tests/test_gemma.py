@@ -64,6 +64,8 @@ def test_the_conf_entry_names_its_package_digest_license_and_gemma_targets():
         "make setup-gemma",
     )
     assert cfg.model.license == "gemma" and cfg.model.base_model == "google/gemma-3-270m"
+    smol = full("model=smollm2-135m").model  # the other real model says its own, for the card's metadata
+    assert (smol.license, smol.base_model) == ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct")
     assert list(cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert list(cfg.lora.modules_to_save) == []  # tied: lm_head is the embedding
 
