@@ -20,8 +20,9 @@ REVS ?=
 # program fails its target. Recipes read them as "$$ORTUNE_X" (one word, never evaluated again).
 # make exports command-line variables itself, expanding them first (a `$(shell ...)` in one would run
 # for every target): never under their own names.
-unexport ARGS NAME SWEEP METRIC MAX_MS_PER_TOKEN BRANCH EXP REVS QUICK TEXT FILE MODEL URL OUT HF_CONFIG HF_SPLIT TIMEOUT
-params repro all: export ORTUNE_ARGS = $(value ARGS)
+unexport N ARGS NAME SWEEP METRIC MAX_MS_PER_TOKEN BRANCH EXP REVS QUICK TEXT FILE MODEL URL OUT HF_CONFIG HF_SPLIT TIMEOUT
+params repro all seeds: export ORTUNE_ARGS = $(value ARGS)
+seeds: export ORTUNE_SEEDS = $(value N)
 all: export ORTUNE_NAME = $(value NAME)
 sweep: export ORTUNE_SWEEP = $(value SWEEP)
 compare best: export ORTUNE_METRIC = $(value METRIC)
@@ -31,7 +32,7 @@ plots: export ORTUNE_REVS = $(value REVS)
 push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gemma test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore
+.PHONY: help setup setup-gemma test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore seeds
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -77,6 +78,9 @@ all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, 
 	$(PY) -m ortune.params all
 	@echo
 	@$(PY) -m ortune.experiments
+
+seeds: setup ## Run the pipeline on N training seeds (make seeds N=3 [ARGS=...]): each seed's figures, their mean and spread
+	$(PY) -m ortune.seeds "$${ORTUNE_SEEDS:-3}"
 
 plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS="HEAD exp-name" compares runs)
 	set -f; $(PY) scripts/report.py -- $$ORTUNE_REVS

@@ -8,7 +8,8 @@ card), metrics/onnx.json (settings, size, parity with PyTorch).
 
 Invalid settings (precision/provider pair, unknown or deprecated builder option) fail before any
 stage runs. After the build: the graph is checked structurally (every provider), then its last-token
-logits and greedy labels are compared with the PyTorch model on the eval prompts (ortune.parity);
+logits and greedy labels are compared with the PyTorch model on the validation prompts (ortune.parity;
+the test split is never read here: auto quantization chooses on validation);
 a missed target fails the stage unless onnx.require_parity=false.
 
     python scripts/build_onnx.py precision=fp32
@@ -71,7 +72,7 @@ def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tupl
     """Build into `out`, write the runtime files beside the model and measure parity: (metrics, builder
     options, task spec)."""
     o, prepared = cfg.onnx, Path(cfg.paths.prepared)
-    rows = data.read_jsonl(prepared / "eval.jsonl")
+    rows = data.read_jsonl(prepared / "validation.jsonl")
     labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
     options, adapter_files, target = build(cfg, out, scratch, logs)
     graph = export.check_graph(out)
@@ -100,7 +101,7 @@ def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tupl
     return metrics, options, task
 
 
-# Decode speed of each auto candidate: a short, comparable measurement on the first eval prompt (eval
+# Decode speed of each auto candidate: a short, comparable measurement on the first validation prompt (eval
 # measures the shipped model properly, with its eval.latency settings).
 CANDIDATE_TIMING = dict(new_tokens=16, warmup=1, repeats=3)
 
@@ -120,7 +121,7 @@ def select_candidate(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> t
         log.info("auto candidate %d: precision=%s %s", index, candidate.precision, dict(entry) or "(onnx.* as set)")
         metrics, options, task = build_checked(candidate, folder, own_scratch, Path(f"{logs}-candidate{index}"))
         prompt = data.prompt_text(
-            data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[0]["prompt"], cfg.paths.merged
+            data.read_jsonl(Path(cfg.paths.prepared) / "validation.jsonl")[0]["prompt"], cfg.paths.merged
         )
         speed = measure_latency(
             OnnxGenerator(folder, cpu=cfg.onnx.execution_provider != "cpu"), prompt, **CANDIDATE_TIMING
@@ -295,7 +296,7 @@ def check_parity(
 
     generator = OnnxGenerator(out, cpu=cfg.onnx.execution_provider != "cpu")
     if cfg.data.format == "chat":
-        messages = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")]
+        messages = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "validation.jsonl")]
         parity.check_chat_template(generator, messages, Path(cfg.paths.merged))
     trust, n = cfg.model.trust_remote_code, task["max_new_tokens"]
     references = {None: (Path(cfg.paths.merged), None)}
@@ -391,9 +392,13 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
             "train_sha256": model_card.sha256(prepared / "train.jsonl")
             if (prepared / "train.jsonl").is_file()
             else "none",
-            "eval_sha256": model_card.sha256(prepared / "eval.jsonl"),
+            "validation_sha256": model_card.sha256(prepared / "validation.jsonl"),
+            "test_sha256": (
+                model_card.sha256(prepared / "test.jsonl") if (prepared / "test.jsonl").is_file() else "none"
+            ),
             "train_rows": len(_rows_if_any(prepared / "train.jsonl")),
-            "eval_rows": len(data.read_jsonl(prepared / "eval.jsonl")),
+            "validation_rows": len(data.read_jsonl(prepared / "validation.jsonl")),
+            "test_rows": len(_rows_if_any(prepared / "test.jsonl")),
         },
         settings=settings,
         lora=read_json(Path(cfg.paths.adapter) / "adapter_config.json"),

@@ -1,15 +1,18 @@
 """Stage 5: judge the shipped ONNX model on labelled rows, beside its baselines and PyTorch twins.
 
 Reads: models/onnx/ (+ models/base, adapter, merged for `eval.compare`), data/prepared/ (labels,
-training rows for the majority baseline and the prompted baseline's shots), `eval.path` (default: the
-prepared eval split; any other labelled file is rendered with `data.template`), `eval.*`, `data.*`.
-Writes: metrics/eval.json (headline numbers of the shipped model at the top level, the baselines,
-the quantization loss, per-class scores and every runtime's scores and latency nested beside
-them), metrics/eval_predictions.jsonl, plots/confusion_matrix.png, plots/per_class_f1.csv;
-to W&B: those metrics, the confusion matrix and a (text, label, prediction) table.
+training rows for the majority baseline and the baselines' shots, the validation split), `eval.path`
+(default: the prepared test split; any other labelled file is rendered with `data.template`), `eval.*`,
+`data.*`. Writes: metrics/eval.json (headline numbers of the shipped model on the test rows at the top
+level with their 95 % intervals in `ci95`, the baselines and the strongest of them, the gain over it, the
+quantization loss, the shipped model on the validation split (`validation`: what `make best` selects
+on), per-class scores and every runtime's scores and latency nested beside them),
+metrics/eval_predictions.jsonl, plots/confusion_matrix.png, plots/per_class_f1.csv; to W&B: those
+metrics, the confusion matrix and a (text, label, prediction) table.
 
 A generation becomes a label by ortune.metrics.parse_label: first non-empty line, stripped of
-whitespace and punctuation, lowercased, matched to a label exactly or by prefix; else unparsed.
+whitespace and punctuation, lowercased, matched to a label exactly or by prefix; else unparsed. The
+prompted baseline, never taught that format, is read by ortune.metrics.lenient_label.
 
     python scripts/eval.py eval.limit=50 eval.compare=[merged]
     python scripts/eval.py eval.path=data/heldout.csv
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, evaluation, plots, stage, tracking
+from ortune import baselines, data, evaluation, intervals, plots, stage, tracking
 from ortune.artifacts import write_text_atomic
 from ortune.metrics import UNPARSED
 
@@ -36,18 +39,21 @@ def run(cfg: DictConfig) -> dict:
     prompts = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in rows]
     evaluation.check_context(cfg, rows, prompts)  # before any runtime loads: the rows too long, by place
     log.info("judging %d rows of %s", len(rows), cfg.eval.path)
-    asked = {}
+    asked, extra = {}, {"onnx": {}, "prompted": {}}
     if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded
-        asked["prompts"], asked["format"] = evaluation.prompted_prompts(cfg, rows, labels, train)
+        # its free answer zero-shot, as a user would ask; the k-shot baseline scores the labels
+        asked["prompts"], asked["format"] = baselines.prompted_prompts(cfg, rows, labels, train, shots=0)
+        asked["shots"] = 0
+        extra["prompted"] = {"choices": baselines.choice_prompts(cfg, rows, labels, train), "labels": labels}
         log.info(
-            "prompted baseline (%s, %d shots), first prompt: %r",
-            asked["format"],
-            cfg.eval.baseline_shots,
-            asked["prompts"][0],
+            "prompted baseline (%s, %d shots), first prompt: %r", asked["format"], asked["shots"], asked["prompts"][0]
         )
+    # the shipped model on the validation split too: what `make best` selects on
+    validation = evaluation.load_validation(cfg)
+    extra["onnx"]["validation_prompts"] = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in validation]
     results = {}
     for kind in ["onnx", *cfg.eval.compare]:
-        spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts)
+        spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts, **extra.get(kind, {}))
         results[kind] = evaluation.judge_in_fresh_process(spec)
         judged = results[kind]
         speed = (
@@ -57,8 +63,14 @@ def run(cfg: DictConfig) -> dict:
         )
         log.info("%-7s judged in %.1f s%s", kind, judged["eval_seconds"], speed)
     if asked:
-        results["prompted"].update(prompt_format=asked["format"], shots=cfg.eval.baseline_shots)
-    metrics, predictions = evaluation.summarize(rows, labels, train, results)
+        results["prompted"].update(prompt_format=asked["format"], shots=asked["shots"])
+    e = cfg.eval
+    metrics, predictions = evaluation.summarize(
+        rows, labels, train, results, validation, e.bootstrap_resamples, e.bootstrap_seed
+    )
+    path = Path(e.path)  # what the headline was measured on, for the summary to say
+    prepared = path.resolve().parent == Path(cfg.paths.prepared).resolve()
+    metrics["judged"] = {"split": f"{path.stem} split" if prepared else f"file {path}"}
     lines = evaluation.prediction_rows(rows, prompts, results, predictions)
     write_text_atomic(
         Path(cfg.paths.metrics) / "eval_predictions.jsonl",
@@ -83,21 +95,22 @@ def run(cfg: DictConfig) -> dict:
             scores["unparsed"],
             100 * scores["agreement_with_onnx"],
         )
+    ci = metrics["ci95"]
     log.info(
-        "shipped ONNX: accuracy %.3f (majority baseline %.3f), macro-F1 %.3f, TTFT %.1f ms, %.2f ms/token",
-        metrics["accuracy"],
-        metrics["majority_baseline"],
-        metrics["macro_f1"],
+        "shipped ONNX on %d test rows: accuracy %s, macro-F1 %s, TTFT %.1f ms, %.2f ms/token",
+        metrics["n"],
+        intervals.shown(metrics["accuracy"], ci["accuracy"]),
+        intervals.shown(metrics["macro_f1"], ci["macro_f1"]),
         metrics["ttft_ms"],
         metrics["ms_per_token"],
     )
-    if "prompted_baseline_accuracy" in metrics:
-        log.info(
-            "prompted untuned base: accuracy %.3f, %d of %d answers name no label",
-            metrics["prompted_baseline_accuracy"],
-            metrics["prompted_baseline_unparsed"],
-            metrics["n"],
-        )
+    for name, scores in metrics["baselines"].items():
+        log.info("baseline %-16s accuracy %s", name, intervals.shown(scores["accuracy"], scores["ci95"]["accuracy"]))
+    log.info(
+        "gain over the strongest baseline (%s): %s",
+        metrics["strongest_baseline"]["name"],
+        intervals.shown(metrics["gain_over_strongest_baseline"], ci["gain_over_strongest_baseline"]),
+    )
     return metrics
 
 

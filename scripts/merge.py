@@ -4,7 +4,7 @@ An adapter trained with train.method=qat (models/adapter/quantization_aware.json
 trained: every linear weight of the merged model is written on that int4 grid, which the builder's
 quantizer then reproduces exactly.
 
-Reads: models/base/, models/adapter/, data/prepared/eval.jsonl (a few prompts for the check).
+Reads: models/base/, models/adapter/, data/prepared/validation.jsonl (a few prompts for the check).
 Writes: models/merged/ (safetensors + tokenizer), metrics/merge.json (max |logit difference|
 between the merged model and base+adapter on those prompts).
 
@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict:
     grid = quantize.read_grid(cfg.paths.adapter)
     if grid:
         quantize.make_quantization_aware(model, grid["block_size"])
-    rows = data.read_jsonl(Path(cfg.paths.prepared) / "eval.jsonl")[:CHECK_PROMPTS]
+    rows = data.read_jsonl(Path(cfg.paths.prepared) / "validation.jsonl")[:CHECK_PROMPTS]
     prompts = [data.prompt_text(r["prompt"], cfg.paths.adapter) for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():

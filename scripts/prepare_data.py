@@ -1,14 +1,14 @@
-"""Stage 1: labelled records -> checked, de-duplicated, stratified prompt/completion splits.
+"""Stage 1: labelled records -> checked, de-duplicated, stratified train/validation/test prompt/completion splits.
 
 Reads: `data.path` (a JSON Lines / JSON / CSV / Parquet / Arrow file, or a folder of them), `data.*`,
 `seed`; the base model's tokenizer and context (models/base) and `train.max_length` for lengths in tokens.
-Writes: data/prepared/{train,eval}.jsonl (prompt, completion, label), data/prepared/labels.json,
+Writes: data/prepared/{train,validation,test}.jsonl (prompt, completion, label), data/prepared/labels.json,
 metrics/data.json (rows read, duplicates and conflicts dropped, labels normalized, rows per label per
 split, majority baseline, overlap, prompt/answer token percentiles, rows over train.max_length, warnings).
 With data.format=chat, prompt and completion are user/assistant messages: the model's chat
 template renders them (ortune.data.prompt_text), in training and at inference alike.
 
-    python scripts/prepare_data.py data.eval_fraction=0.2
+    python scripts/prepare_data.py data.validation_fraction=0.1 data.test_fraction=0.2
 """
 
 from __future__ import annotations
@@ -62,22 +62,28 @@ def run(cfg: DictConfig) -> dict:
             dropped[spec.label_field],
         )
     unique, duplicates = data.drop_duplicates(rows, input_fields)
-    train_rows, eval_rows = data.stratified_split(unique, spec.label_field, spec.eval_fraction, cfg.seed)
-
-    train, evaluation = [data.render_row(r, spec) for r in train_rows], [data.render_row(r, spec) for r in eval_rows]
-    lengths = token_report(cfg, train_rows + eval_rows, train + evaluation, where)
-    small = data.small_labels(train, evaluation)
+    source_splits = dict(
+        zip(
+            data.SPLITS,
+            data.split_rows(unique, spec.label_field, spec.validation_fraction, spec.test_fraction, cfg.seed),
+        )
+    )
+    splits = {name: [data.render_row(r, spec) for r in part] for name, part in source_splits.items()}
+    every_source = [r for part in source_splits.values() for r in part]
+    every = [r for part in splits.values() for r in part]
+    lengths = token_report(cfg, every_source, every, where)
+    small = data.small_labels(splits)
     for warning in small:
         log.warning("%s", warning)
     warnings = lengths.pop("warnings") + small
-    overlap = len({data.prompt_key(r["prompt"]) for r in train} & {data.prompt_key(r["prompt"]) for r in evaluation})
-    labels = sorted({r["label"] for r in train + evaluation})
+    keys = {name: {data.prompt_key(r["prompt"]) for r in part} for name, part in splits.items()}
+    labels = sorted({r["label"] for r in every})
     with atomic_dir(cfg.paths.prepared) as out:
-        data.write_jsonl(train, out / "train.jsonl")
-        data.write_jsonl(evaluation, out / "eval.jsonl")
+        for name, part in splits.items():
+            data.write_jsonl(part, out / f"{name}.jsonl")
         (out / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
-    log.info("prepared %d train / %d eval rows over labels %s", len(train), len(evaluation), labels)
-    train_counts, eval_counts = data.label_counts(train), data.label_counts(evaluation)
+    log.info("prepared %s rows over labels %s", " / ".join(f"{len(p)} {n}" for n, p in splits.items()), labels)
+    counts = {name: data.label_counts(part) for name, part in splits.items()}
     return {
         "rows_read": len(rows),
         "duplicates_dropped": duplicates,
@@ -94,15 +100,17 @@ def run(cfg: DictConfig) -> dict:
             for kept, dropped in conflicts[:SHOWN]
         ],
         "normalized_labels": normalized,
-        "train_rows": len(train),
-        "eval_rows": len(evaluation),
-        "train_label_counts": train_counts,
-        "eval_label_counts": eval_counts,
-        "rows_per_label": {
-            label: {"train": train_counts.get(label, 0), "eval": eval_counts.get(label, 0)} for label in labels
-        },
-        "majority_baseline": majority_baseline([r["label"] for r in train], [r["label"] for r in evaluation]),
-        "train_eval_overlap": overlap,
+        **{f"{name}_rows": len(part) for name, part in splits.items()},
+        **{f"{name}_label_counts": counts[name] for name in data.SPLITS},
+        "rows_per_label": {label: {name: counts[name].get(label, 0) for name in data.SPLITS} for label in labels},
+        # the headline's floor: always answering the most frequent training label, on the test rows
+        "majority_baseline": majority_baseline(
+            [r["label"] for r in splits["train"]], [r["label"] for r in splits["test"]]
+        ),
+        # inputs shared between splits after de-duplication: 0 unless two inputs render to one prompt
+        "train_validation_overlap": len(keys["train"] & keys["validation"]),
+        "train_test_overlap": len(keys["train"] & keys["test"]),
+        "validation_test_overlap": len(keys["validation"] & keys["test"]),
         **lengths,
         "warnings": warnings,
     }

@@ -47,10 +47,10 @@ def run(cfg: DictConfig) -> dict:
     world_size = launch.check_world_size(cfg.train)
     base, prepared, adapter = Path(cfg.paths.base_model), Path(cfg.paths.prepared), Path(cfg.paths.adapter)
     train_rows = data.read_jsonl(prepared / "train.jsonl")
-    eval_rows = data.read_jsonl(prepared / "eval.jsonl") if cfg.train.eval_strategy != "no" else []
+    eval_rows = data.read_jsonl(prepared / "validation.jsonl") if cfg.train.eval_strategy != "no" else []
     code = [Path(__file__), Path(training.__file__), Path(modeling.__file__), Path(quantize.__file__)]
     checkpoints = training.checkpoint_dir(
-        adapter, training.fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "eval.jsonl", *code])
+        adapter, training.fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "validation.jsonl", *code])
     )
     resume = training.resumable_checkpoint(checkpoints, world_size, tidy=launch.rank() == 0)
 

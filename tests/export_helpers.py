@@ -67,7 +67,9 @@ def make_project(root: Path, tiny_texts: list[str], *, seed: int = 3, tiny=TINY,
     rendered = [data.render(r, PROMPT, "{tone}", "tone") for r in rows]
     (root / "prepared").mkdir()
     data.write_jsonl(rendered[::5][:40], root / "prepared" / "train.jsonl")
-    data.write_jsonl(rendered[2::5][:eval_rows], root / "prepared" / "eval.jsonl")
+    data.write_jsonl(rendered[2::5][:eval_rows], root / "prepared" / "validation.jsonl")
+    # other rows than validation's: build_onnx (parity, auto) must never read them (test_auto_quantization)
+    data.write_jsonl(rendered[3::5][:eval_rows], root / "prepared" / "test.jsonl")
     (root / "prepared" / "labels.json").write_text(json.dumps(sorted({r["label"] for r in rendered})))
     (root / "metrics").mkdir()
     (root / "metrics" / "base.json").write_text(json.dumps({"model": "tiny-phi3", "resolved_revision": None}))

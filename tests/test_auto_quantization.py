@@ -10,6 +10,7 @@ import pytest
 import build_onnx
 from export_helpers import REPO, make_project, stage_cfg
 from ortune import quantize
+from ortune.data import SPLITS
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +62,17 @@ def test_int8_share_upgrades_the_most_sensitive_units_in_the_built_graph(project
 
 
 def test_auto_ships_the_first_candidate_that_keeps_the_labels(project, monkeypatch):
-    from ortune import parity
+    from ortune import data, evaluation, parity
 
-    real_compare = parity.compare
+    real_compare, real_latency = parity.compare, evaluation.measure_latency
+    seen = []  # every prompt the choice among candidates read: parity's and the speed run's
+
+    def timed(generator, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return real_latency(generator, prompt, *args, **kwargs)
 
     def int4_misses(reference, generator, prompts, labels, max_new_tokens, precision, min_agreement, *args, **kwargs):
+        seen.extend(prompts)
         # a random tiny model keeps its labels at int4: make int4 miss the target, as on SmolLM2
         result = real_compare(
             reference, generator, prompts, labels, max_new_tokens, precision, min_agreement, *args, **kwargs
@@ -73,6 +80,7 @@ def test_auto_ships_the_first_candidate_that_keeps_the_labels(project, monkeypat
         return {**result, "passed": False} if precision == "int4" else result
 
     monkeypatch.setattr(parity, "compare", int4_misses)
+    monkeypatch.setattr(evaluation, "measure_latency", timed)
     cfg = stage_cfg(
         project,
         "onnx.quantization=auto",
@@ -90,6 +98,10 @@ def test_auto_ships_the_first_candidate_that_keeps_the_labels(project, monkeypat
     # the shipped folder holds the int8 build, not the int4 one tried first
     assert set(bits_by_node(project / "onnx-auto").values()) == {8}
     assert "int8" in (project / "onnx-auto" / "README.md").read_text()
+    # the choice was made on the validation split: no prompt of the test split (other rows, export_helpers)
+    # was read, so the test figures eval reports were never chosen on
+    split = {name: {r["prompt"] for r in data.read_jsonl(project / "prepared" / f"{name}.jsonl")} for name in SPLITS}
+    assert seen and set(seen) <= split["validation"] and not set(seen) & split["test"]
 
 
 def test_auto_with_no_candidate_meeting_the_target_fails_the_stage_naming_each(project, monkeypatch):

@@ -61,7 +61,8 @@ def test_stage_sees_only_its_declared_params(in_repo):
         ("lora.r=abc", "lora.r"),
         ("lora.r=0", "lora.r=0"),
         ("lora.dropout=1.5", "lora.dropout"),
-        ("data.eval_fraction=1.2", "data.eval_fraction"),
+        ("data.test_fraction=1.2", "data.test_fraction"),
+        ("data.validation_fraction=0.7", "leave no rows to train on"),
         ("precision=int3", "precision=int3"),
     ],
 )

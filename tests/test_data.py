@@ -266,17 +266,40 @@ def test_duplicates_are_dropped_before_the_split():
 
 def test_split_is_stratified_disjoint_and_seeded():
     records = rows(20, ("joy", "fear", "sadness", "surprise"))
-    train, evaluation = data.stratified_split(records, "tone", 0.3, seed=1)
-    assert data.label_counts(evaluation, "tone") == {"fear": 6, "joy": 6, "sadness": 6, "surprise": 6}
-    assert not {r["phrase"] for r in train} & {r["phrase"] for r in evaluation}
-    assert len(train) + len(evaluation) == len(records)
-    again, _ = data.stratified_split(rows(20, ("joy", "fear", "sadness", "surprise")), "tone", 0.3, seed=1)
-    assert again == train
+    train, validation, test = data.split_rows(records, "tone", 0.15, 0.3, seed=1)
+    assert data.label_counts(test, "tone") == {"fear": 6, "joy": 6, "sadness": 6, "surprise": 6}
+    assert data.label_counts(validation, "tone") == {"fear": 3, "joy": 3, "sadness": 3, "surprise": 3}
+    phrases = [{r["phrase"] for r in split} for split in (train, validation, test)]
+    assert not phrases[0] & phrases[1] and not phrases[0] & phrases[2] and not phrases[1] & phrases[2]
+    assert len(train) + len(validation) + len(test) == len(records)
+    again = data.split_rows(rows(20, ("joy", "fear", "sadness", "surprise")), "tone", 0.15, 0.3, seed=1)
+    assert again == (train, validation, test)
+    assert data.split_rows(records, "tone", 0.15, 0.3, seed=2)[2] != test
+
+
+def test_split_without_a_label_field_is_a_seeded_shuffle_cut_in_three():
+    # free-text answers (a generation task): every answer unique, so no label could stratify them
+    records = [{"question": f"q{i}", "answer": f"answer {i}"} for i in range(40)]
+    train, validation, test = data.split_rows(records, None, 0.15, 0.3, seed=1)
+    assert (len(train), len(validation), len(test)) == (22, 6, 12)
+    assert sorted(r["question"] for r in train + validation + test) == sorted(r["question"] for r in records)
+    assert data.split_rows(list(records), None, 0.15, 0.3, seed=1) == (train, validation, test)
+    assert data.split_rows(list(records), None, 0.15, 0.3, seed=2)[2] != test
+    with pytest.raises(OrtuneError, match="the data has 2 row"):
+        data.split_rows(records[:2], None, 0.15, 0.3, seed=1)
+
+
+def test_each_split_gets_a_row_of_each_label_and_train_keeps_one():
+    train, validation, test = data.split_rows(rows(3, ("joy", "fear")), "tone", 0.15, 0.3, seed=0)
+    for split in (train, validation, test):
+        assert data.label_counts(split, "tone") == {"fear": 1, "joy": 1}
+    with pytest.raises(OrtuneError, match="label 'joy' has 2 row"):
+        data.split_rows(rows(3, ("fear",)) + rows(2, ("joy",)), "tone", 0.15, 0.3, seed=0)
 
 
 def test_single_class_is_refused():
     with pytest.raises(OrtuneError, match="only one label"):
-        data.stratified_split(rows(5, ("joy",)), "tone", 0.3, seed=0)
+        data.split_rows(rows(5, ("joy",)), "tone", 0.15, 0.3, seed=0)
 
 
 def test_percentiles_are_nearest_rank_values():
@@ -293,11 +316,15 @@ def test_prepare_data_stage_writes_splits_and_metrics(make_cfg, tmp_path):
     source = tmp_path / "in.jsonl"
     records = rows(10, ("joy", "fear")) + [{"phrase": "joy phrase number 3", "tone": "joy"}]
     write_jsonl(source, records)
-    cfg = make_cfg(f"data.path={source}", "data.eval_fraction=0.2")
+    cfg = make_cfg(f"data.path={source}", "data.test_fraction=0.2")
     metrics = prepare_data.run(cfg)
     assert metrics["rows_read"] == 21 and metrics["duplicates_dropped"] == 1 and metrics["conflicts"] == 0
-    assert metrics["eval_label_counts"] == {"fear": 2, "joy": 2} and metrics["train_eval_overlap"] == 0
-    assert metrics["rows_per_label"] == {"fear": {"train": 8, "eval": 2}, "joy": {"train": 8, "eval": 2}}
+    assert metrics["test_label_counts"] == {"fear": 2, "joy": 2} and metrics["train_test_overlap"] == 0
+    assert metrics["validation_label_counts"] == {"fear": 2, "joy": 2} and metrics["train_validation_overlap"] == 0
+    each = {"train": 6, "validation": 2, "test": 2}
+    assert metrics["rows_per_label"] == {"fear": each, "joy": each}
+    for name, count in each.items():
+        assert len(data.read_jsonl(tmp_path / "prepared" / f"{name}.jsonl")) == 2 * count
     assert metrics["majority_baseline"] == 0.5 and metrics["normalized_labels"] == {} and metrics["warnings"] == []
     # no base model in tmp_path yet: lengths are not guessed, and the report says why
     assert metrics["token_lengths"] is None and "run fetch_model first" in metrics["token_lengths_skipped"]
@@ -315,10 +342,9 @@ def test_labels_differing_by_case_or_space_are_one_class_and_reported(make_cfg, 
     source = write_jsonl(tmp_path / "cases.jsonl", records)
     metrics = prepare_data.run(make_cfg(f"data.path={source}"))
     assert metrics["normalized_labels"] == {"Joy": "joy", "joy ": "joy"}
-    assert metrics["rows_per_label"] == {"fear": {"train": 4, "eval": 2}, "joy": {"train": 4, "eval": 2}}
-    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(
-        tmp_path / "prepared" / "eval.jsonl"
-    )
+    each = {"train": 3, "validation": 1, "test": 2}
+    assert metrics["rows_per_label"] == {"fear": each, "joy": each}
+    prepared = [r for name in data.SPLITS for r in data.read_jsonl(tmp_path / "prepared" / f"{name}.jsonl")]
     assert {r["label"] for r in prepared} == {r["completion"] for r in prepared} == {"joy", "fear"}
     # data.labels, when given, decides the spelling
     metrics = prepare_data.run(make_cfg(f"data.path={source}", "data.labels=[Joy,fear]"))
@@ -352,23 +378,21 @@ def test_conflicting_labels_are_counted_and_the_kept_one_is_named(make_cfg, tmp_
             "dropped_at": f"{source}:13: row 13",
         }
     ]
-    prepared = data.read_jsonl(tmp_path / "prepared" / "train.jsonl") + data.read_jsonl(
-        tmp_path / "prepared" / "eval.jsonl"
-    )
+    prepared = [r for name in data.SPLITS for r in data.read_jsonl(tmp_path / "prepared" / f"{name}.jsonl")]
     assert [r["label"] for r in prepared if "joy phrase number 2" in r["prompt"]] == ["joy"]
 
 
 def test_too_few_rows_per_label_warns_with_the_counts(make_cfg, tmp_path, caplog):
     import prepare_data
 
-    source = write_jsonl(tmp_path / "four.jsonl", rows(2, ("joy", "fear")))
+    source = write_jsonl(tmp_path / "six.jsonl", rows(3, ("joy", "fear")))
     with caplog.at_level(logging.WARNING, logger="ortune"):
         metrics = prepare_data.run(make_cfg(f"data.path={source}"))
     expected = [
-        "label 'fear' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
-        "(at least 10 per label)",
-        "label 'joy' has only 2 rows (1 train, 1 eval): too few to learn it or to measure it; add rows "
-        "(at least 10 per label)",
+        "label 'fear' has only 3 rows (1 train, 1 validation, 1 test): too few to learn it or to measure it; "
+        "add rows (at least 10 per label)",
+        "label 'joy' has only 3 rows (1 train, 1 validation, 1 test): too few to learn it or to measure it; "
+        "add rows (at least 10 per label)",
     ]
     assert metrics["warnings"] == expected
     assert all(line in caplog.text for line in expected)
@@ -382,7 +406,7 @@ def test_a_directory_as_data_path_is_read_not_file_not_found(make_cfg, tmp_path)
     write_jsonl(folder / "joy.jsonl", rows(5, ("joy",)))
     write_jsonl(folder / "fear.jsonl", rows(5, ("fear",)))
     metrics = prepare_data.run(make_cfg(f"data.path={folder}"))
-    assert metrics["rows_read"] == 10 and metrics["rows_per_label"]["joy"] == {"train": 3, "eval": 2}
+    assert metrics["rows_read"] == 10 and metrics["rows_per_label"]["joy"] == {"train": 2, "validation": 1, "test": 2}
 
 
 # ---- lengths in tokens, per the base model's tokenizer ------------------------------------------------
@@ -475,7 +499,7 @@ def test_a_held_out_row_longer_than_the_models_context_is_refused_by_line_before
         eval_stage.run(cfg)
     # the prepared split names its lines too
     cfg = make_cfg(*common, "eval.compare=[]", f"paths.onnx={onnx}", "eval.max_new_tokens=250")
-    with pytest.raises(OrtuneError, match=rf"{tmp_path}/prepared/eval.jsonl:1: row 1 \(\d+ tokens\)"):
+    with pytest.raises(OrtuneError, match=rf"{tmp_path}/prepared/test.jsonl:1: row 1 \(\d+ tokens\)"):
         eval_stage.run(cfg)
 
 

@@ -39,7 +39,8 @@ DOCUMENTED_ELSEWHERE = {
     "data.path": "data.md",
     "data.template": "data.md",
     "data.labels": "data.md",
-    "data.eval_fraction": "data.md",
+    "data.validation_fraction": "data.md",
+    "data.test_fraction": "data.md",
     # docs/export.md: providers, auto quantization, adapters, runtime and parity settings
     "onnx.execution_provider": "export.md",
     "onnx.quantization": "export.md",
@@ -57,6 +58,9 @@ DOCUMENTED_ELSEWHERE = {
     "eval.compare": "evaluation.md",
     "eval.baseline_prompt": "evaluation.md",
     "eval.baseline_shots": "evaluation.md",
+    "eval.baseline_new_tokens": "evaluation.md",
+    "eval.bootstrap_resamples": "evaluation.md",
+    "eval.bootstrap_seed": "evaluation.md",
     "eval.batch_size": "evaluation.md",
     "eval.latency": "evaluation.md",
 }

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ortune import evaluation
+from ortune import baselines, evaluation
 from ortune.errors import OrtuneError
 from ortune.metrics import agreement, confusion_matrix, majority_baseline, majority_label, per_class_scores
 
@@ -81,9 +81,17 @@ def test_summary_puts_headline_numbers_on_top_and_details_beside_them():
     assert metrics["runtimes"]["merged"]["agreement_with_onnx"] == 0.5
     assert metrics["runtimes"]["base"]["onnx_accuracy_delta"] == 0.75
     assert metrics["runtimes"]["onnx"]["agreement_with_onnx"] == 1.0
+    # every figure has its 95 % interval, around it
+    for key in ("accuracy", "macro_f1", "quantization_agreement"):
+        assert metrics["ci95"][key]["low"] <= metrics[key] <= metrics["ci95"][key]["high"], key
+    assert metrics["runtimes"]["merged"]["ci95"]["accuracy"]["high"] <= 1.0
+    # the strongest baseline here is the majority class (0.5; the base model's answers are all empty)
+    assert metrics["strongest_baseline"]["name"] == "majority" and metrics["gain_over_strongest_baseline"] == 0.25
+    assert set(metrics["baselines"]) == {"majority", "base"}
     # everything but the nested details is a number: `dvc metrics diff` and `dvc exp show` columns
+    nested = ("per_class", "runtimes", "ci95", "baselines", "strongest_baseline")
     for key, value in metrics.items():
-        assert isinstance(value, dict) if key in ("per_class", "runtimes") else isinstance(value, (int, float)), key
+        assert isinstance(value, dict) if key in nested else isinstance(value, (int, float)), key
     json.dumps(metrics)
 
 
@@ -102,7 +110,7 @@ def test_prediction_rows_carry_every_runtime_label():
         "label": "joy",
         "generation": "x",
         "prediction": None,
-        "predictions": {"onnx": None, "merged": "joy"},
+        "predictions": {"onnx": None, "merged": "joy", "majority": "joy"},
     }
 
 
@@ -141,13 +149,15 @@ def prepared(tmp_path):
     evaluation_rows = [
         {"prompt": f"### Text: e{i}\n### The tone is:\n", "completion": "fear", "label": "fear"} for i in range(5)
     ]
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluation_rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluation_rows))
+    validation_rows = [{**row, "prompt": row["prompt"].replace(": e", ": v")} for row in evaluation_rows[:3]]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation_rows))
     return folder
 
 
 def test_default_eval_path_is_the_prepared_split_and_follows_paths_prepared(make_cfg, prepared, tmp_path):
     cfg = make_cfg()
-    assert cfg.eval.path == str(tmp_path / "prepared" / "eval.jsonl")
+    assert cfg.eval.path == str(tmp_path / "prepared" / "test.jsonl")
     rows, labels, train = evaluation.load_rows(cfg)
     assert len(rows) == 5 and labels == ["fear", "joy"] and train[0]["label"] == "joy"
     rows, _, _ = evaluation.load_rows(make_cfg("eval.limit=2"))
@@ -235,9 +245,17 @@ def test_summary_reports_the_prompted_baseline_beside_the_others():
     metrics, predictions = evaluation.summarize(
         ROWS, LABELS, TRAIN, {"onnx": fake_result(["joy"] * 4), "prompted": prompted}
     )
-    # truth joy, joy, fear, sadness; a sentence is unparsed under the same rule as every runtime
-    assert predictions["prompted"] == ["joy", "fear", None, "sadness"]
-    assert metrics["prompted_baseline_accuracy"] == 0.5 and metrics["prompted_baseline_unparsed"] == 1
+    # truth joy, joy, fear, sadness; never taught the answer format, its sentence is read leniently
+    assert predictions["prompted"] == ["joy", "fear", "fear", "sadness"]
+    assert metrics["prompted_baseline_accuracy"] == 0.75 and metrics["prompted_baseline_unparsed"] == 0
+    # two of its answers, as it said them, for the summary
+    assert metrics["baselines"]["prompted"]["samples"] == [
+        {"answer": "Joy", "label": "joy", "read_as": "joy"},
+        {"answer": "fear.", "label": "joy", "read_as": "fear"},
+    ]
+    # the strongest baseline (0.75) is what fine-tuning is measured against, not the majority (0.5)
+    assert metrics["strongest_baseline"]["name"] == "prompted"
+    assert metrics["gain_over_strongest_baseline"] == pytest.approx(0.5 - 0.75)
     assert metrics["runtimes"]["prompted"]["prompt_format"] == "chat" and metrics["runtimes"]["prompted"]["shots"] == 0
     assert "base_accuracy" not in metrics
 
@@ -256,22 +274,22 @@ def test_row_input_reads_the_text_back_out_of_a_rendered_prompt(template, prompt
     from omegaconf import OmegaConf
 
     spec = OmegaConf.create({"template": {"prompt": template}})
-    assert evaluation.row_input(prompt, spec) == expected
+    assert baselines.row_input(prompt, spec) == expected
 
 
 def test_row_input_of_a_chat_prompt_is_its_user_turn_and_a_stale_prompt_is_an_error(make_cfg):
     spec = make_cfg().data
-    assert evaluation.row_input([{"role": "user", "content": "A spider"}], spec) == "A spider"
+    assert baselines.row_input([{"role": "user", "content": "A spider"}], spec) == "A spider"
     with pytest.raises(OrtuneError, match="rerun prepare_data"):
-        evaluation.row_input("Text: made with another template", spec)
+        baselines.row_input("Text: made with another template", spec)
 
 
 def test_shots_show_every_label_before_any_label_twice():
     train = [{"prompt": f"t{i}", "label": label} for i, label in enumerate(["joy", "joy", "joy", "fear", "sadness"])]
-    assert [r["prompt"] for r in evaluation.pick_shots(train, 4)] == ["t3", "t0", "t4", "t1"]
-    assert evaluation.pick_shots(train, 0) == []
+    assert [r["prompt"] for r in baselines.pick_shots(train, 4)] == ["t3", "t0", "t4", "t1"]
+    assert baselines.pick_shots(train, 0) == []
     with pytest.raises(OrtuneError, match="eval.baseline_shots=6: the training split has only 5 rows"):
-        evaluation.pick_shots(train, 6)
+        baselines.pick_shots(train, 6)
 
 
 @pytest.fixture
@@ -291,10 +309,10 @@ ASK = "Classify the tone of the text. Answer with exactly one of: fear, joy.\n\n
 def test_prompted_baseline_asks_through_the_chat_template_with_the_label_set(make_cfg, prepared, base_tokenizer):
     cfg = make_cfg()
     rows, labels, train = evaluation.load_rows(cfg)
-    prompts, how = evaluation.prompted_prompts(cfg, rows, labels, train)
+    prompts, how = baselines.prompted_prompts(cfg, rows, labels, train, shots=0)
     assert how == "chat" and len(prompts) == 5
     assert prompts[0] == f"<|user|>\n{ASK}e0<|end|>\n<|assistant|>\n"
-    prompts, _ = evaluation.prompted_prompts(make_cfg("eval.baseline_shots=1"), rows, labels, train)
+    prompts, _ = baselines.prompted_prompts(make_cfg("eval.baseline_shots=1"), rows, labels, train)
     # the training row "a" (joy) answered first, as an earlier turn
     assert (
         prompts[1] == f"<|user|>\n{ASK}a<|end|>\n<|assistant|>\njoy<|end|>\n<|user|>\n{ASK}e1<|end|>\n<|assistant|>\n"
@@ -314,7 +332,7 @@ def test_prompted_baseline_without_a_chat_template_asks_in_plain_text(make_cfg, 
     shipped.chat_template = modeling.PHI3_CHAT_TEMPLATE
     shipped.save_pretrained(cfg.paths.onnx)
     rows, labels, train = evaluation.load_rows(cfg)
-    prompts, how = evaluation.prompted_prompts(cfg, rows, labels, train)
+    prompts, how = baselines.prompted_prompts(cfg, rows, labels, train)
     assert how == "text" and prompts[0] == f"{ASK}a\nAnswer: joy\n\n{ASK}e0\nAnswer:"
     assert "no chat template" in caplog.text
 
@@ -335,3 +353,35 @@ def test_bad_prompted_baseline_settings_fail_naming_the_setting(make_cfg, overri
     with pytest.raises(OrtuneError, match=needle) as caught:
         make_cfg(override)
     assert "\n" not in str(caught.value)
+
+
+def test_log_likelihood_baselines_ask_zero_shot_and_k_shot(make_cfg, prepared, base_tokenizer):
+    rows, labels, train = evaluation.load_rows(make_cfg())
+    asked = baselines.choice_prompts(make_cfg("eval.baseline_shots=1"), rows, labels, train)
+    assert {name: (a["shots"], a["delimiter"], a["format"]) for name, a in asked.items()} == {
+        "loglik_zero_shot": (0, "", "chat"),
+        "loglik_k_shot": (1, "", "chat"),
+    }
+    assert asked["loglik_zero_shot"]["prompts"][0] == f"<|user|>\n{ASK}e0<|end|>\n<|assistant|>\n"
+    assert asked["loglik_k_shot"]["prompts"][0].startswith(f"<|user|>\n{ASK}a<|end|>\n<|assistant|>\njoy<|end|>")
+    # eval.baseline_shots=0: the zero-shot one alone
+    assert list(baselines.choice_prompts(make_cfg("eval.baseline_shots=0"), rows, labels, train)) == [
+        "loglik_zero_shot"
+    ]
+
+
+def test_the_validation_split_is_what_eval_reads_for_make_best(make_cfg, prepared):
+    cfg = make_cfg()
+    assert [r["prompt"] for r in evaluation.load_validation(cfg)][0] == "### Text: v0\n### The tone is:\n"
+    assert len(evaluation.load_validation(make_cfg("eval.limit=2"))) == 2
+    (prepared / "validation.jsonl").unlink()
+    with pytest.raises(OrtuneError, match="no validation.jsonl; rerun prepare_data"):
+        evaluation.load_validation(cfg)
+
+
+def test_the_shipped_models_validation_scores_sit_beside_the_test_headline():
+    validation = [{"prompt": "v0", "label": "joy"}, {"prompt": "v1", "label": "fear"}]
+    results = {"onnx": {**fake_result(["joy", "joy", "fear", "sadness"]), "validation_generations": ["joy", "joy"]}}
+    metrics, _ = evaluation.summarize(ROWS, LABELS, TRAIN, results, validation)
+    assert metrics["accuracy"] == 1.0 and metrics["validation"]["accuracy"] == 0.5
+    assert metrics["validation"]["n"] == 2 and metrics["validation"]["ci95"]["accuracy"] == {"low": 0.0, "high": 1.0}

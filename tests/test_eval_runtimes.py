@@ -57,7 +57,8 @@ def models(tmp_path_factory, tiny_texts):
 
     (root / "prepared").mkdir()
     data.write_jsonl(rendered[::4][:100], root / "prepared" / "train.jsonl")
-    data.write_jsonl(rendered[1::4][:24], root / "prepared" / "eval.jsonl")
+    data.write_jsonl(rendered[1::4][:24], root / "prepared" / "test.jsonl")
+    data.write_jsonl(rendered[3::4][:8], root / "prepared" / "validation.jsonl")
     (root / "prepared" / "labels.json").write_text(json.dumps(sorted({r["label"] for r in rendered})))
     return root
 
@@ -92,7 +93,7 @@ def teach(model, tokenizer, rows: list[dict], steps: int = 120) -> None:
 
 
 def prompts(root: Path, n: int) -> list[str]:
-    return [r["prompt"] for r in data.read_jsonl(root / "prepared" / "eval.jsonl")][:n]
+    return [r["prompt"] for r in data.read_jsonl(root / "prepared" / "test.jsonl")][:n]
 
 
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(models):

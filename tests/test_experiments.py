@@ -99,6 +99,7 @@ def test_run_summary_reads_the_metrics_params_yaml_names(tmp_path):
     )
     (tmp_path / "m" / "onnx.json").write_text(json.dumps({"precision": "int8"}))
     lines = experiments.run_summary(tmp_path).splitlines()
+    # an eval.json from before the intervals still reads
     assert (
         lines[0]
         == "eval (int8 ONNX, 144 rows): accuracy 0.785, macro-F1 0.780 (majority baseline 0.250, untuned base 0.000)"
@@ -108,33 +109,100 @@ def test_run_summary_reads_the_metrics_params_yaml_names(tmp_path):
     assert "models/o/README.md" in lines[-2] and "m/*.json" in lines[-2]
 
 
-def test_run_summary_says_what_fine_tuning_gained_over_the_prompted_base(tmp_path):
+def interval(low, high):
+    return {"low": low, "high": high}
+
+
+def test_run_summary_reports_the_test_split_with_intervals_and_the_gain_over_the_strongest_baseline(tmp_path):
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"metrics": "m", "onnx": "o", "plots": "p"}}))
     (tmp_path / "m").mkdir()
+
+    def baseline(accuracy, half, **extra):
+        return {"accuracy": accuracy, "ci95": {"accuracy": interval(accuracy - half, accuracy + half)}, **extra}
+
+    found = {
+        "majority": baseline(0.25, 0.07),
+        "base": baseline(0.0, 0.0),
+        "prompted": baseline(
+            0.292,
+            0.075,
+            unparsed=3,
+            samples=[
+                {"answer": "The tone of the text is fear.", "label": "joy", "read_as": "fear"},
+                {"answer": "The tone of the text is", "label": "fear", "read_as": None},
+            ],
+        ),
+        "loglik_zero_shot": baseline(0.25, 0.07),
+        "loglik_k_shot": baseline(0.264, 0.072, shots=4),
+    }
     scores = {
         "n": 144,
-        "accuracy": 0.958,
+        "accuracy": 0.951,
         "macro_f1": 0.95,
         "majority_baseline": 0.25,
-        "base_accuracy": 0.0,
-        "prompted_baseline_accuracy": 0.41,
-        "prompted_baseline_unparsed": 12,
+        "ci95": {
+            "accuracy": interval(0.916, 0.986),
+            "macro_f1": interval(0.91, 0.98),
+            "gain_over_strongest_baseline": interval(0.58, 0.74),
+            "quantization_agreement": interval(0.979, 1.0),
+        },
+        "judged": {"split": "test split"},
+        "baselines": found,
+        "strongest_baseline": {"name": "prompted", **found["prompted"]},
+        "gain_over_strongest_baseline": 0.659,
+        "validation": {"n": 72, "accuracy": 0.958, "ci95": {"accuracy": interval(0.91, 1.0)}},
+        "quantization_agreement": 0.993,
+        "quantization_accuracy_delta": -0.007,
         "ms_per_token": 8.2,
         "ttft_ms": 30.0,
         "model_size_mb": 200.0,
-        "runtimes": {"prompted": {"prompt_format": "chat", "shots": 2}},
+        "runtimes": {"prompted": {"prompt_format": "chat", "shots": 0}},
     }
     (tmp_path / "m" / "eval.json").write_text(json.dumps(scores))
     lines = experiments.run_summary(tmp_path).splitlines()
+    assert lines[0] == "eval (ONNX, test split, 144 rows): accuracy 0.951 ± 0.035, macro-F1 0.950 ± 0.035"
     assert lines[1] == (
-        "vs the untuned base asked through its chat template, 2-shot: accuracy 0.410 (12 of 144 answers "
-        "named no label); fine-tuning gained +0.548"
+        "baselines (the untuned base through its chat template, same rows): majority class 0.250 ± 0.070, "
+        "fine-tuning prompt 0.000 ± 0.000, answer in a sentence 0.292 ± 0.075, log-likelihood zero-shot "
+        "0.250 ± 0.070, log-likelihood 4-shot 0.264 ± 0.072"
     )
-    scores["runtimes"]["prompted"].update(prompt_format="text", shots=0)
-    (tmp_path / "m" / "eval.json").write_text(json.dumps(scores))
-    assert "asked in plain text (its tokenizer has no chat template), zero-shot" in experiments.run_summary(tmp_path)
+    assert lines[2] == (
+        "fine-tuning gained +0.659 ± 0.080 accuracy over the strongest baseline (answer in a sentence, 0.292)"
+    )
+    assert lines[3] == (
+        'the prompted baseline answered, e.g.: "The tone of the text is fear." (truth joy, read as fear); '
+        '"The tone of the text is" (truth fear, read as no label); 3 of 144 answers named no single label'
+    )
+    assert lines[4] == (
+        "validation split (72 rows; what onnx.quantization=auto and `make best` choose on): accuracy 0.958 ± 0.045"
+    )
+    assert "same label on 99.3 % of rows (95 % interval 97.9-100.0 %), accuracy delta -0.007" in lines[6]
+
+
+def test_make_best_and_compare_rank_on_validation_and_mark_differences_within_noise():
+    def entry(name, test, validation, half):
+        item = exp_entry(name, test, 1.0)
+        item["data"]["metrics"]["metrics/eval.json"]["data"].update(
+            ci95={"accuracy": interval(test - half, test + half)},
+            validation={"accuracy": validation, "ci95": {"accuracy": interval(validation - half, validation + half)}},
+        )
+        return item
+
+    # "lucky-on-test" has the best test accuracy, "best-on-validation" the best validation accuracy
+    parsed = experiments.parse_exp_show(
+        payload(entry("lucky-on-test", 0.97, 0.90, 0.03), entry("best-on-validation", 0.93, 0.95, 0.03))
+    )
+    best, reasons = experiments.pick_best(parsed, "eval.accuracy")
+    assert best.name == "best-on-validation"
+    assert reasons[0].startswith("best-on-validation: best eval.validation.accuracy=0.95")
+    table = experiments.compare_table(parsed, "eval.accuracy").splitlines()
+    assert table[0].endswith("| eval.validation.accuracy | vs best (eval.validation.accuracy) |")
+    assert table[2].startswith("| best-on-validation |") and table[2].endswith("| best |")
+    assert table[3].endswith("| -0.050 |")  # wider apart than the intervals' half-width 0.03
+    close = experiments.parse_exp_show(payload(entry("a", 0.9, 0.95, 0.03), entry("b", 0.9, 0.94, 0.03)))
+    assert experiments.compare_table(close, "eval.accuracy").splitlines()[3].endswith("| -0.010 (within noise) |")
 
 
 def test_run_summary_says_what_auto_quantization_tried_before_what_it_shipped(tmp_path):

@@ -39,7 +39,7 @@ def test_the_torch_reference_projects_only_the_last_position_with_the_full_forwa
 
     folder = project / ("base_model" if adapter else "merged")
     reference = parity.TorchReference(folder, project / adapter if adapter else None)
-    prompt = data.read_jsonl(project / "prepared" / "eval.jsonl")[0]["prompt"]
+    prompt = data.read_jsonl(project / "prepared" / "validation.jsonl")[0]["prompt"]
     ids = reference.tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         every_position = reference.model(**ids).logits
@@ -60,7 +60,7 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
 
     from ortune.metrics import parse_label
 
-    prompts = [row["prompt"] for row in data.read_jsonl(project / "prepared" / "eval.jsonl")][:8]
+    prompts = [row["prompt"] for row in data.read_jsonl(project / "prepared" / "validation.jsonl")][:8]
     answer_tokens = json.loads((out / "ortune.json").read_text())["max_new_tokens"]
     labels = json.loads((project / "prepared" / "labels.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(project / "merged", dtype=torch.float32).eval()
@@ -107,7 +107,9 @@ def test_max_new_tokens_fits_the_longest_label_plus_the_end_token(project):
     from ortune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(project / "merged")
-    rows = data.read_jsonl(project / "prepared" / "eval.jsonl") + data.read_jsonl(project / "prepared" / "train.jsonl")
+    rows = data.read_jsonl(project / "prepared" / "validation.jsonl") + data.read_jsonl(
+        project / "prepared" / "train.jsonl"
+    )
     longest = max(
         len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) - len(tokenizer(r["prompt"])["input_ids"])
         for r in rows
@@ -265,7 +267,7 @@ def _nudge(name: str, size: float):
 def _fp32_parity(reference_dir, onnx_dir, project, prompts: int = 8) -> dict:
     from ortune.generation import OnnxGenerator
 
-    rows = data.read_jsonl(project / "prepared" / "eval.jsonl")[:prompts]
+    rows = data.read_jsonl(project / "prepared" / "validation.jsonl")[:prompts]
     labels = json.loads((project / "prepared" / "labels.json").read_text())
     return parity.compare(
         parity.TorchReference(reference_dir),

@@ -225,9 +225,11 @@ def test_model_card_names_the_gguf_and_its_digest():
             "path": "d.jsonl",
             "sha256": "0" * 64,
             "train_rows": 1,
-            "eval_rows": 1,
+            "validation_rows": 1,
+            "test_rows": 1,
             "train_sha256": "1" * 64,
-            "eval_sha256": "2" * 64,
+            "validation_sha256": "2" * 64,
+            "test_sha256": "3" * 64,
         },
         settings={},
         lora={

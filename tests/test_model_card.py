@@ -11,9 +11,11 @@ DATASET = {
     "path": "data/raw/tones.jsonl",
     "sha256": "0" * 64,
     "train_rows": 3,
-    "eval_rows": 2,
+    "validation_rows": 2,
+    "test_rows": 2,
     "train_sha256": "1" * 64,
-    "eval_sha256": "2" * 64,
+    "validation_sha256": "2" * 64,
+    "test_sha256": "3" * 64,
 }
 TASK = {"labels": ["a", "b"], "max_new_tokens": 3, "format": "text", "prompt_template": "### {phrase}\n"}
 PARITY = {"prompts": 8, "max_abs_logit_diff": 0.0123, "label_agreement": 0.875, "target": "t", "passed": False}
@@ -45,11 +47,15 @@ def test_the_card_carries_the_hubs_metadata_block_with_the_parity_figures():
         ("Parity with PyTorch (model)", "label_agreement"): 0.875,
         ("Parity with PyTorch (model)", "max_abs_logit_diff"): 0.0123,
     }  # the adapter whose parity was not run states no figure
-    assert data.eval_results[0].dataset_revision == "0" * 64 and data.eval_results[0].dataset_split == "eval"
+    assert data.eval_results[0].dataset_revision == "0" * 64 and data.eval_results[0].dataset_split == "validation"
     # the text says what it said before the metadata block existed
     assert card.text.startswith("\n# m fine-tuned for a, b (int4/cpu ONNX)\n")
     assert "- Base model: `org/base` at revision `abc123`" in text and "| precision | `int4` |" in text
     assert "| model | 8 | 1.23e-02 | 0.875 | t | False |" in text and "not run: no CPU kernel" in text
+    # the validation split it was measured on, and the test split the accuracy is reported on, are named
+    assert "Parity with PyTorch (validation prompts)" in text and "accuracy on the test split" in text
+    with_interval = render({}, parity={**PARITY, "label_agreement_ci95": {"low": 0.625, "high": 1.0}})
+    assert "| model | 8 | 1.23e-02 | 0.875 (95 % interval 0.625-1.000) | t | False |" in with_interval
 
 
 def test_a_gguf_or_local_base_names_no_hub_model_and_a_card_without_parity_has_no_model_index():

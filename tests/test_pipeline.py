@@ -52,7 +52,12 @@ def test_make_all_runs_every_stage_and_beats_the_baseline(project):
     data = read_metrics(root, "data.json")
     assert evaluation["majority_baseline"] == pytest.approx(data["majority_baseline"])
     assert evaluation["accuracy"] >= 0.7 > evaluation["majority_baseline"], evaluation
-    assert evaluation["n"] == data["eval_rows"] and evaluation["ms_per_token"] > 0
+    assert evaluation["n"] == data["test_rows"] and evaluation["ms_per_token"] > 0
+    # the headline is the test split's, with its interval; make best's figure is the validation split's
+    assert evaluation["ci95"]["accuracy"]["low"] <= evaluation["accuracy"] <= evaluation["ci95"]["accuracy"]["high"]
+    assert evaluation["validation"]["n"] == data["validation_rows"]
+    assert f"test split, {data['test_rows']} rows): accuracy {evaluation['accuracy']:.3f} ± " in output
+    assert "over the strongest baseline" in output and "log-likelihood 4-shot" in output
     assert read_metrics(root, "merge.json")["max_abs_logit_diff"] < 1e-4
     # each experiment records the environment it ran in (pinned packages' installed versions)
     assert evaluation["environment"]["torch"].startswith("2.13.0") and "onnxruntime-genai" in evaluation["environment"]
@@ -241,7 +246,7 @@ def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tm
     subprocess.run(
         ["dvc", "repro", "-f", "-s", "prepare_data"], cwd=colleague, env=env, check=True, capture_output=True
     )
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
         assert (colleague / "data/prepared" / name).read_bytes() == (root / "data/prepared" / name).read_bytes()
     make(project, "params")
 
@@ -249,14 +254,14 @@ def test_the_readmes_sharing_flow_reproduces_a_colleagues_experiment(project, tm
 def test_hand_run_of_a_stage_uses_the_same_overrides_as_dvc(project):
     root, env = project
     done = subprocess.run(
-        [str(root / ".venv/bin/python"), "scripts/prepare_data.py", "data.eval_fraction=0.5"],
+        [str(root / ".venv/bin/python"), "scripts/prepare_data.py", "data.test_fraction=0.5"],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert read_metrics(root, "data.json")["eval_rows"] == 240
+    assert read_metrics(root, "data.json")["test_rows"] == 240
 
 
 def test_no_output_contains_a_secret(project):
@@ -271,3 +276,14 @@ def test_no_output_contains_a_secret(project):
             leaked.append(str(path.relative_to(root)))
     assert not leaked, leaked
     assert list((root / "wandb").glob("offline-run-*")), "the scan must cover real W&B run files"
+
+
+def test_make_seeds_runs_each_training_seed_on_the_same_test_rows_and_reports_the_spread(project):
+    root, _ = project
+    output = make(project, "seeds", "N=2")
+    assert "== seed 1 of 2: train.seed=42" in output and "== seed 2 of 2: train.seed=43" in output
+    assert "2 training seeds, the same" in output
+    assert "test accuracy: mean " in output and "standard deviation" in output
+    import yaml
+
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["seed"] == 43  # the last run stays applied

@@ -353,7 +353,7 @@ def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
     onnx = json.loads((tmp_path / "metrics" / "onnx.json").read_text())
     assert onnx["precision"] == "int4" and onnx["parity"]["passed"] and onnx["parity"]["label_agreement"] >= 0.98
-    rows = [json.loads(line) for line in (tmp_path / "prepared" / "eval.jsonl").read_text().splitlines()][:40]
+    rows = [json.loads(line) for line in (tmp_path / "prepared" / "test.jsonl").read_text().splitlines()][:40]
     phrases = [r["prompt"].split("### Text: ", 1)[1].split("\n", 1)[0] for r in rows]
     done = run("--model", str(tmp_path / "onnx"), stdin="\n".join(phrases) + "\n")
     predicted = [line.split("\t", 1)[0] for line in done.stdout.splitlines()]

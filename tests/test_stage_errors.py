@@ -33,7 +33,7 @@ def run_stage(script: str, *overrides: str, tmp_path: Path) -> subprocess.Comple
     [
         ("prepare_data.py", "data.path=/no/such/file.jsonl", "data.path=/no/such/file.jsonl: file not found"),
         ("prepare_data.py", "lora.r=abc", "lora.r"),
-        ("prepare_data.py", "data.eval_fraction=1.2", "data.eval_fraction"),
+        ("prepare_data.py", "data.test_fraction=1.2", "data.test_fraction"),
         ("build_onnx.py", "model=does-not-exist", "does-not-exist"),
     ],
 )

@@ -75,7 +75,8 @@ def project(tmp_path_factory, tiny_texts):
     rows = [data.render(r, PROMPT, "{tone}", "tone") for r in data.read_records(REPO / "data/raw/tones.jsonl")]
     (root / "prepared").mkdir()
     data.write_jsonl(rows[::5][:40], root / "prepared" / "train.jsonl")
-    data.write_jsonl(rows[2::5][:8], root / "prepared" / "eval.jsonl")
+    data.write_jsonl(rows[2::5][:8], root / "prepared" / "validation.jsonl")
+    data.write_jsonl(rows[3::5][:8], root / "prepared" / "test.jsonl")
     (root / "prepared" / "labels.json").write_text(json.dumps(sorted({r["label"] for r in rows})))
     (root / "metrics").mkdir()
     (root / "metrics" / "base.json").write_text(json.dumps({"model": "tied-llama", "resolved_revision": None}))
@@ -121,7 +122,7 @@ def test_adapters_saving_lm_head_and_embeddings_switch_on_a_tied_base(project):
     assert built["builder_options"]["shared_embeddings"] == "false"
     generator = OnnxGenerator(project / "onnx-separate")
     base = project / "base_model"
-    rows = data.read_jsonl(project / "prepared" / "eval.jsonl")[:3]
+    rows = data.read_jsonl(project / "prepared" / "validation.jsonl")[:3]
     for prompt in [data.prompt_text(r["prompt"], base) for r in rows]:
         for name, adapter_dir in (
             ("default", project / "adapter_saved"),

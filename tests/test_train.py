@@ -175,7 +175,7 @@ def test_chat_rows_train_on_the_prompt_inference_uses(base, tmp_path):
         f"data.path={source}",
         f"paths.prepared={prepared}",
     ]
-    prepare_data.run(compose(base, *chat, "data.eval_fraction=0.34", stage=None))
+    prepare_data.run(compose(base, *chat, "data.test_fraction=0.34", stage=None))
     rows = data.read_jsonl(prepared / "train.jsonl")
     trainer = _prepared_trainer(base, rows)
     tokenizer = trainer.processing_class

@@ -324,10 +324,11 @@ def test_prepare_data_writes_chat_rows_for_a_question_answer_dataset(make_cfg, t
         "data.format=chat",
         "data.input_column=question",
         "data.output_column=answer",
-        "data.eval_fraction=0.25",
+        "data.test_fraction=0.25",
     )
     metrics = prepare_data.run(cfg)
-    assert metrics["train_rows"] == 6 and metrics["eval_rows"] == 2 and metrics["train_eval_overlap"] == 0
+    assert (metrics["train_rows"], metrics["validation_rows"], metrics["test_rows"]) == (4, 2, 2)
+    assert metrics["train_test_overlap"] == metrics["train_validation_overlap"] == 0
     row = data.read_jsonl(tmp_path / "prepared" / "train.jsonl")[0]
     assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].endswith("?")
     assert row["completion"] == [{"role": "assistant", "content": row["label"]}]

@@ -451,43 +451,66 @@ def find_conflicts(rows: list[dict], key_fields: list[str], label_field: str) ->
     return conflicts
 
 
-def stratified_split(rows: list[dict], label_field: str, eval_fraction: float, seed: int):
-    """Per-label shuffled split: each label keeps its share on both sides (at least one row each)."""
-    by_label: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_label[str(row[label_field])].append(row)
-    if len(by_label) < 2:
-        raise OrtuneError(
-            f"data: only one label ({', '.join(by_label)}) in field '{label_field}'; a classifier needs two or more"
-        )
+SPLITS = ("train", "validation", "test")
+
+
+def split_rows(
+    rows: list[dict], label_field: str | None, validation_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test), seeded. With a label field, per label: each label keeps its share in every
+    split (at least one row each), so a rare label is measured where it is selected and reported. Without
+    one (free-text answers are not classes), one shuffle of all the rows cut in three.
+
+    Validation is what anything that chooses reads (auto quantization, `make best`, training's eval loss);
+    test is read only by the eval stage's headline, so no setting was ever tuned on the rows it reports."""
     rng = random.Random(seed)
-    train, evaluation = [], []
-    for label in sorted(by_label):
-        group = by_label[label]
-        if len(group) < 2:
+    if label_field is None:
+        groups = {"": list(rows)}
+    else:
+        groups = defaultdict(list)
+        for row in rows:
+            groups[str(row[label_field])].append(row)
+        if len(groups) < 2:
             raise OrtuneError(
-                f"data: label '{label}' has {len(group)} row; each label needs at least 2 rows to be split"
+                f"data: only one label ({', '.join(groups)}) in field '{label_field}'; a classifier needs two or more"
+            )
+    train, validation, test = [], [], []
+    for label in sorted(groups):
+        group = groups[label]
+        if len(group) < len(SPLITS):
+            what = f"label '{label}' has" if label_field is not None else "the data has"
+            raise OrtuneError(
+                f"data: {what} {len(group)} row(s); at least {len(SPLITS)} are needed, one for each of "
+                f"train, validation and test: add rows"
             )
         rng.shuffle(group)
-        n_eval = min(len(group) - 1, max(1, round(len(group) * eval_fraction)))
-        evaluation.extend(group[:n_eval])
-        train.extend(group[n_eval:])
-    rng.shuffle(train)
-    rng.shuffle(evaluation)
-    return train, evaluation
+        n_test = max(1, round(len(group) * test_fraction))
+        n_validation = max(1, round(len(group) * validation_fraction))
+        # a small group keeps one training row: the held-out shares give way, test last
+        n_validation = min(n_validation, len(group) - 2)
+        n_test = min(n_test, len(group) - 1 - n_validation)
+        test.extend(group[:n_test])
+        validation.extend(group[n_test : n_test + n_validation])
+        train.extend(group[n_test + n_validation :])
+    for split in (train, validation, test):
+        rng.shuffle(split)
+    return train, validation, test
 
 
-def small_labels(
-    train: list[dict], evaluation: list[dict], field: str = "label", minimum: int = MIN_ROWS_PER_LABEL
-) -> list[str]:
-    """One warning per label with too few rows to learn it or to measure it."""
-    train_counts, eval_counts = Counter(str(r[field]) for r in train), Counter(str(r[field]) for r in evaluation)
-    return [
-        f"label '{label}' has only {train_counts[label] + eval_counts[label]} rows ({train_counts[label]} train, "
-        f"{eval_counts[label]} eval): too few to learn it or to measure it; add rows (at least {minimum} per label)"
-        for label in sorted(train_counts | eval_counts)
-        if train_counts[label] + eval_counts[label] < minimum
-    ]
+def small_labels(splits: dict[str, list[dict]], field: str = "label", minimum: int = MIN_ROWS_PER_LABEL) -> list[str]:
+    """One warning per label with too few rows to learn it or to measure it (splits: name -> rows)."""
+    counts = {name: Counter(str(r[field]) for r in rows) for name, rows in splits.items()}
+    every = sorted(set().union(*counts.values()))
+    warnings = []
+    for label in every:
+        total = sum(c[label] for c in counts.values())
+        if total < minimum:
+            each = ", ".join(f"{c[label]} {name}" for name, c in counts.items())
+            warnings.append(
+                f"label '{label}' has only {total} rows ({each}): too few to learn it or to measure it; "
+                f"add rows (at least {minimum} per label)"
+            )
+    return warnings
 
 
 # ---- rendering ---------------------------------------------------------------------------------------

@@ -1,29 +1,27 @@
 """Judging models on labelled rows: which rows, each runtime's generations and latency, and the
 summary that becomes metrics/eval.json.
 
-The shipped model is the ONNX one; `eval.compare` names the PyTorch models judged beside it on the
-same rows with the same prompts and parse rule: `base` (untuned: a baseline), `adapter` (base +
-LoRA, as trained) and `merged` (what the ONNX model was exported from, so ONNX vs merged is the
-quantization loss). `prompted` is the untuned base asked as a user would ask it without fine-tuning:
-an instruction listing the labels (eval.baseline_prompt), through its chat template, optionally after
-eval.baseline_shots answered training rows; the same parse rule reads its answer. Each runtime runs
-in a fresh process, so its peak memory is its own.
+The rows judged are the test split (eval.path): nothing chose anything on them. The shipped ONNX model
+is also judged on the validation split, which `make best` selects on. `eval.compare` names the PyTorch
+models judged beside it on the same rows with the same prompts and parse rule: `base` (untuned, asked
+with the fine-tuning prompt), `adapter` (base + LoRA, as trained) and `merged` (what the ONNX model was
+exported from, so ONNX vs merged is the quantization loss). `prompted` is the untuned base asked as a
+user would ask it without fine-tuning, and scored by log-likelihood over the labels (ortune.baselines).
+Every figure carries a 95 % bootstrap interval over the rows (ortune.intervals). Each runtime runs in a
+fresh process, so its peak memory is its own.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import re
 import statistics
-import string
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data
+from ortune import baselines, data, intervals
 from ortune.artifacts import folder_megabytes
 from ortune.config import EVAL_COMPARABLE
 from ortune.errors import OrtuneError
@@ -31,6 +29,7 @@ from ortune.metrics import (
     agreement,
     classification_scores,
     confusion_matrix,
+    lenient_label,
     majority_label,
     parse_label,
     per_class_scores,
@@ -80,6 +79,16 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
     return rows, labels, train
 
 
+def load_validation(cfg: DictConfig) -> list[dict]:
+    """The prepared validation split (eval.limit applies): the shipped model is judged on it too, for
+    `make best` to select on rows the reported test figures were not measured on."""
+    path = Path(cfg.paths.prepared) / "validation.jsonl"
+    if not path.is_file():
+        raise OrtuneError(f"paths.prepared={path.parent}: no validation.jsonl; rerun prepare_data (dvc repro)")
+    rows = data.read_jsonl(path)
+    return rows[: cfg.eval.limit] if cfg.eval.limit else rows
+
+
 def check_context(cfg: DictConfig, rows: list[dict], prompts: list[str]) -> None:
     """Refuse, naming them, the rows whose prompt and answer (eval.max_new_tokens) do not fit the shipped
     model's context: onnxruntime-genai would stop the whole eval at the first one, naming none. Rows of
@@ -123,10 +132,13 @@ def render_records(spec: DictConfig, records: list[dict], source: str) -> list[d
 # ---- one runtime, in its own process ----------------------------------------------------------------
 
 
-def job(kind: str, cfg: DictConfig, prompts: list[str]) -> dict:
-    """Everything a fresh process needs to judge one runtime (plain data: it crosses a process boundary)."""
+def job(kind: str, cfg: DictConfig, prompts: list[str], **extra) -> dict:
+    """Everything a fresh process needs to judge one runtime (plain data: it crosses a process boundary).
+    extra: `validation_prompts` (generated for too), `choices` ({name: {prompts, delimiter, format,
+    shots}}) and `labels` (scored by log-likelihood, ortune.baselines)."""
     e = cfg.eval
     return {
+        **extra,
         "kind": kind,
         "dirs": {
             name: str(cfg.paths[key])
@@ -134,7 +146,8 @@ def job(kind: str, cfg: DictConfig, prompts: list[str]) -> dict:
         },
         "trust_remote_code": bool(cfg.model.trust_remote_code),
         "prompts": prompts,
-        "max_new_tokens": e.max_new_tokens,
+        # the prompted baseline answers in a sentence: room for one, and for the task's answers
+        "max_new_tokens": max(e.max_new_tokens, e.baseline_new_tokens) if kind == "prompted" else e.max_new_tokens,
         "batch_size": e.batch_size,
         # the baselines run the merged model's network (same shapes, same dtype): their speed is the merged
         # model's, and timing them again cost ~16 s of the real default's eval on 2 cores
@@ -203,23 +216,49 @@ def judge(spec: dict) -> dict:
         latency = measure_latency(generator, spec["prompts"][0], **spec["latency"])
         latency["peak_memory_mb"] = peak_memory_mb()
     started = time.perf_counter()
-    prompts, size = spec["prompts"], spec["batch_size"]
-    if hasattr(generator, "generate_batch"):
-        results = [
-            g
-            for i in range(0, len(prompts), size)
-            for g in generator.generate_batch(prompts[i : i + size], spec["max_new_tokens"])
-        ]
-    else:
-        results = [generator.generate(prompt, spec["max_new_tokens"]) for prompt in prompts]
+    results = _generate(generator, spec["prompts"], spec["max_new_tokens"], spec["batch_size"])
+    eval_seconds = time.perf_counter() - started
+    extra = {}
+    if spec.get("validation_prompts"):
+        generated = _generate(generator, spec["validation_prompts"], spec["max_new_tokens"], spec["batch_size"])
+        extra["validation_generations"] = [r.text for r in generated]
+    if spec.get("choices"):
+        started = time.perf_counter()
+        extra["choices"] = {
+            name: {
+                "scores": baselines.label_log_likelihoods(
+                    generator.model,
+                    generator.tokenizer,
+                    asked["prompts"],
+                    spec["labels"],
+                    asked["delimiter"],
+                    spec["batch_size"],
+                ),
+                "format": asked["format"],
+                "shots": asked["shots"],
+            }
+            for name, asked in spec["choices"].items()
+        }
+        log.info("log-likelihood baselines scored in %.1f s", time.perf_counter() - started)
     return {
+        **extra,
         "generations": [r.text for r in results],
         "generated_tokens": sum(r.new_tokens for r in results),
         "model_size_mb": model_megabytes(spec["kind"], spec["dirs"]),
         "load_seconds": load_seconds,
-        "eval_seconds": time.perf_counter() - started,
+        "eval_seconds": eval_seconds,
         **latency,
     }
+
+
+def _generate(generator, prompts: list[str], max_new_tokens: int, size: int) -> list:
+    if hasattr(generator, "generate_batch"):
+        return [
+            g
+            for i in range(0, len(prompts), size)
+            for g in generator.generate_batch(prompts[i : i + size], max_new_tokens)
+        ]
+    return [generator.generate(prompt, max_new_tokens) for prompt in prompts]
 
 
 def peak_memory_mb() -> float:
@@ -267,45 +306,88 @@ def model_megabytes(kind: str, dirs: dict) -> float:
 # ---- summary ----------------------------------------------------------------------------------------
 
 
-def summarize(rows: list[dict], labels: list[str], train: list[dict], results: dict[str, dict]) -> tuple[dict, dict]:
-    """(eval.json's metrics, each runtime's parsed predictions). Top-level numbers are the shipped ONNX
-    model's, plus the baselines and the quantization loss: the columns `dvc exp show` lists."""
+def summarize(
+    rows: list[dict],
+    labels: list[str],
+    train: list[dict],
+    results: dict[str, dict],
+    validation: list[dict] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """(eval.json's metrics, each runtime's and baseline's predictions). Top-level numbers are the shipped
+    ONNX model's, plus the baselines and the quantization loss: the columns `dvc exp show` lists. Each
+    figure's 95 % interval is in a `ci95` beside it: bootstrap over the rows, the same `resamples` draws
+    (seeded) for every model, so differences between them are paired."""
     truth = [r["label"] for r in rows]
-    predictions = {kind: [parse_label(g, labels) for g in result["generations"]] for kind, result in results.items()}
+    # the prompted baseline was never taught the answer format: its sentence is read leniently
+    predictions = {
+        kind: [(lenient_label if kind == "prompted" else parse_label)(g, labels) for g in result["generations"]]
+        for kind, result in results.items()
+    }
     shipped = predictions["onnx"]
-    majority = classification_scores(truth, [majority_label([r["label"] for r in train])] * len(truth), labels)
+    draws = intervals.resample_rows(len(truth), resamples, seed)
+    headline = scored(truth, shipped, labels, draws)
+    predictions["majority"] = [majority_label([r["label"] for r in train])] * len(truth)
+    found = {"majority": scored(truth, predictions["majority"], labels, draws)}
     train_prompts = {data.prompt_key(r["prompt"]) for r in train}
     metrics = {
-        **classification_scores(truth, shipped, labels),
-        "majority_baseline": majority["accuracy"],
-        "majority_baseline_macro_f1": majority["macro_f1"],
+        **{key: headline[key] for key in ("accuracy", "macro_f1", "unparsed", "n")},
+        "majority_baseline": found["majority"]["accuracy"],
+        "majority_baseline_macro_f1": found["majority"]["macro_f1"],
         **{key: results["onnx"][key] for key in LATENCY_KEYS},
         "model_size_mb": results["onnx"]["model_size_mb"],
         "generated_tokens": results["onnx"]["generated_tokens"],
         "train_overlap": sum(data.prompt_key(r["prompt"]) in train_prompts for r in rows),
+        "ci95": dict(headline["ci95"]),
     }
     if "base" in results:
-        base = classification_scores(truth, predictions["base"], labels)
+        found["base"] = base = scored(truth, predictions["base"], labels, draws)
         metrics.update(base_accuracy=base["accuracy"], base_macro_f1=base["macro_f1"], base_unparsed=base["unparsed"])
     if "prompted" in results:
-        prompted = classification_scores(truth, predictions["prompted"], labels)
+        found["prompted"] = prompted = scored(truth, predictions["prompted"], labels, draws)
+        prompted["samples"] = [  # what it said, for a reader to judge the parse
+            {"answer": answer, "label": label, "read_as": read}
+            for answer, label, read in list(zip(results["prompted"]["generations"], truth, predictions["prompted"]))[:2]
+        ]
         metrics.update(
             prompted_baseline_accuracy=prompted["accuracy"],
             prompted_baseline_macro_f1=prompted["macro_f1"],
             prompted_baseline_unparsed=prompted["unparsed"],
         )
+        for name, choice in (results["prompted"].get("choices") or {}).items():
+            predictions[name] = baselines.best_labels(choice["scores"], labels)
+            found[name] = {**scored(truth, predictions[name], labels, draws), "shots": choice["shots"]}
+    # the gain of fine-tuning is stated against the strongest way of doing without it (majority included,
+    # so never against a number below always answering the commonest label)
+    strongest = max(found, key=lambda name: found[name]["accuracy"])
+    metrics["baselines"] = found
+    metrics["strongest_baseline"] = {"name": strongest, **found[strongest]}
+    metrics["gain_over_strongest_baseline"] = metrics["accuracy"] - found[strongest]["accuracy"]
+    metrics["ci95"]["gain_over_strongest_baseline"] = intervals.difference_interval(
+        _correct(truth, shipped), _correct(truth, predictions[strongest]), draws
+    )
     if "merged" in results:
         merged = classification_scores(truth, predictions["merged"], labels)
         metrics["quantization_accuracy_delta"] = metrics["accuracy"] - merged["accuracy"]
         metrics["quantization_agreement"] = agreement(shipped, predictions["merged"])
+        same = [a == b for a, b in zip(shipped, predictions["merged"])]
+        metrics["ci95"]["quantization_agreement"] = intervals.mean_interval(same, draws)
+    if validation is not None and "validation_generations" in results["onnx"]:
+        chosen_on = [r["label"] for r in validation]
+        predicted = [parse_label(g, labels) for g in results["onnx"]["validation_generations"]]
+        metrics["validation"] = scored(
+            chosen_on, predicted, labels, intervals.resample_rows(len(chosen_on), resamples, seed)
+        )
     metrics["per_class"] = per_class_scores(truth, shipped, labels)
     metrics["runtimes"] = {}
     for kind, result in results.items():
-        scores = classification_scores(truth, predictions[kind], labels)
+        scores = scored(truth, predictions[kind], labels, draws)
         metrics["runtimes"][kind] = {
             "accuracy": scores["accuracy"],
             "macro_f1": scores["macro_f1"],
             "unparsed": scores["unparsed"],
+            "ci95": scores["ci95"],
             "onnx_accuracy_delta": metrics["accuracy"] - scores["accuracy"],
             "agreement_with_onnx": agreement(shipped, predictions[kind]),
             **{key: result[key] for key in LATENCY_KEYS if key in result},  # none for UNTIMED baselines
@@ -315,6 +397,21 @@ def summarize(rows: list[dict], labels: list[str], train: list[dict], results: d
             **{key: result[key] for key in ("prompt_format", "shots") if key in result},  # the prompted baseline's
         }
     return metrics, predictions
+
+
+def _correct(truth: list[str], predicted: list[str | None]) -> list[bool]:
+    return [t == p for t, p in zip(truth, predicted)]
+
+
+def scored(truth: list[str], predicted: list[str | None], labels: list[str], draws) -> dict:
+    """Accuracy, macro-F1, unparsed and n, with the 95 % intervals of the first two on `draws`."""
+    return {
+        **classification_scores(truth, predicted, labels),
+        "ci95": {
+            "accuracy": intervals.mean_interval(_correct(truth, predicted), draws),
+            "macro_f1": intervals.macro_f1_interval(truth, predicted, labels, draws),
+        },
+    }
 
 
 def prediction_rows(
@@ -336,91 +433,3 @@ def prediction_rows(
 
 def shipped_confusion(rows: list[dict], labels: list[str], predictions: dict[str, list]) -> list[list[int]]:
     return confusion_matrix([r["label"] for r in rows], predictions["onnx"], labels)
-
-
-# ---- the prompted zero-shot (or few-shot) baseline --------------------------------------------------
-
-
-def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict]) -> tuple[list[str], str]:
-    """(each row as the untuned base is asked it, and how: "chat" through its chat template, or "text"
-    when its tokenizer has none). The question is eval.baseline_prompt with {labels} and {input} (the
-    row's own text, recovered from its rendered prompt); eval.baseline_shots answered training rows go
-    first, as earlier turns of the conversation."""
-    from ortune import modeling
-
-    e, spec = cfg.eval, cfg.data
-    shots = pick_shots(train, e.baseline_shots)
-    listed = ", ".join(labels)
-    ask = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in shots]
-    turns = [
-        turn
-        for question, row in zip(ask, shots)
-        for turn in ({"role": "user", "content": question}, {"role": "assistant", "content": row["label"]})
-    ]
-    questions = [e.baseline_prompt.format(labels=listed, input=row_input(r["prompt"], spec)) for r in rows]
-    tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
-    if tokenizer.chat_template:
-        return [
-            tokenizer.apply_chat_template(
-                [*turns, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-            )
-            for q in questions
-        ], "chat"
-    # A base model without a chat template is a plain LM: the same question and shots as a text to continue.
-    log.warning(
-        "%s: the tokenizer has no chat template; the prompted baseline asks in plain text "
-        "('<question>\\nAnswer:') instead",
-        cfg.paths.base_model,
-    )
-    examples = "".join(f"{question}\nAnswer: {row['label']}\n\n" for question, row in zip(ask, shots))
-    return [f"{examples}{q}\nAnswer:" for q in questions], "text"
-
-
-def pick_shots(train: list[dict], k: int) -> list[dict]:
-    """k training rows, the labels taking turns (sorted), each label's rows in split order: every label
-    is shown once before any is shown twice."""
-    if k > len(train):
-        raise OrtuneError(f"eval.baseline_shots={k}: the training split has only {len(train)} rows; lower it")
-    by_label: dict[str, list[dict]] = {}
-    for row in train:
-        by_label.setdefault(row["label"], []).append(row)
-    queues = [by_label[label] for label in sorted(by_label)]
-    turns = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
-    return turns[:k]
-
-
-def row_input(prompt: str | list[dict], spec: DictConfig) -> str:
-    """The text a prepared prompt was rendered from: a chat prompt's (last) user turn, or the fields of
-    data.template.prompt read back out of a text prompt (joined by newlines when there are several)."""
-    if not isinstance(prompt, str):
-        return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-    groups, pattern = _template_pattern(spec.template.prompt)
-    if not groups:
-        raise OrtuneError(
-            "data.template.prompt has no {field}, so a prompt holds no text to ask the prompted "
-            "baseline about; drop 'prompted' from eval.compare"
-        )
-    match = pattern.fullmatch(prompt)
-    if match is None:
-        raise OrtuneError(
-            f"data.template.prompt does not produce the prompt {prompt[:60]!r}; the prepared split "
-            "is older than the template: rerun prepare_data (dvc repro), or drop 'prompted' from eval.compare"
-        )
-    return "\n".join(match.group(group) for group in groups)
-
-
-@functools.lru_cache(maxsize=8)
-def _template_pattern(template: str) -> tuple[list[str], re.Pattern]:
-    """A regex that matches exactly what `template` renders, one group per field (a repeated field must repeat)."""
-    names: list[str] = []
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if field is None:
-            continue
-        if field in names:
-            parts.append(f"(?P=f{names.index(field)})")
-        else:
-            parts.append(f"(?P<f{len(names)}>.*?)")
-            names.append(field)
-    return [f"f{i}" for i in range(len(names))], re.compile("".join(parts), re.DOTALL)

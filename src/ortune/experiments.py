@@ -127,6 +127,7 @@ def pick_best(
     experiments = [e for e in experiments if e.state == "success"]
     if not experiments:
         raise OrtuneError("no finished experiments: run `make all` or `make sweep` first")
+    metric = selection_metric(experiments, metric)
     reasons, eligible = [], []
     for exp in experiments:
         value = exp.metrics.get(metric)
@@ -152,6 +153,37 @@ def pick_best(
     return best, reasons
 
 
+def selection_metric(experiments: list[Experiment], metric: str) -> str:
+    """What `make best` and `make compare` rank on: the validation split's figure (eval.validation.*) when
+    the experiments have it. The test split's figure is what a run reports, never what a choice is made
+    on: choosing the best of many on test would report that choice's luck as its accuracy."""
+    if metric.startswith("eval.") and not metric.startswith("eval.validation."):
+        held_out = "eval.validation." + metric.removeprefix("eval.")
+        if any(isinstance(e.metrics.get(held_out), (int, float)) for e in experiments):
+            return held_out
+    return metric
+
+
+def interval_of(experiment: Experiment, metric: str) -> tuple[float, float] | None:
+    """The 95 % interval eval.json holds beside `metric` (eval.ci95.accuracy for eval.accuracy), or None."""
+    head, _, name = metric.rpartition(".")
+    bounds = [experiment.metrics.get(f"{head}.ci95.{name}.{end}") for end in ("low", "high")]
+    return tuple(bounds) if all(isinstance(b, (int, float)) for b in bounds) else None
+
+
+def versus_best(best: Experiment, other: Experiment, metric: str) -> str:
+    """`other`'s difference from the best on `metric`, marked "within noise" when it is smaller than the
+    wider of their two intervals' half-widths: a reshuffle of the rows could swap them."""
+    if other is best:
+        return "best"
+    value, top = other.metrics.get(metric), best.metrics.get(metric)
+    if not isinstance(value, (int, float)) or not isinstance(top, (int, float)):
+        return "-"
+    widths = [(b[1] - b[0]) / 2 for b in (interval_of(best, metric), interval_of(other, metric)) if b]
+    noise = " (within noise)" if widths and abs(value - top) < max(widths) else ""
+    return f"{value - top:+.3f}{noise}"
+
+
 HEADLINE = (
     "eval.accuracy",
     "eval.macro_f1",
@@ -166,12 +198,18 @@ def compare_table(experiments: list[Experiment], metric: str) -> str:
     metrics (with `metric` among them), best first; unfinished experiments last, without metrics."""
     keys = sorted({k for e in experiments for k in e.params if not k.startswith(("paths.", "wandb."))})
     changed = [k for k in keys if len({repr(e.params.get(k)) for e in experiments}) > 1]
+    metric = selection_metric([e for e in experiments if e.state == "success"], metric)
     shown = [*HEADLINE, *([metric] if metric not in HEADLINE else [])]
     columns = [*changed, *[m for m in shown if any(m in e.metrics for e in experiments)]]
     ranked = sorted(experiments, key=lambda e: (e.state == "success", _sort_key(e.metrics.get(metric))), reverse=True)
-    lines = ["| experiment | state | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    # differences smaller than their intervals are marked: the ranking among those is noise
+    noise = ranked and ranked[0].state == "success" and any(interval_of(e, metric) for e in experiments)
+    header = [*columns, *([f"vs best ({metric})"] if noise else [])]
+    lines = ["| experiment | state | " + " | ".join(header) + " |", "|---" * (len(header) + 2) + "|"]
     for exp in ranked:
         cells = [_cell(exp.name), exp.state, *(_cell(exp.params.get(c, exp.metrics.get(c))) for c in columns)]
+        if noise:
+            cells.append(versus_best(ranked[0], exp, metric) if exp.state == "success" else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -206,21 +244,37 @@ def run_summary(root: Path) -> str:
     if not scores:
         return f"no {folder / 'eval.json'} yet: the pipeline did not reach the eval stage (see the log above)"
     model = f"{onnx.get('precision', '?')} ONNX" if onnx else "ONNX"
+    ci = scores.get("ci95") or {}
+    judged = (scores.get("judged") or {}).get("split")
+    where = f"{judged}, " if judged else ""
     lines = [
-        f"eval ({model}, {scores['n']} rows): accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f} "
-        f"(majority baseline {scores['majority_baseline']:.3f}"
-        + (f", untuned base {scores['base_accuracy']:.3f})" if "base_accuracy" in scores else ")"),
-        f"speed: {scores['ms_per_token']:.2f} ms/token, first token {scores['ttft_ms']:.1f} ms, "
-        f"{scores['model_size_mb']:.1f} MB on disk",
+        f"eval ({model}, {where}{scores['n']} rows): "
+        f"accuracy {_with_interval(scores['accuracy'], ci.get('accuracy'))}, "
+        f"macro-F1 {_with_interval(scores['macro_f1'], ci.get('macro_f1'))}"
     ]
-    if "prompted_baseline_accuracy" in scores:
-        lines.insert(1, _prompted_line(scores))
+    if "baselines" in scores:
+        lines += _baseline_lines(scores)
+    else:  # an eval.json written before the baselines had intervals
+        lines[0] += f" (majority baseline {scores['majority_baseline']:.3f}" + (
+            f", untuned base {scores['base_accuracy']:.3f})" if "base_accuracy" in scores else ")"
+        )
+    if validation := scores.get("validation"):
+        lines.append(
+            f"validation split ({validation['n']} rows; what onnx.quantization=auto and `make best` choose on): "
+            f"accuracy {_with_interval(validation['accuracy'], validation['ci95']['accuracy'])}"
+        )
+    lines.append(
+        f"speed: {scores['ms_per_token']:.2f} ms/token, first token {scores['ttft_ms']:.1f} ms, "
+        f"{scores['model_size_mb']:.1f} MB on disk"
+    )
     if onnx.get("candidates"):
         lines.append(_auto_line(onnx))
     if "quantization_agreement" in scores:
+        agreed = ci.get("quantization_agreement")
         lines.append(
-            f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows, "
-            f"accuracy delta {scores['quantization_accuracy_delta']:+.3f}"
+            f"vs merged PyTorch: same label on {100 * scores['quantization_agreement']:.1f} % of rows"
+            + (f" (95 % interval {100 * agreed['low']:.1f}-{100 * agreed['high']:.1f} %)" if agreed else "")
+            + f", accuracy delta {scores['quantization_accuracy_delta']:+.3f}"
         )
     if train:
         lines.append(
@@ -255,17 +309,53 @@ def _auto_line(onnx: dict) -> str:
     )
 
 
-def _prompted_line(scores: dict) -> str:
-    """Was fine-tuning worth it: the shipped model against the untuned base asked as a user would ask it."""
-    how = {"chat": "through its chat template", "text": "in plain text (its tokenizer has no chat template)"}
+def _with_interval(value: float, bounds: dict | None) -> str:
+    """`0.951 ± 0.035`: the figure and half its 95 % interval's width (just the figure without one)."""
+    return f"{value:.3f}" + (f" ± {(bounds['high'] - bounds['low']) / 2:.3f}" if bounds else "")
+
+
+BASELINE_NAMES = {
+    "majority": "majority class",
+    "base": "fine-tuning prompt",
+    "loglik_zero_shot": "log-likelihood zero-shot",
+    "loglik_k_shot": "log-likelihood {shots}-shot",
+    "prompted": "answer in a sentence",
+}
+
+
+def _baseline_name(name: str, found: dict) -> str:
+    return BASELINE_NAMES.get(name, name).format(shots=found.get("shots", "k"))
+
+
+def _baseline_lines(scores: dict) -> list[str]:
+    """Was fine-tuning worth it: every baseline on the same rows, and the gain over the strongest of them
+    (majority class included, so never over a number below chance), with its paired interval."""
+    found = scores["baselines"]
     prompted = (scores.get("runtimes") or {}).get("prompted") or {}
-    asked = how.get(prompted.get("prompt_format"), "with an instruction")
-    shown = f"{prompted['shots']}-shot" if prompted.get("shots") else "zero-shot"
-    return (
-        f"vs the untuned base asked {asked}, {shown}: accuracy {scores['prompted_baseline_accuracy']:.3f} "
-        f"({scores['prompted_baseline_unparsed']} of {scores['n']} answers named no label); "
-        f"fine-tuning gained {scores['accuracy'] - scores['prompted_baseline_accuracy']:+.3f}"
+    asked = " through its chat template" if prompted.get("prompt_format") == "chat" else ""
+    listed = ", ".join(
+        f"{_baseline_name(name, b)} {_with_interval(b['accuracy'], b['ci95']['accuracy'])}" for name, b in found.items()
     )
+    strongest = scores["strongest_baseline"]
+    gain = _with_interval(
+        scores["gain_over_strongest_baseline"], (scores.get("ci95") or {}).get("gain_over_strongest_baseline")
+    )
+    lines = [
+        f"baselines (the untuned base{asked}, same rows): {listed}",
+        f"fine-tuning gained {'+' if not gain.startswith('-') else ''}{gain} accuracy over the strongest baseline "
+        f"({_baseline_name(strongest['name'], strongest)}, {strongest['accuracy']:.3f})",
+    ]
+    if samples := (found.get("prompted") or {}).get("samples"):
+        said = "; ".join(
+            f"{json.dumps(s['answer'], ensure_ascii=False)} (truth {s['label']}, read as {s['read_as'] or 'no label'})"
+            for s in samples
+        )
+        unparsed = found["prompted"].get("unparsed")
+        lines.append(
+            f"the prompted baseline answered, e.g.: {said}"
+            + (f"; {unparsed} of {scores['n']} answers named no single label" if unparsed is not None else "")
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 # The confusion matrix's last column: generations that name no label.
@@ -23,6 +24,18 @@ def parse_label(generation: str, labels: list[str]) -> str | None:
         if word.startswith(candidate):
             return lowered[candidate]
     return None
+
+
+def lenient_label(generation: str, labels: list[str]) -> str | None:
+    """The label a free answer names, for a model never taught the answer format (the prompted baseline):
+    parse_label's answer if the answer is a label, else the one label named anywhere in it as a whole word,
+    case-insensitively ("The tone of the text is fear." -> fear); None when it names none, or several."""
+    strict = parse_label(generation, labels)
+    if strict is not None:
+        return strict
+    text = generation.lower()
+    named = {label for label in labels if re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text)}
+    return named.pop() if len(named) == 1 else None
 
 
 def majority_label(train_labels: list[str]) -> str:

@@ -78,8 +78,9 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
         "",
         f"- Base model: {code(base)} at revision {code(revision)}",
         f"- Dataset: {code(dataset['path'])}, sha256 `{dataset['sha256']}`",
-        f"- Prepared split: {dataset['train_rows']} train / {dataset['eval_rows']} eval rows "
-        f"(train.jsonl sha256 `{dataset['train_sha256'][:16]}…`, eval.jsonl `{dataset['eval_sha256'][:16]}…`)",
+        f"- Prepared split: {dataset['train_rows']} train / {dataset['validation_rows']} validation / "
+        f"{dataset['test_rows']} test rows (train.jsonl sha256 `{dataset['train_sha256'][:16]}…`, "
+        f"validation.jsonl `{dataset['validation_sha256'][:16]}…`, test.jsonl `{dataset['test_sha256'][:16]}…`)",
         f"- Labels: {', '.join(map(text, task['labels']))}",
     ]
     if lora:
@@ -94,7 +95,7 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
     lines += [f"| {text(key)} | {code(value)} |" for key, value in settings.items()]
     lines += [
         "",
-        "## Parity with PyTorch (eval prompts)",
+        "## Parity with PyTorch (validation prompts)",
         "",
         "| model | prompts | max \\|logit diff\\| | label agreement | target | passed |",
         "|---|---|---|---|---|---|",
@@ -111,12 +112,14 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
             continue
         lines.append(
             f"| {text(name)} | {parity['prompts']} | {parity['max_abs_logit_diff']:.2e} | "
-            f"{parity['label_agreement']:.3f} | {text(parity['target'])} | {parity['passed']} |"
+            f"{parity['label_agreement']:.3f}{_interval(parity.get('label_agreement_ci95'))} | "
+            f"{text(parity['target'])} | {parity['passed']} |"
         )
     lines += [
         "",
-        f"Size {metrics['size_mb']:.1f} MB, built in {metrics['build_seconds']:.0f} s. Accuracy on the eval "
-        "split: metrics/eval.json (the eval stage runs after this card is written).",
+        f"Size {metrics['size_mb']:.1f} MB, built in {metrics['build_seconds']:.0f} s. Parity is measured on "
+        "the validation split (what onnx.quantization=auto chooses on); accuracy on the test split, which "
+        "nothing was chosen on, is in metrics/eval.json (the eval stage runs after this card is written).",
         "",
     ]
     lines += [
@@ -148,6 +151,11 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
     return str(card)
 
 
+def _interval(bounds: dict | None) -> str:
+    """` (95 % interval 0.979-1.000)`, or nothing when the figure has none."""
+    return f" (95 % interval {bounds['low']:.3f}-{bounds['high']:.3f})" if bounds else ""
+
+
 def metadata(model: dict, dataset: dict, parities: dict, title: str, tags: list[str]) -> ModelCardData:
     """The Hub's metadata block: base_model only when the base is a Hub model (a GGUF file or a local folder has
     no id there), the dataset by its path, and each parity row that ran as a model-index result."""
@@ -157,10 +165,10 @@ def metadata(model: dict, dataset: dict, parities: dict, title: str, tags: list[
             task_name=f"Parity with PyTorch ({name})",
             dataset_type=dataset["path"],
             dataset_name=Path(dataset["path"]).name,
-            dataset_split="eval",
+            dataset_split="validation",
             dataset_revision=dataset["sha256"],
             metric_type=metric,
-            metric_name=f"{label} with PyTorch ({name}, {parity['prompts']} eval prompts)",
+            metric_name=f"{label} with PyTorch ({name}, {parity['prompts']} validation prompts)",
             metric_value=float(parity[metric]),
         )
         for name, parity in parities.items()

@@ -93,11 +93,16 @@ def compare(
     torch_labels = [parse_label(t, labels) for t in reference.generations(prompts, max_new_tokens)]
     onnx_labels = [parse_label(onnx_generator.generate(p, max_new_tokens).text, labels) for p in prompts]
     agreement = sum(a == b for a, b in zip(torch_labels, onnx_labels)) / len(prompts)
+    from ortune import intervals
+
+    same = [a == b for a, b in zip(torch_labels, onnx_labels)]
     result = {
         "prompts": len(prompts),
         "max_abs_logit_diff": max(diffs),
         "max_rel_logit_diff": max(relative),
         "label_agreement": agreement,
+        # over these prompts: another draw of as many could agree this much less (or more)
+        "label_agreement_ci95": intervals.mean_interval(same, intervals.resample_rows(len(same), 1000, seed=0)),
         "onnx_unparsed": sum(label is None for label in onnx_labels),
     }
     if precision == "fp32":

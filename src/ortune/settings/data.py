@@ -28,12 +28,24 @@ class DataConfig:
     template: TemplateConfig = group(TemplateConfig, "how a `text` row becomes a prompt and a completion")
     label_field: str = setting("the label field (stratified split, label set); defaults to `data.output_column`")
     labels: list[str] | None = setting("the allowed labels; null accepts whatever labels the data holds")
-    eval_fraction: float = setting(
-        "share of the rows held out for evaluation (stratified by label)",
+    validation_fraction: float = setting(
+        "share of the rows held out for validation: what anything that chooses reads (auto quantization, "
+        "`make best`, training's eval loss); stratified by label",
         range="(0, 1)",
         message="{key}={value} must be between 0 and 1 (exclusive)",
+    )
+    test_fraction: float = setting(
+        "share of the rows held out for test: only the eval stage's headline reads them (stratified by label)",
+        range="(0, 1)",
+        message="{key}={value} must be between 0 and 1 (exclusive)",
+        renamed_from=("data.eval_fraction",),
     )
 
 
 def problems(data: DictConfig):
     yield from field_problems(DataConfig, data, "data.")
+    if data.validation_fraction + data.test_fraction >= 1:
+        yield (
+            f"data.validation_fraction={data.validation_fraction} + data.test_fraction={data.test_fraction} "
+            "leave no rows to train on; their sum must be below 1"
+        )

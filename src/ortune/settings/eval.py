@@ -19,7 +19,7 @@ class EvalLatencyConfig:
 
 @dataclass
 class EvalConfig:
-    path: str = setting("the labelled rows judged; default: the split prepare_data held out")
+    path: str = setting("the labelled rows judged; default: the test split prepare_data held out")
     max_new_tokens: int = setting("tokens generated per eval prompt", range=">= 1")
     limit: int = setting("rows judged; 0 = every row", range=">= 0")
     compare: list[str] = setting(
@@ -27,7 +27,17 @@ class EvalConfig:
         choices=("base", "prompted", "adapter", "merged"),
     )
     baseline_prompt: str = setting("the prompted baseline's question: {labels} and {input}")
-    baseline_shots: int = setting("answered training rows shown first; 0 = zero-shot", range=">= 0")
+    baseline_shots: int = setting(
+        "k of the k-shot log-likelihood baseline: answered training rows shown first, each label in turn; "
+        "0 = zero-shot only",
+        range=">= 0",
+    )
+    baseline_new_tokens: int = setting(
+        "tokens the prompted baseline may answer in (a sentence: it was never taught to answer with a bare label)",
+        range=">= 1",
+    )
+    bootstrap_resamples: int = setting("bootstrap resamples of the rows behind every 95 % interval", range=">= 100")
+    bootstrap_seed: int = setting("seed of the bootstrap resampling (the same draws for every model)", range=">= 0")
     batch_size: int = setting("prompts per PyTorch generate call", range=">= 1")
     latency: EvalLatencyConfig = group(EvalLatencyConfig, "batch-1 speed of each model on the first row's prompt")
 

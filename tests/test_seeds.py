@@ -1,0 +1,36 @@
+"""`make seeds`: the seeds it runs and the mean and spread it reports (the runs themselves: test_pipeline)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ortune import seeds
+from ortune.errors import OrtuneError
+
+
+def test_the_first_seed_is_the_configured_training_seed():
+    assert seeds.first_seed("seed: 42\ntrain:\n  seed: null\n") == 42
+    assert seeds.first_seed("seed: 42\ntrain:\n  seed: 7\n") == 7
+
+
+def test_the_report_lists_each_seed_then_mean_spread_and_range():
+    runs = {
+        42: {"n": 144, "accuracy": 0.951, "macro_f1": 0.95, "validation": {"accuracy": 0.958}},
+        43: {"n": 144, "accuracy": 0.958, "macro_f1": 0.957, "validation": {"accuracy": 0.944}},
+        44: {"n": 144, "accuracy": 0.938, "macro_f1": 0.936, "validation": {"accuracy": 0.972}},
+    }
+    lines = seeds.report(runs).splitlines()
+    assert lines[0] == "3 training seeds, the same 144 test rows:"
+    assert lines[1] == "| train.seed | test accuracy | test macro-F1 | validation accuracy |"
+    assert lines[3] == "| 42 | 0.951 | 0.950 | 0.958 |"
+    # sample standard deviation of 0.951, 0.958, 0.938: 0.0101
+    assert lines[6] == "test accuracy: mean 0.949, standard deviation 0.010 over 3 seeds (min 0.938, max 0.958)"
+    assert lines[8].startswith("validation accuracy: mean 0.958, standard deviation 0.014")
+
+
+def test_seeds_refuses_a_seed_in_args_and_a_bad_count(capsys):
+    with pytest.raises(OrtuneError, match="leave seed and train.seed out of ARGS"):
+        seeds.run(2, ["train.seed=3"])
+    with pytest.raises(OrtuneError, match="run at least one seed"):
+        seeds.run(0, [])
+    assert seeds.main(["three"]) == 2 and "a whole number of seeds" in capsys.readouterr().err
