@@ -29,9 +29,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-from matmulnbits import one_core_copy_bandwidth  # noqa: E402
+from matmulnbits import one_core_copy_bandwidth
+from ortune.artifacts import write_json_atomic, write_text_atomic
+from ortune_bench import NEW_TOKENS, PROMPT, ROOT, cache_dir
+from ortune_bench.bytes_read import kv_bytes_per_token
+from ortune_bench.decode import GenaiRunner, TorchRunner, model_shape
+from ortune_bench.machine import cpu_snapshot, machine_info, other_cores, this_cpu_family
+from ortune_bench.models import MODELS, QUICK, PackagedGguf, build_key, build_onnx_models, default_engines
+from ortune_bench.results import (
+    CPU_TIME_1_THREAD,
+    decode_sections,
+    family_of,
+    load_results,
+    merge_results,
+    render_results,
+    update_readme,
+)
 
 
 def one_thread_copy(folder: Path, scratch: Path) -> Path:
@@ -48,13 +61,13 @@ def one_thread_copy(folder: Path, scratch: Path) -> Path:
 
 def cpu_seconds(runner, tokens: int) -> float:
     started = time.thread_time()
-    times = runner.token_times(bench.PROMPT, tokens)
+    times = runner.token_times(PROMPT, tokens)
     if len(times) != tokens:
         raise RuntimeError(f"{len(times)} tokens instead of {tokens}")
     return time.thread_time() - started
 
 
-TIMING = "cpu_time_1_thread"  # how bench.decode_markdown tells these rows from `make bench`'s wall-clock ones
+TIMING = CPU_TIME_1_THREAD  # how results.decode_markdown tells these rows from `make bench`'s wall-clock ones
 
 
 def bench_section(
@@ -67,7 +80,7 @@ def bench_section(
     short: int,
     repeats: int,
 ) -> dict:
-    """The run as a `make bench` decode section (the fields bench.decode_markdown renders), flagged as
+    """The run as a `make bench` decode section (the fields results.decode_markdown renders), flagged as
     1-thread CPU time: ms/token = CPU ms/token, floor = bytes over one core's copy bandwidth."""
     bandwidth = statistics.median(core_samples)
     engines = []
@@ -105,29 +118,27 @@ def record(results_dir: Path, run: dict, readme: Path | None = None) -> Path:
     """Merge `run` into results_dir/results.json as its family's entry (beside the other models of an
     earlier 1-thread run there), unless that family has a `make bench` entry (which is worth more: all
     cores, wall clock, a quiet machine); re-render results.md and the README's benchmark block."""
-    from ortune.artifacts import write_json_atomic, write_text_atomic
-
-    results = bench.load_results(results_dir / "results.json")
-    family = bench.family_of(run)["name"]
+    results = load_results(results_dir / "results.json")
+    family = family_of(run)["name"]
     recorded = (results.get("families") or {}).get(family)
-    if recorded and not all(section.get("timing") == TIMING for section in bench.decode_sections(recorded)):
+    if recorded and not all(section.get("timing") == TIMING for section in decode_sections(recorded)):
         raise SystemExit(
             f"results.json already holds a `make bench` run for {family}: not replaced by a 1-thread CPU-time run"
         )
     if recorded:  # an earlier 1-thread run on this family: keep its other models' sections
-        models = {section["model"].get("name") for section in bench.decode_sections(run)}
-        kept = [section for section in bench.decode_sections(recorded) if section["model"].get("name") not in models]
-        run = {**run, "decode": kept + bench.decode_sections(run)}
-    results = bench.merge_results(results, run)
+        models = {section["model"].get("name") for section in decode_sections(run)}
+        kept = [section for section in decode_sections(recorded) if section["model"].get("name") not in models]
+        run = {**run, "decode": kept + decode_sections(run)}
+    results = merge_results(results, run)
     write_json_atomic(results_dir / "results.json", results)
-    write_text_atomic(results_dir / "results.md", bench.render_results(results))
-    bench.update_readme(bench.render_results(results, compact=True), readme)
+    write_text_atomic(results_dir / "results.md", render_results(results))
+    update_readme(render_results(results, compact=True), readme)
     return results_dir / "results.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help=f"{', '.join(bench.MODELS)} or quick")
+    parser.add_argument("--model", default="smollm2", help=f"{', '.join(MODELS)} or quick")
     parser.add_argument("--engines", default=None, help="comma-separated subset of the five engines")
     parser.add_argument(
         "--variant",
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         help='an extra genai int4 engine built with these conf overrides ("k=v k2=v2"), repeatable',
     )
     parser.add_argument("--short", type=int, default=8)
-    parser.add_argument("--long", type=int, default=bench.NEW_TOKENS)
+    parser.add_argument("--long", type=int, default=NEW_TOKENS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -146,29 +157,28 @@ def main(argv: list[str] | None = None) -> int:
         "bench/results.json, results.md and the README (never over a `make bench` entry)",
     )
     args = parser.parse_args(argv)
-    if args.record and (args.variant or args.engines or args.model not in bench.MODELS):
+    if args.record and (args.variant or args.engines or args.model not in MODELS):
         parser.error("--record takes the five engines of a bench model (no --variant, --engines, quick)")
     import torch
 
     torch.set_num_threads(1)
-    spec = bench.QUICK if args.model == "quick" else bench.MODELS[args.model]
-    engines = bench.default_engines(args.variant)
+    spec = QUICK if args.model == "quick" else MODELS[args.model]
+    engines = default_engines(args.variant)
     if args.engines:
         wanted = {name.strip() for name in args.engines.split(",")}
         engines = [e for e in engines if e.name in wanted or e.overrides]
-    hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
+    hf_dir = spec.build(cache_dir() / f"hf-{spec.name}-{spec.key()}")
     dirs = {
-        e.name: bench.cache_dir()
-        / f"onnx-{spec.key()}-{e.precision}-{bench.build_key(e.precision, e.overrides, spec.conf_model)}"
+        e.name: cache_dir() / f"onnx-{spec.key()}-{e.precision}-{build_key(e.precision, e.overrides, spec.conf_model)}"
         for e in engines
         if e.runtime == "genai"
     }
-    bench.build_onnx_models(
+    build_onnx_models(
         hf_dir,
         {dirs[e.name]: (e.precision, e.overrides) for e in engines if e.name in dirs},
         conf_model=spec.conf_model,
     )
-    family = bench.this_cpu_family()
+    family = this_cpu_family()
     print(f"{spec.name} on {family['name']} ({', '.join(family['isa'])}), one thread per engine", flush=True)
     with tempfile.TemporaryDirectory(prefix="ortune-cpu-decode-") as tmp:
         runners, bytes_per_token = {}, {}
@@ -176,25 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         load_average = list(os.getloadavg())
         for engine in engines:
             if engine.runtime == "genai":
-                runner = bench.GenaiRunner(one_thread_copy(dirs[engine.name], Path(tmp)))
+                runner = GenaiRunner(one_thread_copy(dirs[engine.name], Path(tmp)))
             else:
-                runner = bench.TorchRunner(hf_dir, engine.precision)
-            kv = bench.kv_bytes_per_token(
-                **runner.kv, prompt_tokens=runner.prompt_tokens(bench.PROMPT), new_tokens=args.long
-            )
+                runner = TorchRunner(hf_dir, engine.precision)
+            kv = kv_bytes_per_token(**runner.kv, prompt_tokens=runner.prompt_tokens(PROMPT), new_tokens=args.long)
             runners[engine.name], bytes_per_token[engine.name] = runner, runner.weights["per_token"] + kv
         core = [one_core_copy_bandwidth()]
         steps: dict[str, list[float]] = {name: [] for name in runners}
         others: list[float] = []  # cores other processes used during each round
-        round_started = bench.cpu_snapshot()
+        round_started = cpu_snapshot()
         for round_index in range(args.repeats + 1):  # round 0: warm-up
             for name, runner in runners.items():
                 long, short = cpu_seconds(runner, args.long), cpu_seconds(runner, args.short)
                 if round_index:
                     steps[name].append(1000 * (long - short) / (args.long - args.short))
             core.append(one_core_copy_bandwidth())
-            others.append(bench.other_cores(round_started, bench.cpu_snapshot()))
-            round_started = bench.cpu_snapshot()
+            others.append(other_cores(round_started, cpu_snapshot()))
+            round_started = cpu_snapshot()
             print(
                 f"  round {round_index}: "
                 + ", ".join(f"{n} {s[-1]:.2f}" for n, s in steps.items() if s)
@@ -238,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         model = {
             "name": spec.name,
-            **bench.model_shape(hf_dir),
-            "prompt_tokens": runners["torch fp32"].prompt_tokens(bench.PROMPT),
+            **model_shape(hf_dir),
+            "prompt_tokens": runners["torch fp32"].prompt_tokens(PROMPT),
             "parameters": sum(p.numel() for p in runners["torch fp32"].generator.model.parameters()),
         }
-        if isinstance(spec, bench.PackagedGguf):
+        if isinstance(spec, PackagedGguf):
             from importlib import metadata
 
             model["package_version"] = metadata.version(spec.package)
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats,
         )
         section["others_cores"] = others
-        machine = bench.machine_info()
+        machine = machine_info()
         machine["load_average_at_start"] = load_average
         run = {
             "date": started_date,
@@ -266,20 +274,17 @@ def main(argv: list[str] | None = None) -> int:
             "decode": [section],
             "pipeline": {"skipped": "skipped (1-thread CPU-time run, bench/cpu_decode.py --record)"},
         }
-        print(f"wrote {record(bench.ROOT / 'bench', run)}, results.md and the README's benchmark block")
+        print(f"wrote {record(ROOT / 'bench', run)}, results.md and the README's benchmark block")
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "model": spec.name,
-                    "cpu_family": family,
-                    "one_core_copy_gb_s": bandwidth / 1e9,
-                    "rows": rows,
-                    "steps": steps,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json_atomic(
+            args.out,
+            {
+                "model": spec.name,
+                "cpu_family": family,
+                "one_core_copy_gb_s": bandwidth / 1e9,
+                "rows": rows,
+                "steps": steps,
+            },
         )
     return 0
 

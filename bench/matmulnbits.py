@@ -23,7 +23,6 @@ timing does not depend on the values); session options are ortune's (spin_durati
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -32,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the harness: copy bandwidth, contention, CPU family)
+from ortune.artifacts import write_json_atomic
+from ortune_bench import cache_dir
+from ortune_bench.machine import cpu_snapshot, l3_cache, other_cores, quiet_copy_bandwidth, this_cpu_family
 
 # K x N of the bench model's MatMuls (hidden 1024, intermediate 2816, gate/up fused, vocab 32064) and of
 # SmolLM2-135M's (hidden 576, 9+3+3 heads of 64: qkv N=960, intermediate 1536, vocab 49152, tied).
@@ -124,7 +124,7 @@ def session(model, threads: int, scratch: Path, name: str):
 
 
 def l3_bytes() -> int:
-    text = bench._l3_cache() or "32768K"
+    text = l3_cache() or "32768K"
     scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
     return int(text.rstrip("KMG")) * scale
 
@@ -142,14 +142,14 @@ def time_round_robin(runs: dict, repeats: int, warmup: int = 3) -> dict[str, dic
     busy: dict[str, list] = {name: [] for name in runs}
     for round_index in range(warmup + repeats):
         for name, (sess, _, _) in runs.items():
-            before = bench.cpu_snapshot()
+            before = cpu_snapshot()
             started, cpu_started = time.perf_counter(), time.thread_time()
             sess.run(None, feeds[name])
             elapsed, cpu_elapsed = time.perf_counter() - started, time.thread_time() - cpu_started
             if round_index >= warmup:
                 seconds[name].append(elapsed)
                 cpu[name].append(cpu_elapsed)
-                busy[name].append(bench.other_cores(before, bench.cpu_snapshot()))
+                busy[name].append(other_cores(before, cpu_snapshot()))
     return {
         name: {
             "seconds": statistics.median(seconds[name]),
@@ -239,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     blocks = [int(v) for v in args.blocks.split(",")]
     levels = [int(v) for v in args.levels.split(",")]
     threads_list = [int(v) for v in args.threads.split(",")]
-    family = bench.this_cpu_family()
+    family = this_cpu_family()
     import onnxruntime
 
     print(
         f"CPU family: {family['name']} ({family['model_name']}; {', '.join(family['isa'])}), "
-        f"{os.cpu_count()} cores, L3 {bench._l3_cache()}; onnxruntime {onnxruntime.__version__}",
+        f"{os.cpu_count()} cores, L3 {l3_cache()}; onnxruntime {onnxruntime.__version__}",
         flush=True,
     )
     l3 = l3_bytes()
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ortune-matmulnbits-") as tmp:
         scratch = Path(tmp)
         for k, n in shapes:
-            bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
+            bandwidths.append(quiet_copy_bandwidth(wait_s=10.0))
             one_core.append(one_core_copy_bandwidth())
             for threads in threads_list:
                 runs: dict = {}
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     )
                 del runs
-            bandwidths.append(bench.quiet_copy_bandwidth(wait_s=10.0))
+            bandwidths.append(quiet_copy_bandwidth(wait_s=10.0))
     bandwidth = statistics.median(b for b, _ in bandwidths)
     core = statistics.median(one_core)
     for row in rows:
@@ -340,22 +340,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{cpu} | {row['weight_bytes'] / 1e6:.2f} | {row['gb_s']:.1f} | {row['percent_of_floor']:.0f} % | "
             f"{core_floor} | {row['other_cores']:.1f} |"
         )
-    out = args.out or bench.cache_dir() / f"matmulnbits-{family['name'].replace(' ', '-')}.json"
+    out = args.out or cache_dir() / f"matmulnbits-{family['name'].replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                "cpu_family": family,
-                "onnxruntime": onnxruntime.__version__,
-                "copy_bandwidth_gb_s": bandwidth / 1e9,
-                "one_core_copy_gb_s": core / 1e9,
-                "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths],
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json_atomic(
+        out,
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "cpu_family": family,
+            "onnxruntime": onnxruntime.__version__,
+            "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "one_core_copy_gb_s": core / 1e9,
+            "bandwidth_samples": [[b / 1e9, c] for b, c in bandwidths],
+            "rows": rows,
+        },
     )
     print(f"\nwrote {out}")
     return 0

@@ -23,16 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+from ortune.artifacts import write_json_atomic
+from ortune_bench import NEW_TOKENS, PROMPT, cache_dir
+from ortune_bench.machine import cpu_snapshot, other_cores, this_cpu_family
+from ortune_bench.models import MODELS, QUICK, build_key, build_onnx_models
 
 
 def model_dir(model: str, precision: str) -> Path:
     """The bench's cached build of `model` at `precision` with ortune's defaults (built if missing)."""
-    spec = bench.QUICK if model == "quick" else bench.MODELS[model]
-    hf_dir = spec.build(bench.cache_dir() / f"hf-{spec.name}-{spec.key()}")
-    out = bench.cache_dir() / f"onnx-{spec.key()}-{precision}-{bench.build_key(precision, (), spec.conf_model)}"
-    bench.build_onnx_models(hf_dir, {out: (precision, ())}, conf_model=spec.conf_model)
+    spec = QUICK if model == "quick" else MODELS[model]
+    hf_dir = spec.build(cache_dir() / f"hf-{spec.name}-{spec.key()}")
+    out = cache_dir() / f"onnx-{spec.key()}-{precision}-{build_key(precision, (), spec.conf_model)}"
+    build_onnx_models(hf_dir, {out: (precision, ())}, conf_model=spec.conf_model)
     return out
 
 
@@ -130,37 +132,37 @@ def breakdown(events: list[dict], decodes: int = 2) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help=f"{', '.join(bench.MODELS)} or quick (the bench's cache)")
+    parser.add_argument("--model", default="smollm2", help=f"{', '.join(MODELS)} or quick (the bench's cache)")
     parser.add_argument("--precision", default="int4")
     parser.add_argument("--dir", type=Path, default=None, help="a genai model folder instead of --model")
     parser.add_argument("--threads", type=int, default=None, help="override intra_op_num_threads")
-    parser.add_argument("--tokens", type=int, default=bench.NEW_TOKENS)
+    parser.add_argument("--tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--rounds", type=int, default=3, help="unprofiled rounds timed before and after")
     parser.add_argument("--out", type=Path, default=None, help="write the breakdown as JSON here")
     args = parser.parse_args(argv)
     folder = args.dir or model_dir(args.model, args.precision)
-    family = bench.this_cpu_family()
+    family = this_cpu_family()
     print(
         f"{folder} on {family['name']} ({', '.join(family['isa'])}), threads {args.threads or 'as genai_config.json'}",
         flush=True,
     )
 
     og, model, tokenizer = load(folder, args.threads, None)
-    decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up
+    decode(og, model, tokenizer, PROMPT, args.tokens)  # warm-up
     plain = []
     for _ in range(args.rounds):
-        before = bench.cpu_snapshot()
-        wall, cpu = decode(og, model, tokenizer, bench.PROMPT, args.tokens)
-        plain.append((step_ms(wall), bench.other_cores(before, bench.cpu_snapshot()), step_ms(cpu)))
+        before = cpu_snapshot()
+        wall, cpu = decode(og, model, tokenizer, PROMPT, args.tokens)
+        plain.append((step_ms(wall), other_cores(before, cpu_snapshot()), step_ms(cpu)))
     del model
 
     with tempfile.TemporaryDirectory(prefix="ortune-profile-") as tmp:
         og, model, tokenizer = load(folder, args.threads, str(Path(tmp) / "decode"))
-        decode(og, model, tokenizer, bench.PROMPT, args.tokens)  # warm-up (its runs are skipped below)
-        before = bench.cpu_snapshot()
-        wall, cpu = decode(og, model, tokenizer, bench.PROMPT, args.tokens)
+        decode(og, model, tokenizer, PROMPT, args.tokens)  # warm-up (its runs are skipped below)
+        before = cpu_snapshot()
+        wall, cpu = decode(og, model, tokenizer, PROMPT, args.tokens)
         profiled, profiled_cpu = step_ms(wall), step_ms(cpu)
-        busy = bench.other_cores(before, bench.cpu_snapshot())
+        busy = other_cores(before, cpu_snapshot())
         del model, tokenizer  # the session writes its profile when it ends
         files = sorted(Path(tmp).glob("decode*.json"))
         if not files:
@@ -207,21 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * (step_us - result['run_us']) / step_us:.1f} % | | | |"
     )
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "folder": str(folder),
-                    "cpu_family": family,
-                    "threads": args.threads,
-                    "ms_per_token_plain": plain,
-                    "ms_per_token_profiled": profiled,
-                    "cpu_ms_per_token_profiled": profiled_cpu,
-                    "other_cores": busy,
-                    **result,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json_atomic(
+            args.out,
+            {
+                "folder": str(folder),
+                "cpu_family": family,
+                "threads": args.threads,
+                "ms_per_token_plain": plain,
+                "ms_per_token_profiled": profiled,
+                "cpu_ms_per_token_profiled": profiled_cpu,
+                "other_cores": busy,
+                **result,
+            },
         )
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -43,10 +42,9 @@ def make_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_texts():
-    from ortune import data
+    from ortune import modeling
 
-    rows = data.read_records(REPO / "data/raw/tones.jsonl")
-    return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in rows]
+    return modeling.phrase_texts(REPO / "data/raw/tones.jsonl")
 
 
 # The numbers eval.json reports at its top level on the default eval.compare (what `dvc exp show` and
@@ -78,59 +76,14 @@ def clone_project(
     tmp_path_factory, name: str, tiny: bool = True, params: tuple[str, ...] = (), **extra_env: str
 ) -> tuple[Path, dict]:
     """A fresh git clone holding this working tree as it is (new files included, run outputs left out),
-    committed, with the repo's .venv linked in and DVC/git isolated from the user's config. `tiny`: the
-    clone's conf/ defaults to the tiny model (and its params.yaml follows), so `make all` there is fast.
-    `params`: overrides its params.yaml is written with (as `python -m ortune.params params ...` takes them),
-    for a test that runs `dvc repro` on settings of its own."""
-    import shutil
-    import subprocess
+    committed, with the repo's .venv linked in and DVC/git isolated from the user's config
+    (ortune.workspace_clone). `tiny`: the clone's conf/ defaults to the tiny model (and its params.yaml
+    follows), so `make all` there is fast. `params`: overrides its params.yaml is written with (as
+    `python -m ortune.params params ...` takes them), for a test that runs `dvc repro` on settings of its own."""
+    from ortune.workspace_clone import clone_workspace
 
     root = tmp_path_factory.mktemp(name) / "ortune"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for rel in listed:
-        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "plots/", "dvc_plots/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    (root / ".venv").symlink_to(REPO / ".venv")
-    # The linked venv is this repo's: a `make setup` in the clone (the README's flow) must find it installed,
-    # never reinstall into it (that would point its editable ortune at the clone's src, deleted later)
-    for pin in [*root.glob("requirements*.txt"), root / "pyproject.toml"]:
-        os.utime(pin, (0, 0))
     home = tmp_path_factory.mktemp(f"{name}-home")
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc-system"),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-        "PATH": f"{root / '.venv/bin'}:{os.environ['PATH']}",
-        **extra_env,
-    }
-    for key in ("DVC_STAGE", "DVC_ROOT", "ORTUNE_WANDB_DIR"):
-        env.pop(key, None)
-    if tiny:
-        conf = root / "conf/config.yaml"
-        conf.write_text(re.sub(r"(?m)^  - model: .*$", "  - model: tiny-phi3", conf.read_text()))
-    if tiny or params:
-        subprocess.run(
-            [str(REPO / ".venv/bin/python"), "-m", "ortune.params", "params", *params],
-            cwd=root,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-    subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
-    subprocess.run(["git", "commit", "-qm", "test state", "--allow-empty"], cwd=root, env=env, check=True)
+    model = TINY_MODEL.split("=", 1)[1] if tiny else None
+    env = clone_workspace(REPO, root, home, model=model, params=params if tiny or params else None, **extra_env)
     return root, env

@@ -1,4 +1,4 @@
-"""The benchmark harness's own logic (bench/bench.py: floor arithmetic, bytes read per token, CPU family,
+"""The benchmark harness's own logic (bench/ortune_bench/: floor arithmetic, bytes read per token, CPU family,
 results per family, stage timing, report): never timings."""
 
 from __future__ import annotations
@@ -7,17 +7,19 @@ import json
 
 import pytest
 
-import bench  # bench/bench.py (pyproject's pytest pythonpath): the harness lives outside the library
+import ortune_bench  # bench/ortune_bench/ (pyproject's pytest pythonpath): the harness lives outside the library
+from ortune_bench import bytes_read, decode, machine, models, pipeline
+from ortune_bench import results as report  # tests name their results dicts `results`
 
 
 def test_floor_is_bytes_over_bandwidth():
-    assert bench.floor_ms(1e9, 1e10) == pytest.approx(100.0)
-    assert bench.floor_ms(130e6, 26e9) == pytest.approx(5.0)
+    assert bytes_read.floor_ms(1e9, 1e10) == pytest.approx(100.0)
+    assert bytes_read.floor_ms(130e6, 26e9) == pytest.approx(5.0)
 
 
 def test_kv_bytes_average_the_positions_attended_over_the_run():
     # 2 (K and V) x 16 layers x 16 heads x 64 dims x 4 bytes x (10 prompt + 64 / 2) positions
-    assert bench.kv_bytes_per_token(16, 16, 64, 4, prompt_tokens=10, new_tokens=64) == 2 * 16 * 16 * 64 * 4 * 42
+    assert bytes_read.kv_bytes_per_token(16, 16, 64, 4, prompt_tokens=10, new_tokens=64) == 2 * 16 * 16 * 64 * 4 * 42
 
 
 def _tiny_graph(path):
@@ -65,7 +67,7 @@ def _tiny_graph(path):
 
 def test_onnx_bytes_read_per_token_count_gathered_tables_as_one_row(tmp_path):
     _tiny_graph(tmp_path / "model.onnx")
-    counted = bench.onnx_weight_bytes(tmp_path / "model.onnx")
+    counted = bytes_read.onnx_weight_bytes(tmp_path / "model.onnx")
     assert counted["stored"] == 100 * 8 * 4 + 16 + 16 + 50 * 2 * 4
     assert counted["read_in_full"] == 16 + 16
     assert counted["rows_gathered"] == 8 * 4 + 2 * 4
@@ -89,11 +91,11 @@ def test_torch_bytes_read_per_token_gather_one_embedding_row():
         pad_token_id=0,
     )
     model = Phi3ForCausalLM(config)
-    counted = bench.torch_weight_bytes(model)
+    counted = bytes_read.torch_weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
     assert counted["stored"] == params * 4
     assert counted["per_token"] == (params - 64 * 16 + 16) * 4
-    counted_bf16 = bench.torch_weight_bytes(model.to(torch.bfloat16))
+    counted_bf16 = bytes_read.torch_weight_bytes(model.to(torch.bfloat16))
     assert counted_bf16["per_token"] == counted["per_token"] // 2
 
 
@@ -113,7 +115,7 @@ def test_a_tied_embedding_is_read_in_full_by_the_output_projection():
     )
     model = LlamaForCausalLM(config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    counted = bench.torch_weight_bytes(model)
+    counted = bytes_read.torch_weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())  # the tied matrix once
     assert counted["stored"] == counted["per_token"] == params * 4
     assert counted["rows_gathered"] == 0
@@ -129,17 +131,17 @@ def test_stage_seconds_run_from_each_running_stage_line_to_the_next():
         (7.0, "Ran experiment(s): x"),
         (9.0, "Results: metrics/eval.json"),
     ]
-    assert bench.stage_seconds(lines, end=10.0) == {"fetch_model": 3.0, "prepare_data": 3.0}
-    assert bench.stage_seconds(lines[:5], end=10.0)["prepare_data"] == 6.0
+    assert pipeline.stage_seconds(lines, end=10.0) == {"fetch_model": 3.0, "prepare_data": 3.0}
+    assert pipeline.stage_seconds(lines[:5], end=10.0)["prepare_data"] == 6.0
 
 
 def test_decode_table_takes_medians_and_compares_with_torch_fp32():
     runs = {
-        "genai int4": [bench.summarize_run([0.010 + 0.005 * i for i in range(64)]) for _ in range(3)],
-        "torch fp32": [bench.summarize_run([0.050 + s * i for i in range(64)]) for s in (0.040, 0.050, 0.060)],
+        "genai int4": [decode.summarize_run([0.010 + 0.005 * i for i in range(64)]) for _ in range(3)],
+        "torch fp32": [decode.summarize_run([0.050 + s * i for i in range(64)]) for s in (0.040, 0.050, 0.060)],
     }
     info = {"genai int4": {"bytes_per_token": 100e6}, "torch fp32": {"bytes_per_token": 1000e6}}
-    rows = {r["engine"]: r for r in bench.decode_table(runs, info, bandwidth=50e9)}
+    rows = {r["engine"]: r for r in decode.decode_table(runs, info, bandwidth=50e9)}
     assert rows["genai int4"]["ms_per_token"] == pytest.approx(5.0)
     assert rows["genai int4"]["first_token_ms"] == pytest.approx(10.0)
     assert rows["torch fp32"]["ms_per_token"] == pytest.approx(50.0)
@@ -150,19 +152,19 @@ def test_decode_table_takes_medians_and_compares_with_torch_fp32():
 
 
 def test_the_five_engines_of_the_issue_and_variants_beside_them():
-    names = [e.name for e in bench.default_engines(["onnx.block_size=64"])]
+    names = [e.name for e in models.default_engines(["onnx.block_size=64"])]
     assert {"genai int4", "genai int8", "genai fp32", "torch fp32", "torch bf16"} <= set(names)
     assert "genai int4 onnx.block_size=64" in names
 
 
 def test_copy_bandwidth_counts_read_plus_write_over_the_median_copy(monkeypatch):
     clock = iter([0.0, 0.5, 10.0, 10.25, 20.0, 21.0])  # three copies of 8 MiB: 0.5 s, 0.25 s, 1 s
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    assert bench.copy_bandwidth(megabytes=8, repeats=3, threads=2) == pytest.approx(2 * 8 * 2**20 / 0.5)
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(clock))
+    assert machine.copy_bandwidth(megabytes=8, repeats=3, threads=2) == pytest.approx(2 * 8 * 2**20 / 0.5)
 
 
 def test_report_renders_every_engine_and_the_pipeline(tmp_path):
-    runs = {name: [bench.summarize_run([0.01 * (i + 1) for i in range(64)])] for name in ("genai int4", "torch fp32")}
+    runs = {name: [decode.summarize_run([0.01 * (i + 1) for i in range(64)])] for name in ("genai int4", "torch fp32")}
     info = {
         "genai int4": {
             "bytes_per_token": 1e8,
@@ -180,7 +182,7 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
             "cpu": "CPU",
             "cores": 2,
             "ram_gib": 8.0,
-            "cpu_family": bench.cpu_family("AuthenticAMD", 25, 1, flags=["avx2"]),
+            "cpu_family": machine.cpu_family("AuthenticAMD", 25, 1, flags=["avx2"]),
         },
         "decode": [
             {
@@ -195,7 +197,7 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
                     "vocab_size": 32064,
                     "parameters": 271e6,
                 },
-                "engines": bench.decode_table(runs, info, 30e9),
+                "engines": decode.decode_table(runs, info, 30e9),
             }
         ],
         "pipeline": {
@@ -209,7 +211,7 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
             "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 144},
         },
     }
-    markdown = bench.render_markdown(results)
+    markdown = report.render_markdown(results)
     assert "| genai int4 | 100.0 | 10.00 | 1.00× |" in markdown
     assert "| torch fp32 |" in markdown and "no-op `dvc repro` | 0.60 s" in markdown
     assert "block_size 32" in markdown and "100.0% of 144" in markdown
@@ -219,21 +221,21 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     tiny = {**results["pipeline"], "name": "tiny", "overrides": "model=tiny-phi3", "goal_s": 90.0}
     default = {**results["pipeline"], "name": "default", "overrides": "", "goal_s": 360.0, "make_all_s": 386.0}
     results["pipeline"] = [{**default, "model": "smollm2-135m"}, tiny]
-    markdown = bench.render_markdown(results)
+    markdown = report.render_markdown(results)
     assert "| pipeline (default, smollm2-135m) |" in markdown
     assert "| `make all` from clean, wall (imports included) | 386.0 s | ≤ 360 s (not met) |" in markdown
     assert (
         '| `make all ARGS="model=tiny-phi3"` from clean, wall (imports included) | 80.0 s | ≤ 90 s (met) |' in markdown
     )
     results["pipeline"] = {"skipped": "skipped in QUICK mode"}
-    assert "Pipeline: skipped in QUICK mode." in bench.render_markdown(results)
+    assert "Pipeline: skipped in QUICK mode." in report.render_markdown(results)
 
 
 def test_contention_is_the_cpu_other_processes_used_per_second():
     before, after = (100.0, 10.0, 0.0), (103.0, 11.5, 2.0)  # machine busy 3 s, this process 1.5 s, in 2 s
-    assert bench.other_cores(before, after) == pytest.approx(0.75)
-    assert bench.other_cores(before, (101.0, 11.5, 2.0)) == 0.0  # never negative (clock granularity)
-    snapshot = bench.cpu_snapshot()
+    assert machine.other_cores(before, after) == pytest.approx(0.75)
+    assert machine.other_cores(before, (101.0, 11.5, 2.0)) == 0.0  # never negative (clock granularity)
+    snapshot = machine.cpu_snapshot()
     assert len(snapshot) == 3 and snapshot[1] > 0
 
 
@@ -244,27 +246,27 @@ def test_contended_runs_are_retried_after_a_wait_and_the_least_contended_kept(mo
         def token_times(self, prompt, new_tokens):
             return [0.01 * (i + 1) for i in range(new_tokens)]
 
-    monkeypatch.setattr(bench, "other_cores", lambda before, after: next(busy))
-    monkeypatch.setattr(bench, "wait_for_quiet", lambda deadline: True)
-    runs = bench.decode_round_robin({"e": Runner()}, "p", 8, warmup=1, repeats=1, log=lambda message: None)
+    monkeypatch.setattr(machine, "other_cores", lambda before, after: next(busy))
+    monkeypatch.setattr(machine, "wait_for_quiet", lambda deadline: True)
+    runs = decode.decode_round_robin({"e": Runner()}, "p", 8, warmup=1, repeats=1, log=lambda message: None)
     # warm-up: one try (2.0); timed round: tries 1.0, 0.5, 0.0 -> stops at the first clean one
     assert len(runs["e"]) == 1 and runs["e"][0]["other_cores"] == 0.0 and runs["e"][0]["tries"] == 3
 
 
 def test_full_results_replace_the_readme_block_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
-    start, end = bench.README_MARKERS
+    start, end = report.README_MARKERS
     readme.write_text(f"# x\n\n## Benchmark\n\n{start}\nold table\n{end}\n\n## Next\n")
-    assert bench.update_readme("| new | table |\n", readme)
+    assert report.update_readme("| new | table |\n", readme)
     assert readme.read_text() == f"# x\n\n## Benchmark\n\n{start}\n| new | table |\n{end}\n\n## Next\n"
-    assert not bench.update_readme("x", tmp_path / "missing.md")
+    assert not report.update_readme("x", tmp_path / "missing.md")
 
 
 def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
-    monkeypatch.setattr(bench, "other_cores", lambda before, after: 1.0)
-    assert bench.wait_for_quiet(bench.time.perf_counter() + 0.05, probe_s=0.01) is False
-    monkeypatch.setattr(bench, "other_cores", lambda before, after: 0.0)
-    assert bench.wait_for_quiet(bench.time.perf_counter() + 1, probe_s=0.01) is True
+    monkeypatch.setattr(machine, "other_cores", lambda before, after: 1.0)
+    assert machine.wait_for_quiet(machine.time.perf_counter() + 0.05, probe_s=0.01) is False
+    monkeypatch.setattr(machine, "other_cores", lambda before, after: 0.0)
+    assert machine.wait_for_quiet(machine.time.perf_counter() + 1, probe_s=0.01) is True
 
 
 @pytest.mark.parametrize(
@@ -283,7 +285,7 @@ def test_waiting_for_quiet_gives_up_at_the_deadline(monkeypatch):
     ],
 )
 def test_cpu_family_names_the_microarchitecture(vendor, family, model, stepping, name):
-    assert bench.cpu_family(vendor, family, model, stepping)["name"] == name
+    assert machine.cpu_family(vendor, family, model, stepping)["name"] == name
 
 
 def test_cpu_family_reads_proc_cpuinfo_and_lists_the_kernel_isa():
@@ -293,10 +295,10 @@ def test_cpu_family_reads_proc_cpuinfo_and_lists_the_kernel_isa():
         "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
         "processor\t: 1\nvendor_id\t: GenuineIntel\n"
     )
-    family = bench.this_cpu_family(cpuinfo)
+    family = machine.this_cpu_family(cpuinfo)
     assert family["name"] == "Intel Sapphire Rapids" and family["model_name"].startswith("Intel(R) Xeon")
     assert family["isa"] == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AMX-INT8", "AMX-BF16"]
-    assert bench.this_cpu_family("vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nflags: avx2 fma\n")["isa"] == [
+    assert machine.this_cpu_family("vendor_id: AuthenticAMD\ncpu family: 25\nmodel: 1\nflags: avx2 fma\n")["isa"] == [
         "AVX2"
     ]
 
@@ -316,7 +318,7 @@ def _run(name_family_model, speedup):
     return {
         "date": "today",
         "quick": False,
-        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0, "cpu_family": bench.cpu_family(vendor, family, model)},
+        "machine": {"cpu": "CPU", "cores": 2, "ram_gib": 8.0, "cpu_family": machine.cpu_family(vendor, family, model)},
         "decode": [
             {
                 "new_tokens": 64,
@@ -339,10 +341,10 @@ def _run(name_family_model, speedup):
 
 def test_a_run_replaces_only_its_own_cpu_familys_results():
     zen3, intel = ("AuthenticAMD", 25, 1), ("GenuineIntel", 6, 0x8F)
-    recorded = bench.merge_results({}, _run(zen3, 16.0))
-    recorded = bench.merge_results(recorded, _run(intel, 5.8))
+    recorded = report.merge_results({}, _run(zen3, 16.0))
+    recorded = report.merge_results(recorded, _run(intel, 5.8))
     assert list(recorded["families"]) == ["AMD Zen 3", "Intel Sapphire Rapids"]
-    recorded = bench.merge_results(recorded, _run(intel, 8.0))
+    recorded = report.merge_results(recorded, _run(intel, 8.0))
     assert recorded["families"]["AMD Zen 3"]["decode"][0]["engines"][0]["speedup_vs_torch_fp32"] == 16.0
     assert recorded["families"]["Intel Sapphire Rapids"]["decode"][0]["engines"][0]["speedup_vs_torch_fp32"] == 8.0
 
@@ -357,23 +359,23 @@ def test_results_from_before_families_become_their_familys_entry():
         "cores": 2,
         "ram_gib": 23.5,
     }
-    merged = bench.merge_results(legacy, _run(("AuthenticAMD", 25, 1), 9.0))
+    merged = report.merge_results(legacy, _run(("AuthenticAMD", 25, 1), 9.0))
     assert set(merged["families"]) == {"AMD Zen 5", "AMD Zen 3"}
-    assert bench.family_of(merged["families"]["AMD Zen 5"])["isa"] == [
+    assert report.family_of(merged["families"]["AMD Zen 5"])["isa"] == [
         "AVX2",
         "AVX-512",
         "AVX-512 VNNI",
         "AVX-512 BF16",
     ]
-    assert bench.decode_sections(merged["families"]["AMD Zen 5"])[0]["model"]["name"] == "random"
+    assert report.decode_sections(merged["families"]["AMD Zen 5"])[0]["model"]["name"] == "random"
 
 
 def test_the_report_judges_the_goals_per_family():
-    results = bench.merge_results(
-        bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0)), _run(("GenuineIntel", 6, 0x8F), 5.8)
+    results = report.merge_results(
+        report.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0)), _run(("GenuineIntel", 6, 0x8F), 5.8)
     )
     for compact in (False, True):
-        markdown = bench.render_results(results, compact=compact)
+        markdown = report.render_results(results, compact=compact)
         assert "### AMD Zen 5" in markdown and "### Intel Sapphire Rapids" in markdown
         assert "Goals on AMD Zen 5: ≥ 7× PyTorch fp32 (met), ≥ 85 % of floor (met)" in markdown
         assert "Goals on Intel Sapphire Rapids: ≥ 7× PyTorch fp32 (not met)" in markdown
@@ -442,7 +444,7 @@ def test_profile_breakdown_groups_the_last_decodes_kernels_by_op_type():
 
 
 def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
-    composed = bench.compose_build("fp32", ("onnx.block_size=64",))
+    composed = models.compose_build("fp32", ("onnx.block_size=64",))
     assert composed["precision"] == "fp32" and composed["onnx"]["block_size"] == 64
     # onnx.quantization=auto would build its own candidates (int4 first) for every engine
     assert composed["onnx"].get("quantization", "fixed") == "fixed"
@@ -451,27 +453,27 @@ def test_each_engine_builds_its_own_precision_whatever_the_conf_ships():
 def test_each_bench_model_builds_with_its_own_conf_model_not_the_default_models():
     import yaml
 
-    onnx_defaults = yaml.safe_load((bench.ROOT / "conf/onnx/default.yaml").read_text())
-    tiny = yaml.safe_load((bench.ROOT / f"conf/model/{bench.FULL.conf_model}.yaml").read_text())
+    onnx_defaults = yaml.safe_load((ortune_bench.ROOT / "conf/onnx/default.yaml").read_text())
+    tiny = yaml.safe_load((ortune_bench.ROOT / f"conf/model/{models.FULL.conf_model}.yaml").read_text())
     assert "onnx" not in tiny  # the random model's builds are the conf/onnx defaults
     # conf/config.yaml's default model (smollm2-135m) may set its own onnx options (it set block_size 32 for its
     # int4 grid): those must not reach the random model's "genai int4", whose goals are judged per CPU family
-    random_int4 = bench.compose_build("int4", (), bench.FULL.conf_model)
+    random_int4 = models.compose_build("int4", (), models.FULL.conf_model)
     assert random_int4["model"]["name"] == "tiny-phi3"
     for key in ("block_size", "accuracy_level", "algorithm", "extra_options", "intra_op_num_threads"):
         assert random_int4["onnx"][key] == onnx_defaults[key]
-    smollm2 = yaml.safe_load((bench.ROOT / f"conf/model/{bench.SMOLLM2.conf_model}.yaml").read_text())
-    smollm2_int4 = bench.compose_build("int4", (), bench.SMOLLM2.conf_model)
+    smollm2 = yaml.safe_load((ortune_bench.ROOT / f"conf/model/{models.SMOLLM2.conf_model}.yaml").read_text())
+    smollm2_int4 = models.compose_build("int4", (), models.SMOLLM2.conf_model)
     assert smollm2_int4["onnx"]["block_size"] == smollm2.get("onnx", {}).get("block_size", onnx_defaults["block_size"])
-    assert bench.build_key("int4", (), "tiny-phi3") != bench.build_key("int4", ("onnx.block_size=32",), "tiny-phi3")
+    assert models.build_key("int4", (), "tiny-phi3") != models.build_key("int4", ("onnx.block_size=32",), "tiny-phi3")
     # a model conf that trains through an int4 grid (train.method=qat) still lets the bench vary the block size:
     # its models were never trained on a grid, and build_onnx validates the composed settings
     from ortune import config
     from ortune.errors import OrtuneError
 
-    conf = bench.ROOT / "conf"
+    conf = ortune_bench.ROOT / "conf"
     for model in ("tiny-phi3", "smollm2-135m"):
-        config.validate(config.compose(bench.build_overrides("int4", ("onnx.block_size=64",), model), conf), "test")
+        config.validate(config.compose(models.build_overrides("int4", ("onnx.block_size=64",), model), conf), "test")
     with pytest.raises(OrtuneError, match="make them agree"):  # what the pin avoids
         config.validate(
             config.compose(["train.method=qat", "train.qat.block_size=32", "onnx.block_size=64"], conf), "t"
@@ -519,9 +521,9 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
     intel["decode"] = [section]
     results, readme = tmp_path / "bench", tmp_path / "README.md"
     results.mkdir()
-    start, end = bench.README_MARKERS
+    start, end = report.README_MARKERS
     readme.write_text(f"# x\n{start}\nold\n{end}\n")
-    (results / "results.json").write_text(json.dumps(bench.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0))))
+    (results / "results.json").write_text(json.dumps(report.merge_results({}, _run(("AuthenticAMD", 26, 2), 16.0))))
     cpu_decode.record(results, intel, readme)
     recorded = json.loads((results / "results.json").read_text())["families"]
     assert set(recorded) == {"AMD Zen 5", "Intel family 6 model 167"}
@@ -545,7 +547,7 @@ def test_a_one_thread_cpu_time_run_is_its_familys_entry_until_make_bench_runs_th
         s["model"]["name"]
         for s in json.loads((results / "results.json").read_text())["families"]["Intel family 6 model 167"]["decode"]
     ] == ["smollm2", "random"]
-    merged = bench.merge_results(
+    merged = report.merge_results(
         json.loads((results / "results.json").read_text()), _run(("GenuineIntel", 6, 167), 8.0)
     )
     assert "timing" not in merged["families"]["Intel family 6 model 167"]["decode"][0]
@@ -562,11 +564,11 @@ def test_bandwidth_by_size_reports_copy_and_read_per_buffer_size():
 def test_the_machine_records_its_transparent_huge_page_mode(tmp_path):
     mode = tmp_path / "enabled"
     mode.write_text("always [madvise] never\n")
-    assert bench.transparent_hugepage(mode) == "madvise"
-    assert bench.transparent_hugepage(tmp_path / "missing") is None
+    assert machine.transparent_hugepage(mode) == "madvise"
+    assert machine.transparent_hugepage(tmp_path / "missing") is None
     run = _run(("GenuineIntel", 6, 167), 5.5)
     run["machine"] |= {"transparent_hugepage": "madvise", "glibc_tunables": "glibc.malloc.hugetlb=1"}
-    assert "transparent huge pages madvise (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in bench.render_markdown(run)
+    assert "transparent huge pages madvise (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in report.render_markdown(run)
 
 
 def test_the_readme_shows_each_familys_goal_model_and_results_md_every_model():
@@ -574,8 +576,8 @@ def test_the_readme_shows_each_familys_goal_model_and_results_md_every_model():
     smollm2 = json.loads(json.dumps(run["decode"][0]))
     smollm2["model"] = {"name": "smollm2", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
     run["decode"].append(smollm2)
-    results = bench.merge_results({}, run)
-    assert "SmolLM2-135M-Instruct" in bench.render_results(results)
-    readme = bench.render_results(results, compact=True)
+    results = report.merge_results({}, run)
+    assert "SmolLM2-135M-Instruct" in report.render_results(results)
+    readme = report.render_results(results, compact=True)
     assert "SmolLM2-135M-Instruct" not in readme and "random Phi-3-shaped model" in readme
     assert "The real model (SmolLM2), pipeline timings" in readme

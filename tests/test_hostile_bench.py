@@ -3,9 +3,9 @@ configuration conf/ composes, not the applied params.yaml (which the clone's mak
 
 from __future__ import annotations
 
-import bench
 from conftest import clone_project
 from ortune import config, params
+from ortune_bench import pipeline
 
 
 def test_the_bench_clone_measures_conf_whatever_params_yaml_holds(tmp_path_factory, monkeypatch):
@@ -14,8 +14,8 @@ def test_the_bench_clone_measures_conf_whatever_params_yaml_holds(tmp_path_facto
     # compose, and ortune's record of composing it stays in the workspace's git-ignored .dvc/tmp
     applied = config.params_yaml_text(config.compose(["train.method=qlora", "lora.r=8"], config_dir=root / "conf"))
     (root / "params.yaml").write_text(applied)
-    monkeypatch.setattr(bench, "ROOT", root)
-    clone, _ = bench.throwaway_clone(tmp_path_factory.mktemp("bench"))
+    monkeypatch.setattr(pipeline, "ROOT", root)
+    clone, _ = pipeline.throwaway_clone(tmp_path_factory.mktemp("bench"))
     plain = config.params_yaml_text(config.compose([], config_dir=clone / "conf"))
     assert applied != plain and (clone / "params.yaml").read_text() == plain
     monkeypatch.chdir(clone)

@@ -3,7 +3,6 @@ a server that accepts the connection and never answers is one line after TIMEOUT
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import pytest
 import import_data
 from conftest import REPO
 from ortune.errors import OrtuneError
-
-IDS = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+from ortune.workspace_clone import isolated_env
 
 
 @pytest.fixture
@@ -25,16 +23,7 @@ def repo(tmp_path):
     """A git + DVC project holding a file the user cares about, and the environment to run DVC there."""
     root = tmp_path / "repo"
     root.mkdir()
-    home = tmp_path / "home"
-    env = {
-        **os.environ,
-        **IDS,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(home / "site"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "system"),
-    }
+    env = isolated_env(tmp_path / "home")
     subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, env=env, check=True)
     (root / "precious.jsonl").write_text('{"mine": 1}\n')

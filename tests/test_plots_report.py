@@ -57,17 +57,9 @@ def test_report_template_inlines_vega_and_loads_nothing_remote():
 
 
 def dvc_env(home: Path) -> dict:
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(home / "site"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "system"),
-    }
-    env.pop("DVC_STAGE", None)
-    env.pop("DVC_ROOT", None)
-    return env
+    from ortune.workspace_clone import isolated_env
+
+    return isolated_env(home)
 
 
 @pytest.fixture
