@@ -258,6 +258,17 @@ def test_a_short_make_all_runs_every_stage_on_gemma_and_predicts(project):
     assert "license: gemma" in card and "base_model: google/gemma-3-270m" in card
     answer = make(project, "predict", "TEXT=I can't believe I won the lottery!")
     assert answer.strip().splitlines()[-1] in LABELS | {"?"}, answer[-400:]
+    # a base model has no chat template: `make chat` says so in one line (genai's own error named none)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "chat"],
+        cwd=root,
+        env=project[1],
+        input="Hello\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0 and "the model has no chat template (a base model)" in done.stderr, done.stderr
 
 
 @pytest.mark.slow

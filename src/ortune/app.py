@@ -100,7 +100,7 @@ def context_length(model_dir: Path) -> int:
 
 class App:
     def __init__(self, model_dir: str | Path = DEFAULT_MODEL, adapter: str | None = "auto"):
-        model_dir = Path(model_dir)
+        model_dir = self.model_dir = Path(model_dir)
         lastgood.recover(Path.cwd())  # a killed run's half-replaced outputs are put back before reading them
         self.task = read_task(model_dir)
         self.context_length = context_length(model_dir)
@@ -112,7 +112,16 @@ class App:
             raise OrtuneError(f"{model_dir}: onnxruntime-genai cannot load the model ({message}); {REBUILD}") from None
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self.generator.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        try:
+            return self.generator.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        except RuntimeError as exc:
+            if "chat template" not in str(exc).lower():
+                raise
+            # a base model (Gemma 3 270M) ships none: genai says only "Empty chat template."
+            raise OrtuneError(
+                f"{self.model_dir}: the model has no chat template (a base model), so a conversation cannot be "
+                "rendered for it; `make predict` asks it with the prompt template it was fine-tuned on"
+            ) from None
 
     def classification_prompt(self, text: str) -> str:
         if self.task["format"] == "chat":
