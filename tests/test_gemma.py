@@ -196,7 +196,7 @@ def test_fp32_export_matches_pytorch_across_the_sliding_window(gemma, tmp_path):
         expected, got = reference.last_logits(prompt), onnx.last_logits(prompt)
         assert np.abs(expected - got).max() <= 1e-3 * expected.std(), prompt[:40]
         assert int(expected.argmax()) == int(got.argmax())
-    assert len(reference.tokenizer(window)["input_ids"]) > 2 * 512
+    assert len(reference.tokenizer(window)["input_ids"]) > 512 + 400  # well past one window
 
 
 # --- every stage: one short make all, then the other training methods and precisions ------------
