@@ -295,7 +295,7 @@ def check_parity(
     from ortune.generation import OnnxGenerator
 
     generator = OnnxGenerator(out, cpu=cfg.onnx.execution_provider != "cpu")
-    if cfg.data.format == "chat":
+    if cfg.data.format in ("chat", "messages"):
         messages = [r["prompt"] for r in data.read_jsonl(Path(cfg.paths.prepared) / "validation.jsonl")]
         parity.check_chat_template(generator, messages, Path(cfg.paths.merged))
     trust, n = cfg.model.trust_remote_code, task["max_new_tokens"]
@@ -313,14 +313,8 @@ def check_parity(
     for name, (model_dir, adapter_dir) in references.items():
         if name is not None:
             generator.use_adapter(name or None)
-        result = parity.compare(
-            parity.TorchReference(model_dir, adapter_dir, trust),
-            generator,
-            prompts,
-            labels,
-            n,
-            cfg.precision,
-            cfg.onnx.min_label_agreement,
+        result = parity.compare_task(
+            cfg, parity.TorchReference(model_dir, adapter_dir, trust), generator, prompts, labels, n
         )
         log.info(
             "parity %s: max |logit diff| %.2e (%.2e of the logits' spread), label agreement %.3f (%s: %s)",

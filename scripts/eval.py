@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import baselines, data, evaluation, intervals, plots, stage, tracking
+from ortune import baselines, data, evaluation, freetext, intervals, plots, stage, tasks, tracking
 from ortune.artifacts import write_text_atomic
 from ortune.metrics import UNPARSED
 
@@ -39,18 +39,23 @@ def run(cfg: DictConfig) -> dict:
     prompts = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in rows]
     evaluation.check_context(cfg, rows, prompts)  # before any runtime loads: the rows too long, by place
     log.info("judging %d rows of %s", len(rows), cfg.eval.path)
+    generation = tasks.is_generation(cfg.data)
     asked, extra = {}, {"onnx": {}, "prompted": {}}
     if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded
-        # its free answer zero-shot, as a user would ask; the k-shot baseline scores the labels
-        asked["prompts"], asked["format"] = baselines.prompted_prompts(cfg, rows, labels, train, shots=0)
-        asked["shots"] = 0
-        extra["prompted"] = {"choices": baselines.choice_prompts(cfg, rows, labels, train), "labels": labels}
+        if generation:
+            asked["prompts"], asked["format"] = freetext.prompted_prompts(cfg, rows, labels, train)
+            asked["shots"] = cfg.eval.baseline_shots
+        else:  # its free answer zero-shot, as a user would ask; the k-shot baseline scores the labels
+            asked["prompts"], asked["format"] = baselines.prompted_prompts(cfg, rows, labels, train, shots=0)
+            asked["shots"] = 0
+            extra["prompted"] = {"choices": baselines.choice_prompts(cfg, rows, labels, train), "labels": labels}
         log.info(
             "prompted baseline (%s, %d shots), first prompt: %r", asked["format"], asked["shots"], asked["prompts"][0]
         )
-    # the shipped model on the validation split too: what `make best` selects on
-    validation = evaluation.load_validation(cfg)
-    extra["onnx"]["validation_prompts"] = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in validation]
+    validation = None
+    if not generation:  # the shipped model on the validation split too: what `make best` selects on
+        validation = evaluation.load_validation(cfg)
+        extra["onnx"]["validation_prompts"] = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in validation]
     results = {}
     for kind in ["onnx", *cfg.eval.compare]:
         spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts, **extra.get(kind, {}))
@@ -64,6 +69,8 @@ def run(cfg: DictConfig) -> dict:
         log.info("%-7s judged in %.1f s%s", kind, judged["eval_seconds"], speed)
     if asked:
         results["prompted"].update(prompt_format=asked["format"], shots=asked["shots"])
+    if generation:  # free text: scored as text, not parsed into labels
+        return judge_free_text(cfg, rows, prompts, results)
     e = cfg.eval
     metrics, predictions = evaluation.summarize(
         rows, labels, train, results, validation, e.bootstrap_resamples, e.bootstrap_seed
@@ -111,6 +118,19 @@ def run(cfg: DictConfig) -> dict:
         metrics["strongest_baseline"]["name"],
         intervals.shown(metrics["gain_over_strongest_baseline"], ci["gain_over_strongest_baseline"]),
     )
+    return metrics
+
+
+def judge_free_text(cfg: DictConfig, rows: list[dict], prompts: list[str], results: dict) -> dict:
+    metrics, per_row = freetext.summarize(rows, results, freetext.new_tokens(cfg))
+    lines = freetext.prediction_rows(rows, prompts, results, per_row)
+    write_text_atomic(
+        Path(cfg.paths.metrics) / "eval_predictions.jsonl",
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+    )
+    freetext.write_plots(metrics, cfg.paths.plots)
+    freetext.log_media(tracking.current(), lines)
+    freetext.log_summary(metrics)
     return metrics
 
 

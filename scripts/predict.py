@@ -1,4 +1,6 @@
-"""Classify phrases with the built ONNX model: one phrase, a file of phrases, or lines on stdin.
+"""Classify phrases with the built ONNX model (or, for a free-text model, answer them): one phrase, a file
+of phrases, or lines on stdin. A model trained with data.task=generation prints its generated text instead
+of a label (one answer per line, escaped, when there are several phrases).
 
     python scripts/predict.py "cricket is a wonderful sport!"      # prints the label
     python scripts/predict.py --file phrases.txt                    # label<TAB>phrase per line
@@ -97,7 +99,13 @@ def main(argv: list[str]) -> int:
             except OrtuneError as exc:
                 raise OrtuneError(f"{where}: {exc}" if where else str(exc)) from None
             # what a file or the model holds is printed escaped: an ANSI/OSC sequence must not drive the terminal
-            fields = [label or UNPARSED] + ([repr(raw)] if args.show else []) + ([text] if tabular else [])
+            head = label or UNPARSED
+            if app.task.get("task") == "generation":  # free text (data.task=generation): what the model wrote
+                head = raw.strip()
+                if not tabular and not args.show:  # one answer: its lines as lines
+                    print(printable(head, keep="\n\t"), flush=True)
+                    continue
+            fields = [head] + ([repr(raw)] if args.show else []) + ([text] if tabular else [])
             print("\t".join(map(printable, fields)), flush=True)
     except OrtuneError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, stage
+from ortune import data, stage, tasks
 from ortune.artifacts import atomic_dir
 from ortune.errors import OrtuneError
 from ortune.metrics import majority_baseline
@@ -34,8 +34,9 @@ def run(cfg: DictConfig) -> dict:
     rows = data.read_records(spec.path)
     where = data.placer(rows, spec.path)
     input_fields, output_fields, setting = data.input_output_fields(spec)
-    data.check_fields(rows, [*input_fields, *output_fields], spec.path, setting)
-    data.check_fields(rows, [spec.label_field], spec.path, "data.label_field")
+    tasks.check_rows(rows, spec, spec.path)  # per data.format; the label field for classification only
+    if tasks.is_generation(spec):  # free text: no label set, class or parse rule to check
+        return prepare_free_text(cfg, rows, where, input_fields)
     allowed = list(spec.labels) if spec.labels is not None else None
     # Case and surrounding spaces are merged, not refused: the answer parser ignores them, so `Joy`
     # and `joy` can only ever be one class, and a user fixing a file they did not write gains nothing
@@ -113,6 +114,37 @@ def run(cfg: DictConfig) -> dict:
         "validation_test_overlap": len(keys["validation"] & keys["test"]),
         **lengths,
         "warnings": warnings,
+    }
+
+
+def prepare_free_text(cfg: DictConfig, rows: list[dict], where, input_fields: list[str]) -> dict:
+    """data.task=generation: de-duplicated inputs, one seeded shuffle cut in three (no label to stratify
+    by), each conversation in one split before its assistant turns become examples."""
+    spec = cfg.data
+    unique, duplicates = data.drop_duplicates(rows, input_fields)
+    parts = data.split_rows(unique, None, spec.validation_fraction, spec.test_fraction, cfg.seed)
+    made = {name: tasks.render_split(part, spec) for name, part in zip(data.SPLITS, parts)}
+    splits = {name: rendered for name, (_, rendered) in made.items()}
+    every_source = [row for sources, _ in made.values() for row in sources]
+    lengths = token_report(cfg, every_source, [r for part in splits.values() for r in part], where)
+    keys = {name: {data.prompt_key(r["prompt"]) for r in part} for name, part in splits.items()}
+    with atomic_dir(cfg.paths.prepared) as out:
+        for name, part in splits.items():
+            data.write_jsonl(part, out / f"{name}.jsonl")
+        (out / "labels.json").write_text("[]\n", encoding="utf-8")  # free text: no label set
+    log.info("prepared %s free-text rows", " / ".join(f"{len(p)} {n}" for n, p in splits.items()))
+    return {
+        "task": "generation",
+        "rows_read": len(rows),
+        "duplicates_dropped": duplicates,
+        **{f"{name}_rows": len(part) for name, part in splits.items()},
+        # a conversation makes one example per assistant turn
+        **{f"{name}_source_rows": len(part) for name, part in zip(data.SPLITS, parts)},
+        "train_validation_overlap": len(keys["train"] & keys["validation"]),
+        "train_test_overlap": len(keys["train"] & keys["test"]),
+        "validation_test_overlap": len(keys["validation"] & keys["test"]),
+        **lengths,
+        "warnings": lengths.pop("warnings"),
     }
 
 

@@ -66,3 +66,9 @@ def test_identical_share_and_first_divergence():
     assert tm.first_divergence([1, 2, 3], [1, 2, 4]) == 2
     assert tm.first_divergence([1, 2], [1, 2, 3]) == 2  # one stopped earlier
     assert tm.first_divergence([1, 2], [1, 2]) is None
+
+
+def test_an_incomplete_character_at_the_end_reads_the_same_in_both_runtimes():
+    # onnxruntime-genai decodes a generation cut mid-character to U+FFFD, transformers to nothing
+    assert tm.identical_share(["caf\ufffd", " x "], ["caf", "x"]) == 1.0
+    assert tm.row_scores("Paris\ufffd", "Paris")["exact_match"] == 1.0

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ortune.errors import OrtuneError
 from ortune.settings import RENAMED, Config
 from ortune.settings import problems as setting_problems
+from ortune.settings.data import unescape_templates
 
 # re-exported: the names the stages and tests read from here
 from ortune.settings.eval import EVAL_COMPARABLE as EVAL_COMPARABLE
@@ -92,6 +93,7 @@ def validate(raw: dict, source: str, workspace: bool = False) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise OrtuneError(f"{source}: no value for {', '.join(missing)}; set it in conf/ (see conf/config.yaml)")
+    unescape_templates(cfg)
     problems = list(setting_problems(cfg, project_root(), workspace))
     if problems:
         raise OrtuneError(f"{source}: " + "; ".join(problems))

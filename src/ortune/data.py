@@ -422,7 +422,14 @@ def check_label_set(rows: list[dict], label_field: str, allowed: list[str], sour
 
 
 def _input_key(row: dict, key_fields: list[str]) -> tuple:
-    return tuple(str(row[name]).strip() for name in key_fields)
+    # an optional field (data.template.prompt_no_input) may be missing or null: the same input as empty;
+    # a conversation (a list) is keyed by its JSON
+    return tuple(
+        json.dumps(row[name], sort_keys=True, ensure_ascii=False)
+        if isinstance(row.get(name), (list, dict))
+        else str(row.get(name) if row.get(name) is not None else "").strip()
+        for name in key_fields
+    )
 
 
 def drop_duplicates(rows: list[dict], key_fields: list[str]) -> tuple[list[dict], int]:
@@ -518,16 +525,19 @@ def small_labels(splits: dict[str, list[dict]], field: str = "label", minimum: i
 
 def input_output_fields(spec) -> tuple[list[str], list[str], str]:
     """The fields a row's prompt and completion come from (per data.format), and the setting naming them."""
+    if spec.format == "messages":
+        return [spec.messages_field], [], "data.messages_field"
     if spec.format == "chat":
         return [spec.input_column], [spec.output_column], "data.input_column/data.output_column"
     return template_fields(spec.template.prompt), template_fields(spec.template.completion), "data.template"
 
 
 def render_row(row: dict, spec) -> dict:
-    """One prepared row in the configured data.format (spec = the `data` settings)."""
-    if spec.format == "chat":
-        return render_chat(row, spec.input_column, spec.output_column, spec.label_field)
-    return render(row, spec.template.prompt, spec.template.completion, spec.label_field)
+    """One prepared row in the configured data.format (spec = the `data` settings): ortune.tasks renders
+    it (optional fields, free-text answers); a `messages` row makes several (tasks.render_rows)."""
+    from ortune import tasks
+
+    return tasks.render_row(row, spec)
 
 
 def render(row: dict, prompt_template: str, completion_template: str, label_field: str) -> dict:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import baselines, data, intervals
+from ortune import baselines, data, intervals, tasks
 from ortune.artifacts import folder_megabytes
 from ortune.config import EVAL_COMPARABLE
 from ortune.errors import OrtuneError
+from ortune.freetext import new_tokens
 from ortune.metrics import (
     agreement,
     classification_scores,
@@ -70,7 +71,7 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
         rows = data.Records(rows[: cfg.eval.limit], rows.places[: cfg.eval.limit])
     if not rows:
         raise OrtuneError(f"eval.path={path}: no rows to judge; it needs labelled rows")
-    unknown = sorted({r["label"] for r in rows} - set(labels))
+    unknown = sorted({r["label"] for r in rows if "label" in r} - set(labels))  # free-text rows have none
     if unknown:
         raise OrtuneError(
             f"eval.path={path}: label(s) {', '.join(unknown)} were never trained on (the model knows "
@@ -107,7 +108,7 @@ def check_context(cfg: DictConfig, rows: list[dict], prompts: list[str]) -> None
     if found is None:
         return
     tokenizer = modeling.load_tokenizer(found, cfg.model.trust_remote_code)
-    room = cfg.eval.max_new_tokens
+    room = new_tokens(cfg)
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     where = data.placer(rows, str(cfg.eval.path))
     over = [(where(row), n) for row, n in zip(rows, lengths) if n + room > context]
@@ -123,10 +124,8 @@ def check_context(cfg: DictConfig, rows: list[dict], prompts: list[str]) -> None
 
 def render_records(spec: DictConfig, records: list[dict], source: str) -> list[dict]:
     """Raw records -> {prompt, completion, label} in data.format, checked as prepare_data checks them."""
-    input_fields, output_fields, setting = data.input_output_fields(spec)
-    data.check_fields(records, [*input_fields, *output_fields], source, setting)
-    data.check_fields(records, [spec.label_field], source, "data.label_field")
-    return [data.render_row(r, spec) for r in records]
+    tasks.check_rows(records, spec, source)
+    return tasks.render_split(records, spec)[1]
 
 
 # ---- one runtime, in its own process ----------------------------------------------------------------
@@ -147,7 +146,7 @@ def job(kind: str, cfg: DictConfig, prompts: list[str], **extra) -> dict:
         "trust_remote_code": bool(cfg.model.trust_remote_code),
         "prompts": prompts,
         # the prompted baseline answers in a sentence: room for one, and for the task's answers
-        "max_new_tokens": max(e.max_new_tokens, e.baseline_new_tokens) if kind == "prompted" else e.max_new_tokens,
+        "max_new_tokens": max(new_tokens(cfg), e.baseline_new_tokens) if kind == "prompted" else new_tokens(cfg),
         "batch_size": e.batch_size,
         # the baselines run the merged model's network (same shapes, same dtype): their speed is the merged
         # model's, and timing them again cost ~16 s of the real default's eval on 2 cores
@@ -243,6 +242,7 @@ def judge(spec: dict) -> dict:
     return {
         **extra,
         "generations": [r.text for r in results],
+        "new_tokens": [r.new_tokens for r in results],  # per row: which generations hit the limit
         "generated_tokens": sum(r.new_tokens for r in results),
         "model_size_mb": model_megabytes(spec["kind"], spec["dirs"]),
         "load_seconds": load_seconds,

@@ -243,6 +243,10 @@ def run_summary(root: Path) -> str:
     scores, onnx, train = (_read_metrics(folder, f) for f in ("eval.json", "onnx.json", "train.json"))
     if not scores:
         return f"no {folder / 'eval.json'} yet: the pipeline did not reach the eval stage (see the log above)"
+    if "exact_match" in scores and "accuracy" not in scores:  # data.task=generation: scored as text
+        from ortune.freetext import run_summary as free_text_summary
+
+        return free_text_summary(paths, scores, onnx, train)
     model = f"{onnx.get('precision', '?')} ONNX" if onnx else "ONNX"
     ci = scores.get("ci95") or {}
     judged = (scores.get("judged") or {}).get("split")

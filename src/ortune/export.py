@@ -367,7 +367,9 @@ def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters
     from ortune import data
 
     spec: dict = {
-        "format": data_cfg.format,
+        # generation: the apps print the generated text; classification: the label parse_label reads
+        "task": data_cfg.task,
+        "format": "chat" if data_cfg.format == "messages" else data_cfg.format,
         "labels": labels,
         "max_new_tokens": new_tokens,
         "label_rule": "first non-empty line, stripped, lowercased; exact label, else the label it "
@@ -379,4 +381,8 @@ def task_spec(data_cfg: DictConfig, labels: list[str], new_tokens: int, adapters
         fields = data.template_fields(data_cfg.template.prompt)
         spec["prompt_template"] = data_cfg.template.prompt
         spec["input_field"] = fields[0] if len(fields) == 1 else None
+        no_input = data_cfg.template.get("prompt_no_input")
+        if spec["input_field"] is None and no_input and len(set(data.template_fields(no_input))) == 1:
+            # the apps fill one field: an Alpaca-style model is asked with its template without the input
+            spec.update(prompt_template=no_input, input_field=data.template_fields(no_input)[0])
     return spec

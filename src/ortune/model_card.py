@@ -66,7 +66,7 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
     if model.get("architecture"):  # what was loaded: a model.gguf_file of any architecture says which
         base = f"{base} ({model['architecture']})"
     title = (
-        f"{model['name']} fine-tuned for {', '.join(task['labels'])} ({metrics['precision']}/"
+        f"{model['name']} fine-tuned for {', '.join(task['labels']) or 'free text'} ({metrics['precision']}/"
         f"{metrics['execution_provider']} ONNX)"
     )
     lines = [

@@ -8,6 +8,9 @@ Two measures on the eval prompts, written to metrics/onnx.json after every build
 - label agreement: the share of prompts where greedy decoding in onnxruntime-genai and in PyTorch
   yield the same label under ortune.metrics.parse_label (unparsed counts as a label of its own);
   target onnx.min_label_agreement (0.98) for every precision but fp32.
+For free text (data.task=generation), greedy outputs are compared as text instead of labels
+(compare_generations): the share of identical outputs, where differing ones part, and the exact-match
+delta against the references; targets onnx.min_identical_outputs and onnx.max_metric_loss.
 A graph built for cuda/dml/webgpu is run on the CPU provider here (its ops have CPU kernels, bf16
 MatMul excepted), which checks the graph and its weights, not the provider's kernels.
 """
@@ -112,6 +115,97 @@ def compare(
         )
     else:
         result.update(target=f"label_agreement >= {min_agreement:g}", passed=agreement >= min_agreement)
+    return result
+
+
+def compare_task(cfg, reference: TorchReference, onnx_generator, prompts: list[str], labels: list[str], n: int) -> dict:
+    """compare() for a classification task; compare_generations() for free text (data.task=generation), whose
+    references are the answers of the prepared split the prompts came from (the first len(prompts) rows)."""
+    from ortune import tasks
+
+    if not tasks.is_generation(cfg.data):
+        return compare(reference, onnx_generator, prompts, labels, n, cfg.precision, cfg.onnx.min_label_agreement)
+    from ortune.data import read_jsonl
+
+    prepared = Path(cfg.paths.prepared)
+    split = next(prepared / name for name in ("validation.jsonl", "eval.jsonl") if (prepared / name).is_file())
+    answers = [tasks.answer(row) for row in read_jsonl(split)][: len(prompts)]
+    o = cfg.onnx
+    return compare_generations(
+        reference, onnx_generator, prompts, answers, n, cfg.precision, o.min_identical_outputs, o.max_metric_loss
+    )
+
+
+def logit_diffs(reference: TorchReference, onnx_generator, prompts: list[str]) -> tuple[float, float]:
+    """(max |ONNX - PyTorch| last-token logit difference, the same relative to the logits' spread)."""
+    import numpy as np
+
+    diffs, relative = [], []
+    for prompt in prompts:
+        expected = reference.last_logits(prompt)
+        diff = float(np.abs(onnx_generator.last_logits(prompt) - expected).max())
+        scale = float(expected.std())
+        diffs.append(diff)
+        relative.append(diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return max(diffs), max(relative)
+
+
+def compare_generations(
+    reference: TorchReference,
+    onnx_generator,
+    prompts: list[str],
+    answers: list[str],
+    max_new_tokens: int,
+    precision: str,
+    min_identical: float,
+    max_metric_loss: float,
+) -> dict:
+    """The gate for free text: greedy ONNX outputs against the merged PyTorch model's on the same prompts.
+    identical_outputs: the share of prompts whose two generations are the same text; first_divergence: per
+    differing prompt, the first token (PyTorch's tokenizer) where they part, its median and minimum; the
+    metric delta: exact match against the references, ONNX minus PyTorch. Target (every precision but fp32,
+    which keeps its logit target): identical_outputs >= onnx.min_identical_outputs and a loss of at most
+    onnx.max_metric_loss. `label_agreement` repeats identical_outputs, so that auto quantization and the
+    stage's messages read one key for either task."""
+    import statistics
+
+    from ortune import textmetrics
+
+    max_abs, max_rel = logit_diffs(reference, onnx_generator, prompts)
+    torch_texts = reference.generations(prompts, max_new_tokens)
+    onnx_texts = [onnx_generator.generate(p, max_new_tokens).text for p in prompts]
+    identical = textmetrics.identical_share(torch_texts, onnx_texts)
+    encode = reference.tokenizer.encode
+    positions = [
+        textmetrics.first_divergence(
+            encode(textmetrics.clean(a), add_special_tokens=False),
+            encode(textmetrics.clean(b), add_special_tokens=False),
+        )
+        for a, b in zip(torch_texts, onnx_texts)
+        if textmetrics.clean(a) != textmetrics.clean(b)
+    ]
+    positions = [p for p in positions if p is not None]
+    torch_em = sum(textmetrics.exact_match(t, a) for t, a in zip(torch_texts, answers)) / len(prompts)
+    onnx_em = sum(textmetrics.exact_match(t, a) for t, a in zip(onnx_texts, answers)) / len(prompts)
+    result = {
+        "prompts": len(prompts),
+        "max_abs_logit_diff": max_abs,
+        "max_rel_logit_diff": max_rel,
+        "identical_outputs": identical,
+        "label_agreement": identical,
+        "first_divergence_median": statistics.median(positions) if positions else None,
+        "first_divergence_min": min(positions) if positions else None,
+        "exact_match_pytorch": torch_em,
+        "exact_match_onnx": onnx_em,
+        "exact_match_delta": onnx_em - torch_em,
+    }
+    if precision == "fp32":
+        result.update(target=f"max_rel_logit_diff <= {FP32_REL_TOLERANCE:g}", passed=max_rel <= FP32_REL_TOLERANCE)
+    else:
+        result.update(
+            target=f"identical_outputs >= {min_identical:g} and exact match loss <= {max_metric_loss:g}",
+            passed=identical >= min_identical and torch_em - onnx_em <= max_metric_loss + 1e-12,
+        )
     return result
 
 

@@ -24,6 +24,13 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+def clean(text: str) -> str:
+    """A generation as scored and compared: surrounding spaces dropped, and U+FFFD, which onnxruntime-genai
+    decodes an incomplete UTF-8 character at the end of a generation to (transformers to nothing): the same
+    token ids must read as the same text whichever runtime decoded them."""
+    return text.replace("\ufffd", "").strip()
+
+
 def normalize(text: str) -> str:
     """SQuAD's answer normalization: lowercase, punctuation and articles (a, an, the) dropped, spaces squeezed."""
     text = _ARTICLES.sub(" ", str(text).lower().translate(_PUNCTUATION))
@@ -121,7 +128,7 @@ def json_field_f1(prediction: str, reference: str) -> float:
 
 def row_scores(prediction: str, reference: str) -> dict[str, float]:
     """Every per-row score of one generation against its reference (JSON ones for a JSON reference)."""
-    prediction = prediction.strip()
+    prediction = clean(prediction)
     scores = {
         "exact_match": exact_match(prediction, reference),
         "token_f1": token_f1(prediction, reference),
@@ -144,16 +151,16 @@ def scores(predictions: list[str], references: list[str]) -> tuple[dict[str, flo
         values = [row[name] for row in rows if name in row]
         if values:
             summary[name] = sum(values) / len(values)
-    summary["bleu"] = corpus_bleu([p.strip() for p in predictions], references)
+    summary["bleu"] = corpus_bleu([clean(p) for p in predictions], references)
     summary["n"] = len(rows)
     return summary, rows
 
 
 def identical_share(first: list[str], second: list[str]) -> float:
-    """Share of rows whose two generations are the same text (surrounding spaces ignored)."""
+    """Share of rows whose two generations are the same text (as clean() reads them)."""
     if len(first) != len(second):
         raise ValueError(f"cannot compare {len(first)} generations with {len(second)}")
-    return sum(a.strip() == b.strip() for a, b in zip(first, second)) / len(first) if first else 0.0
+    return sum(clean(a) == clean(b) for a, b in zip(first, second)) / len(first) if first else 0.0
 
 
 def first_divergence(first: list[int], second: list[int]) -> int | None:

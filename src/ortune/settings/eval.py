@@ -20,7 +20,11 @@ class EvalLatencyConfig:
 @dataclass
 class EvalConfig:
     path: str = setting("the labelled rows judged; default: the test split prepare_data held out")
-    max_new_tokens: int = setting("tokens generated per eval prompt", range=">= 1")
+    max_new_tokens: int | None = setting(
+        "tokens generated per eval prompt; null = 6 for classification, for generation the longest training "
+        "answer plus a quarter of it (at least 8 more)",
+        range=">= 1",
+    )
     limit: int = setting("rows judged; 0 = every row", range=">= 0")
     compare: list[str] = setting(
         "PyTorch models judged beside the shipped ONNX model; [] = the ONNX model alone",

@@ -82,6 +82,16 @@ class OnnxConfig:
         message="{key}={value} must be {range} (0 = every eval prompt)",
     )
     min_label_agreement: float = setting("share of prompts on which ONNX and PyTorch must agree", range="[0, 1]")
+    min_identical_outputs: float = setting(
+        "data.task=generation: share of prompts whose greedy ONNX output must be the merged PyTorch model's, "
+        "text for text",
+        range="[0, 1]",
+    )
+    max_metric_loss: float = setting(
+        "data.task=generation: most exact match (a share: 0.01 = 1 point) the ONNX model may lose against the "
+        "merged PyTorch model on the parity prompts",
+        range="[0, 1]",
+    )
     require_parity: bool = setting("fail the stage when a parity target is missed")
 
 

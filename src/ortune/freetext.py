@@ -1,0 +1,273 @@
+"""The eval stage for free-text answers (data.task=generation): the token budget, the prompted baseline's
+prompts, and the summary, predictions file and W&B table. scripts/eval.py calls these where the
+classification path parses labels; the scores themselves are ortune.textmetrics'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import DictConfig
+
+from ortune import tasks, textmetrics
+from ortune.errors import OrtuneError
+
+log = logging.getLogger("ortune")
+LATENCY_KEYS = ("ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb")
+
+
+def new_tokens(cfg: DictConfig) -> int:
+    """eval.max_new_tokens, or its default: for free text the longest training answer in tokens plus
+    tasks.MARGIN of it (at least tasks.MIN_MARGIN), read from the built model's ortune.json (build_onnx
+    counted it with the model's tokenizer); for classification tasks.CLASSIFICATION_NEW_TOKENS."""
+    if cfg.eval.max_new_tokens is not None:
+        return int(cfg.eval.max_new_tokens)
+    if not tasks.is_generation(cfg.data):
+        return tasks.CLASSIFICATION_NEW_TOKENS
+    spec = Path(cfg.paths.onnx) / "ortune.json"
+    try:
+        longest = int(json.loads(spec.read_text(encoding="utf-8"))["max_new_tokens"])
+    except (OSError, KeyError, TypeError, ValueError):
+        raise OrtuneError(
+            f"{spec}: no max_new_tokens to size the answers by; rebuild the model (dvc repro build_onnx) "
+            "or set eval.max_new_tokens"
+        ) from None
+    return longest + max(tasks.MIN_MARGIN, round(longest * tasks.MARGIN))
+
+
+# ---- the prompted baseline -------------------------------------------------------------------------
+
+
+def baseline_input(prompt, spec: DictConfig) -> str:
+    """The text a prepared free-text prompt was rendered from: the last user turn of a chat prompt, the
+    template's fields read back out of a text prompt (either of Alpaca's two templates)."""
+    from ortune.baselines import _template_pattern, row_input
+
+    if not isinstance(prompt, str):
+        return tasks.row_input_text(prompt)
+    no_input = spec.template.get("prompt_no_input")
+    if no_input and _template_pattern(spec.template.prompt)[1].fullmatch(prompt) is None:
+        return row_input(prompt, SimpleNamespace(template=SimpleNamespace(prompt=no_input)))
+    return row_input(prompt, spec)
+
+
+def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict]) -> tuple[list[str], str]:
+    """As ortune.evaluation.prompted_prompts, for free text: eval.baseline_prompt with {input} (and an
+    empty {labels}), after eval.baseline_shots answered training rows (the first ones of the split)."""
+    from ortune import modeling
+
+    e = cfg.eval
+    if e.baseline_shots > len(train):
+        raise OrtuneError(f"eval.baseline_shots={e.baseline_shots}: the training split has only {len(train)} rows")
+    shots = train[: e.baseline_shots]
+
+    def ask(row):
+        return e.baseline_prompt.format(labels="", input=baseline_input(row["prompt"], cfg.data))
+
+    tokenizer = modeling.load_tokenizer(cfg.paths.base_model, cfg.model.trust_remote_code)
+    if tokenizer.chat_template:
+        turns = [
+            turn
+            for row in shots
+            for turn in ({"role": "user", "content": ask(row)}, {"role": "assistant", "content": tasks.answer(row)})
+        ]
+        return [
+            tokenizer.apply_chat_template(
+                [*turns, {"role": "user", "content": ask(r)}], tokenize=False, add_generation_prompt=True
+            )
+            for r in rows
+        ], "chat"
+    examples = "".join(f"{ask(row)}\nAnswer: {tasks.answer(row)}\n\n" for row in shots)
+    return [f"{examples}{ask(r)}\nAnswer:" for r in rows], "text"
+
+
+# ---- the summary -----------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict], results: dict[str, dict], max_new_tokens: int) -> tuple[dict, dict[str, list]]:
+    """(eval.json's metrics, each runtime's per-row scores). Top level: the shipped ONNX model's mean scores,
+    the baselines' headline, merged vs ONNX (identical outputs, metric delta), generations cut at the limit."""
+    references = [tasks.answer(r) for r in rows]
+    scored = {kind: textmetrics.scores(result["generations"], references) for kind, result in results.items()}
+    per_row = {kind: rows_ for kind, (_, rows_) in scored.items()}
+    shipped, onnx = scored["onnx"][0], results["onnx"]
+    metrics: dict = {
+        **shipped,
+        "headline_metric": textmetrics.HEADLINE,
+        "max_new_tokens": max_new_tokens,
+        "hit_token_limit": hits(onnx, max_new_tokens),
+        **{key: onnx[key] for key in LATENCY_KEYS},
+        "model_size_mb": onnx["model_size_mb"],
+        "generated_tokens": onnx["generated_tokens"],
+    }
+    for kind, prefix in (("base", "base_"), ("prompted", "prompted_baseline_")):
+        if kind in scored:
+            metrics.update({f"{prefix}{name}": scored[kind][0][name] for name in (*textmetrics.ROW_SCORES, "bleu")})
+    if "merged" in scored:
+        metrics["quantization_exact_match_delta"] = shipped["exact_match"] - scored["merged"][0]["exact_match"]
+        metrics["quantization_identical"] = textmetrics.identical_share(
+            onnx["generations"], results["merged"]["generations"]
+        )
+    metrics["runtimes"] = {
+        kind: {
+            **summary,
+            "hit_token_limit": hits(results[kind], max_new_tokens),
+            "identical_to_onnx": textmetrics.identical_share(onnx["generations"], results[kind]["generations"]),
+            "onnx_exact_match_delta": shipped["exact_match"] - summary["exact_match"],
+            **{key: results[kind][key] for key in LATENCY_KEYS if key in results[kind]},
+            **{
+                key: results[kind][key]
+                for key in ("model_size_mb", "load_seconds", "eval_seconds")
+                if key in results[kind]
+            },
+            **{key: results[kind][key] for key in ("prompt_format", "shots") if key in results[kind]},
+        }
+        for kind, (summary, _) in scored.items()
+    }
+    return metrics, per_row
+
+
+def hits(result: dict, limit: int) -> int | None:
+    """Generations that used every allowed token (cut, or ended exactly at the limit); None if not counted."""
+    counts = result.get("new_tokens")
+    return None if counts is None else sum(n >= limit for n in counts)
+
+
+def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dict], per_row: dict) -> list[dict]:
+    """metrics/eval_predictions.jsonl: per judged row, the prompt as the models saw it, the reference, each
+    runtime's generation and per-row scores (the shipped model's headline first)."""
+    return [
+        {
+            "prompt": prompts[i],
+            "reference": tasks.answer(row),
+            "generation": results["onnx"]["generations"][i],
+            "score": per_row["onnx"][i][textmetrics.HEADLINE],
+            "generations": {kind: result["generations"][i] for kind, result in results.items()},
+            "scores": {kind: scores[i] for kind, scores in per_row.items()},
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def worst_first(lines: list[dict]) -> list[dict]:
+    """Prediction lines, the shipped model's worst rows first (lowest headline, then lowest chrF)."""
+    return sorted(lines, key=lambda line: (line["score"], line["scores"]["onnx"]["chrf"]))
+
+
+def log_summary(metrics: dict) -> None:
+    for kind, s in metrics["runtimes"].items():
+        log.info(
+            "%-8s exact match %.3f, token F1 %.3f, chrF %.3f, ROUGE-L %.3f%s, identical to ONNX %.1f%%, cut %s",
+            kind,
+            s["exact_match"],
+            s["token_f1"],
+            s["chrf"],
+            s["rouge_l"],
+            f", JSON valid {s['json_valid']:.3f}, field F1 {s['json_field_f1']:.3f}" if "json_valid" in s else "",
+            100 * s["identical_to_onnx"],
+            s["hit_token_limit"],
+        )
+    log.info(
+        "shipped ONNX: exact match %.3f on %d rows, %s of them cut at %d new tokens, %.2f ms/token",
+        metrics["exact_match"],
+        metrics["n"],
+        metrics["hit_token_limit"],
+        metrics["max_new_tokens"],
+        metrics["ms_per_token"],
+    )
+
+
+def log_media(tracker, lines: list[dict]) -> None:
+    """The W&B predictions table, worst rows first (the numbers go through stage.main)."""
+    if not tracker.active or not lines:
+        return
+    import wandb
+
+    kinds = list(lines[0]["generations"])
+    table = wandb.Table(columns=["prompt", "reference", "score", *(f"generation_{k}" for k in kinds)])
+    for line in worst_first(lines):
+        table.add_data(line["prompt"], line["reference"], line["score"], *(line["generations"][k] for k in kinds))
+    tracker.log_media({"eval/predictions": table})
+
+
+def write_plots(metrics: dict, plots_dir: str | Path) -> None:
+    """The eval stage's two plots, for free text: per_class_f1.csv holds one row per score of the shipped
+    model (the `f1` column is the score, so `make plots`' bar chart reads it unchanged), and
+    confusion_matrix.png a bar chart of each runtime's scores (free text has no confusion matrix)."""
+    import io
+
+    import matplotlib
+
+    from ortune.artifacts import write_bytes_atomic
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in (*textmetrics.ROW_SCORES, *textmetrics.JSON_SCORES, "bleu") if name in metrics]
+    # ortune.plots.write_per_class_csv's columns (not imported: build_onnx imports this module too)
+    lines = ["label,precision,recall,f1,support"]
+    lines += [f"{name},{metrics[name]:.6f},{metrics[name]:.6f},{metrics[name]:.6f},{metrics['n']}" for name in names]
+    write_bytes_atomic(Path(plots_dir) / "per_class_f1.csv", ("\n".join(lines) + "\n").encode("utf-8"))
+    kinds = list(metrics["runtimes"])
+    figure, axes = plt.subplots(figsize=(1.5 + 1.1 * len(names), 4), dpi=100)
+    width = 0.8 / max(1, len(kinds))
+    for k, kind in enumerate(kinds):
+        values = [metrics["runtimes"][kind].get(name, 0.0) for name in names]
+        axes.bar([i + k * width for i in range(len(names))], values, width, label=kind)
+    axes.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(names))], names, rotation=20)
+    axes.set_ylim(0, 1)
+    axes.set_title(f"free-text scores on {metrics['n']} rows", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(figure)
+    write_bytes_atomic(Path(plots_dir) / "confusion_matrix.png", buffer.getvalue())
+
+
+def run_summary(paths: dict, scores: dict, onnx: dict, train: dict) -> str:
+    """`make all`'s closing summary for a free-text run (ortune.experiments.run_summary's, for labels)."""
+    model = f"{onnx.get('precision', '?')} ONNX" if onnx else "ONNX"
+    json_part = (
+        f", JSON valid {scores['json_valid']:.3f}, field F1 {scores['json_field_f1']:.3f}"
+        if "json_valid" in scores
+        else ""
+    )
+    lines = [
+        f"eval ({model}, free text, {scores['n']} rows, one run): exact match {scores['exact_match']:.3f}, "
+        f"token F1 {scores['token_f1']:.3f}, chrF {scores['chrf']:.3f}, ROUGE-L {scores['rouge_l']:.3f}{json_part}; "
+        f"{scores['hit_token_limit']} of {scores['n']} cut at {scores['max_new_tokens']} new tokens"
+    ]
+    if "prompted_baseline_exact_match" in scores:
+        prompted = scores["runtimes"]["prompted"]
+        lines.append(
+            f"vs the untuned base asked eval.baseline_prompt ({prompted.get('shots', 0)} shots): exact match "
+            f"{scores['prompted_baseline_exact_match']:.3f}; fine-tuning gained "
+            f"{scores['exact_match'] - scores['prompted_baseline_exact_match']:+.3f}"
+        )
+    if "quantization_identical" in scores:
+        lines.append(
+            f"vs merged PyTorch: identical output on {100 * scores['quantization_identical']:.1f} % of rows, "
+            f"exact match delta {scores['quantization_exact_match_delta']:+.3f}"
+        )
+    parity = onnx.get("parity") or {}
+    if "identical_outputs" in parity:
+        lines.append(
+            f"gate ({parity['prompts']} validation prompts): {100 * parity['identical_outputs']:.1f} % identical, "
+            f"exact match delta {parity['exact_match_delta']:+.3f} ({parity['target']}: "
+            f"{'met' if parity.get('passed') else 'missed'})"
+        )
+    lines.append(
+        f"speed: {scores['ms_per_token']:.2f} ms/token, first token {scores['ttft_ms']:.1f} ms, "
+        f"{scores['model_size_mb']:.1f} MB on disk"
+    )
+    if train:
+        lines.append(f"training ({train.get('method')}): {train['steps']} steps, final loss {train['final_loss']:.4f}")
+    lines.append(
+        f"shipped model: {paths['onnx']}/; every row: {paths['metrics']}/eval_predictions.jsonl; "
+        "every experiment: `make compare METRIC=exact_match`"
+    )
+    return "\n".join(lines)
