@@ -257,3 +257,18 @@ def test_a_killed_owner_left_as_a_zombie_counts_as_gone():
         assert pid_alive(os.getpid())
     finally:
         zombie.wait()
+
+
+def test_what_a_killed_dvc_exp_run_staged_is_unstaged(workspace):
+    """`dvc exp run` stages the experiment's params.yaml while it runs; killed, it leaves that in git's index
+    and the next `dvc exp run` stops on 'Stash apply resulted in merge conflicts'."""
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, **git}
+    for command in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "x"]):
+        subprocess.run(command, cwd=workspace, env=env, check=True)
+    kept = killed_snapshot(workspace)
+    (workspace / "params.yaml").write_text("seed: 3\n")
+    subprocess.run(["git", "add", "params.yaml"], cwd=workspace, env=env, check=True)
+    kept.recover_if_killed()
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=workspace, capture_output=True, text=True)
+    assert staged.stdout == "" and (workspace / "params.yaml").read_text() == "seed: 1\n"

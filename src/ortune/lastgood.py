@@ -6,8 +6,9 @@ DVC removes a stage's outputs before it runs the stage, and ortune's metrics and
 `kill -9` during build_onnx leaves no models/onnx for `make predict`. So `make all` and `make repro`
 (ortune.params) first keep the workspace's pipeline state:
 
-- params.yaml, dvc.lock, ortune's record of what it composed (ortune.params.STAMP), and every stage's
-  outs, metrics and plots as dvc.yaml declares them, under the settings before and after the run;
+- params.yaml, dvc.lock, ortune's record of what it composed (ortune.params.STAMP), git's index, and
+  every stage's outs, metrics and plots as dvc.yaml declares them, under the settings before and after
+  the run;
 - into .dvc/tmp/ortune/last-good/ (git- and DVC-ignored), as hard links where the file system has
   them (no copy of a model's gigabyte: the stages and DVC replace files, never rewrite one in place),
   and as copies of the small files, which nothing may then change under the snapshot.
@@ -38,7 +39,9 @@ SNAPSHOT = Path(".dvc/tmp/ortune/last-good")
 MANIFEST = "manifest.json"
 # smaller files are copied: a copy cannot change when something rewrites the workspace's file in place
 LINK_FROM_BYTES = 1 << 20
-KEPT = ("params.yaml", "dvc.lock", ".dvc/tmp/ortune/params.composed.yaml")
+# git's index too: `dvc exp run` stages the experiment's params.yaml while it runs, and a run killed
+# before it unstages leaves a change in the index that makes the next `dvc exp run` refuse to start
+KEPT = ("params.yaml", "dvc.lock", ".dvc/tmp/ortune/params.composed.yaml", ".git/index")
 
 
 def _relative(path: str | Path, root: Path) -> str | None:
@@ -107,6 +110,8 @@ class Snapshot:
             if rel is None or rel in entries:
                 continue
             present = (self.root / rel).exists() or (self.root / rel).is_symlink()
+            if not present and rel.startswith(".git/"):
+                continue  # git's own file: never removed by a restore
             entries[rel] = present
             if present:
                 _place(self.root / rel, self.folder / "files" / rel)
