@@ -581,3 +581,18 @@ def test_the_readme_shows_each_familys_goal_model_and_results_md_every_model():
     readme = report.render_results(results, compact=True)
     assert "SmolLM2-135M-Instruct" not in readme and "random Phi-3-shaped model" in readme
     assert "The real model (SmolLM2), pipeline timings" in readme
+
+
+def test_the_bench_builds_into_its_cache_with_settings_build_onnx_accepts(tmp_path):
+    """make bench exports with build_onnx from and into bench/.cache/ (git-ignored): the settings check that
+    keeps stages off the project's sources (bench/ among them) lets the bench's cache through."""
+    from ortune import config
+
+    cache = ortune_bench.cache_dir()
+    for spec in (models.FULL, models.SMOLLM2):
+        arguments = models.build_arguments(
+            cache / "hf-x", cache / "onnx-x", "int4", ("onnx.block_size=64",), spec.conf_model, tmp_path, 0
+        )
+        assert f"paths.onnx={cache / 'onnx-x'}" in arguments and f"paths.merged={cache / 'hf-x'}" in arguments
+        validated = config.validate(config.compose(arguments, config_dir=ortune_bench.ROOT / "conf"), "build_onnx")
+        assert validated.onnx.block_size == 64 and validated.paths.base_model == str(cache / "hf-x")

@@ -25,6 +25,7 @@ def compose(*overrides: str, workspace: bool = True):
         ("paths.prepared=src", "paths.prepared=src: is src, which the pipeline must not overwrite"),
         ("paths.merged=wandb", "paths.merged=wandb: is wandb, which"),
         ("paths.adapter=conf/lora", "paths.adapter=conf/lora: is inside conf, which"),
+        ("paths.onnx=bench/x", "paths.onnx=bench/x: is inside bench, which"),  # its git-ignored .cache only is not
         ("paths.plots=data", "paths.plots=data: holds data/raw, which"),
         ("paths.base_model=.", "paths.base_model=.: holds the repository"),
         ("paths.onnx=models/../.git", "paths.onnx=models/../.git: is .git, which"),

@@ -171,6 +171,35 @@ def build_key(precision: str, overrides: tuple[str, ...], conf_model: str | None
     return digest.hexdigest()[:10]
 
 
+def build_arguments(
+    hf_dir: Path,
+    out: Path,
+    precision: str,
+    overrides: tuple[str, ...],
+    conf_model: str | None,
+    scratch: Path,
+    index: int,
+) -> list[str]:
+    """build_onnx's overrides for one engine: its conf (build_overrides), parity reported but not required,
+    the model read from `hf_dir` and exported to `out`, everything else in `scratch` (its one-prompt split)."""
+    onnx_settings = compose_build(precision, overrides, conf_model)["onnx"]
+    relaxed = [f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1)) if k in onnx_settings]
+    paths = {
+        "merged": hf_dir,
+        "base_model": hf_dir,
+        "onnx": out,
+        "prepared": scratch / "prepared",
+        "metrics": scratch / f"metrics-{index}",
+        "adapter": scratch / "adapter",
+        "plots": scratch / "plots",
+    }
+    return [
+        *build_overrides(precision, overrides, conf_model),
+        *relaxed,
+        *(f"paths.{key}={value}" for key, value in paths.items()),
+    ]
+
+
 def build_onnx_models(
     hf_dir: Path, builds: dict[Path, tuple[str, tuple[str, ...]]], log=print, conf_model: str | None = None
 ) -> None:
@@ -194,25 +223,10 @@ def build_onnx_models(
         env.pop("DVC_STAGE", None)
         processes = {}
         for index, (out, (precision, overrides)) in enumerate(pending.items()):
-            onnx_settings = compose_build(precision, overrides, conf_model)["onnx"]
-            relaxed = [
-                f"onnx.{k}={v}" for k, v in (("require_parity", "false"), ("parity_prompts", 1)) if k in onnx_settings
-            ]
-            paths = {
-                "merged": hf_dir,
-                "base_model": hf_dir,
-                "onnx": out,
-                "prepared": prepared,
-                "metrics": scratch / f"metrics-{index}",
-                "adapter": scratch / "adapter",
-                "plots": scratch / "plots",
-            }
             command = [
                 sys.executable,
                 "scripts/build_onnx.py",
-                *build_overrides(precision, overrides, conf_model),
-                *relaxed,
-                *(f"paths.{key}={value}" for key, value in paths.items()),
+                *build_arguments(hf_dir, out, precision, overrides, conf_model, scratch, index),
             ]
             log(f"  building {precision} {' '.join(overrides)} -> {out.name}")
             processes[out] = subprocess.Popen(
