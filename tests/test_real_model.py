@@ -53,9 +53,14 @@ def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_lab
         and len(base["gguf_sha256"]) == 64
     )
     evaluation, onnx = metrics(root, "eval.json"), metrics(root, "onnx.json")
-    # fine-tuning is worth it: far above the untuned model asked through its chat template with the labels
+    # fine-tuning is worth it: far above the strongest way of doing without it (the untuned model asked through
+    # its chat template, free answer or log-likelihood over the labels, zero- or 4-shot; the majority class),
+    # by more than the gain's own 95 % interval, on test rows nothing was chosen on
     assert evaluation["accuracy"] >= 0.9, evaluation
     assert evaluation["accuracy"] >= evaluation["prompted_baseline_accuracy"] + 0.10, evaluation
+    assert evaluation["gain_over_strongest_baseline"] >= 0.3, evaluation["baselines"]
+    assert evaluation["ci95"]["gain_over_strongest_baseline"]["low"] > 0
+    assert evaluation["strongest_baseline"]["accuracy"] >= evaluation["majority_baseline"]
     # auto quantization shipped a candidate that keeps the merged model's labels, and says which
     shipped = onnx["candidates"][onnx["shipped_candidate"]]
     assert shipped["passed"] and onnx["parity"]["label_agreement"] >= 0.98 and onnx["precision"] == shipped["precision"]
@@ -68,7 +73,39 @@ def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_lab
     assert evaluation["model_size_mb"] <= 0.20 * evaluation["runtimes"]["merged"]["model_size_mb"]
     assert metrics(root, "merge.json")["quantization_aware"]["block_size"] == 32
     summary = output[output.rindex("eval (") :]
-    assert f"{onnx['precision']} ONNX" in summary and "untuned base asked through its chat template" in summary
+    assert f"{onnx['precision']} ONNX, test split" in summary and "over the strongest baseline" in summary
     assert "quantization (auto): shipped" in summary
     answer = make(project, "predict", "TEXT=I can't believe I won the lottery!")
     assert answer.strip().splitlines()[-1] in {"fear", "joy", "sadness", "surprise"}
+
+
+def test_the_shipped_int4_weights_are_the_merged_models_to_the_bit(project):
+    """Every MatMulNBits weight of the int4 graph, and the quantized tied embedding, dequantizes to a weight of
+    the merged (qat-rounded) PyTorch model with difference 0: what the int4 model can still change is its
+    int8 activations, not its weights (docs/quantization.md). Runs on the default make all's outputs."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from int4_weights import dequantized
+
+    root, _ = project
+    assert (root / "models/onnx/model.onnx").is_file(), "runs after the default make all"
+    merged = {}
+    for file in sorted((root / "models/merged").glob("*.safetensors")):
+        merged.update(load_file(file))
+    weights = dequantized(root / "models/onnx")
+    ops = [op for op, _ in weights.values()]
+    # 30 layers x (q, k, v, o, gate, up, down), the LM head; the embedding it is tied to
+    assert ops.count("MatMulNBits") >= 30 * 7 + 1 and "GatherBlockQuantized" in ops, sorted(set(ops))
+    matched = set()
+    for node, (op, weight) in weights.items():
+        same = [
+            name
+            for name, tensor in merged.items()
+            if tensor.shape == weight.shape and np.array_equal(tensor.astype(np.float32), weight)
+        ]
+        assert same, f"{op} {node}: no merged weight of shape {weight.shape} equals it"
+        matched.update(same)
+    # and every adapted layer's merged weight is one of them (the q/k/v/o the adapter changed)
+    adapted = {n for n in merged if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))}
+    assert adapted and adapted <= matched, sorted(adapted - matched)[:5]

@@ -1,0 +1,66 @@
+"""The weights an int4 ONNX model holds, dequantized: MatMulNBits (every linear layer, the LM head) and
+GatherBlockQuantized (a quantized embedding), each as the PyTorch weight it came from is shaped, so a test can
+compare them with the merged model's to the bit (what onnxruntime's kernels read: contrib op specs, and
+onnxruntime.quantization.matmul_nbits_quantizer, which packs them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _unpack(packed: np.ndarray, count: int) -> np.ndarray:
+    """4-bit values, two per byte, low nibble first, along the last axis (cut to `count`)."""
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)[..., :count].astype(np.float32)
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def dequantized(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """{node name: (op, weight)}: each MatMulNBits weight as [N, K] (a Linear's [out, in]) and each
+    GatherBlockQuantized table as [rows, hidden], in float32: (q - zero point) * scale per block."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(model_dir) / "model.onnx"))
+    tensors = {t.name: t for t in model.graph.initializer}
+
+    def array(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(tensors[name]) if name and name in tensors else None
+
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = _attributes(node)
+            assert a["bits"] == 4, (node.name, a["bits"])
+            n, k, block = a["N"], a["K"], a["block_size"]
+            blocks = -(-k // block)
+            q = _unpack(array(node.input[1]).reshape(n, blocks, block // 2), block).reshape(n, blocks, block)
+            scales = array(node.input[2]).astype(np.float32).reshape(n, blocks, 1)
+            zp = array(node.input[3]) if len(node.input) > 3 else None
+            if zp is None:
+                zero = np.float32(8)  # symmetric: the midpoint of 0..15
+            elif zp.dtype == np.uint8:
+                zero = _unpack(zp.reshape(n, -1), blocks).reshape(n, blocks, 1)
+            else:
+                zero = zp.astype(np.float32).reshape(n, blocks, 1)
+            found[node.name] = (node.op_type, ((q - zero) * scales).reshape(n, blocks * block)[:, :k])
+        elif node.op_type == "GatherBlockQuantized":
+            a = _attributes(node)
+            assert a.get("bits", 4) == 4 and a.get("gather_axis", 0) == 0, (node.name, a)
+            data, block = array(node.input[0]), a["block_size"]
+            rows = data.shape[0]
+            hidden = data.shape[1] * 2 if data.dtype == np.uint8 else data.shape[1]
+            q = _unpack(data, hidden) if data.dtype == np.uint8 else data.astype(np.float32)
+            scales = array(node.input[2]).astype(np.float32)
+            zp = array(node.input[3]) if len(node.input) > 3 else None
+            zero = np.float32(8) if zp is None else _unpack(zp.reshape(rows, -1), scales.shape[1])[..., None]
+            weight = (q.reshape(rows, -1, block) - zero) * scales.reshape(rows, -1, 1)
+            found[node.name] = (node.op_type, weight.reshape(rows, hidden))
+    return found
