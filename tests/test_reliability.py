@@ -41,20 +41,19 @@ def test_label_outside_the_configured_set_names_row_and_label(make_cfg, tmp_path
     import prepare_data
 
     source = tmp_path / "rows.jsonl"
-    rows = [{"phrase": f"phrase {i}", "tone": "joy" if i % 2 else "fear"} for i in range(10)]
+    rows = [{"phrase": f"phrase {i}", "tone": "joy" if i % 2 else "fear"} for i in range(14)]
     rows[6]["tone"] = "joyy"
     rows[8]["tone"] = "Joy"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(OrtuneError, match=r"row 7 has tone='joyy', not one of data.labels"):
         prepare_data.run(make_cfg(f"data.path={source}", "data.labels=[fear,joy]"))
     # null (the default) accepts the labels found; "Joy" is "joy" (the answer parser ignores case)
-    rows[6]["tone"] = "surprise"
-    rows[0]["tone"] = "surprise"
+    rows[6]["tone"] = rows[0]["tone"] = rows[10]["tone"] = "surprise"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prepare_data.run(make_cfg(f"data.path={source}"))["rows_per_label"] == {
-        "fear": {"train": 1, "eval": 1},
-        "joy": {"train": 4, "eval": 2},
-        "surprise": {"train": 1, "eval": 1},
+        "fear": {"train": 1, "validation": 1, "test": 1},
+        "joy": {"train": 5, "validation": 1, "test": 2},
+        "surprise": {"train": 1, "validation": 1, "test": 1},
     }
 
 
