@@ -93,7 +93,7 @@ class TrainConfig:
     group_by_length: bool = setting("batches of similar lengths: less padding (`train_sampling_strategy`)")
     logging_steps: int = setting("steps between loss logs (`plots/train_loss.csv`, W&B)", range=">= 1")
     eval_strategy: str = setting(
-        "eval loss on the eval split (monitoring only, no checkpoint picking)",
+        "eval loss on the validation split (monitoring only, no checkpoint picking)",
         choices=("no", "steps", "epoch"),
         renamed_from=("train.evaluation_strategy",),
     )
