@@ -205,7 +205,8 @@ def test_fp32_export_matches_pytorch_across_the_sliding_window(gemma, tmp_path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     need_gemma()
-    return clone_project(tmp_path_factory, "gemma", tiny=False, WANDB_MODE="disabled")
+    # params.yaml composed afresh for this model: the run reads conf/ as committed, not a stale params.yaml
+    return clone_project(tmp_path_factory, "gemma", tiny=False, params=("model=gemma3-270m",), WANDB_MODE="disabled")
 
 
 def make(project, *args: str) -> str:
