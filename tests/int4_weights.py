@@ -64,3 +64,28 @@ def dequantized(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
             weight = (q.reshape(rows, -1, block) - zero) * scales.reshape(rows, -1, 1)
             found[node.name] = (node.op_type, weight.reshape(rows, hidden))
     return found
+
+
+# the builder fuses some projections into one MatMul: its weight is theirs stacked, in this order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def reference(node: str, op: str, merged: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The merged PyTorch weight a node of the builder's graph holds, by the node's name (layers.<i>/attn|mlp/
+    <proj>, lm_head), stacking the projections of a fused one; a tied LM head or a quantized embedding is the
+    embedding matrix. None when the name says nothing the merged model has."""
+    import re
+
+    if op == "GatherBlockQuantized" or ("lm_head" in node and "lm_head.weight" not in merged):
+        return merged.get("model.embed_tokens.weight")
+    if "lm_head" in node:
+        return merged["lm_head.weight"]
+    found = re.search(r"layers\.(\d+)/(attn|mlp)/(\w+)/", node)
+    if not found:
+        return None
+    layer, block, projection = found.groups()
+    prefix = f"model.layers.{layer}.{'self_attn' if block == 'attn' else 'mlp'}."
+    if f"{prefix}{projection}.weight" in merged:
+        return merged[f"{prefix}{projection}.weight"]
+    parts = [f"{prefix}{name}.weight" for name in FUSED.get(projection, ())]
+    return np.concatenate([merged[p] for p in parts]) if parts and all(p in merged for p in parts) else None
