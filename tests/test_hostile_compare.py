@@ -77,6 +77,12 @@ def test_a_running_experiment_shows_its_state_and_not_the_previous_runs_metrics(
     best_found, _ = experiments.pick_best(found, "eval.accuracy")
     assert best_found.name == "exp-old", "only a finished experiment can win"
     assert [e.name for e in experiments.parse_exp_show(PAYLOAD)] == ["exp-old"]
+    only_queued = experiments.parse_exp_show([{**PAYLOAD[1], "experiments": PAYLOAD[1]["experiments"][2:]}], True)
+    assert experiments.compare_table(only_queued, "eval.accuracy").splitlines() == [
+        "| experiment | state |",  # one experiment: no setting differs, no metric yet
+        "|---|---|",
+        "| exp-q | queued |",
+    ]
 
 
 @pytest.mark.parametrize("args", [["--table", "--metric=foo.bar"], ["--metric=foo.bar", "--apply"], ["--max=foo=1"]])

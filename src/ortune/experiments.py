@@ -205,7 +205,7 @@ def compare_table(experiments: list[Experiment], metric: str) -> str:
     # differences smaller than their intervals are marked: the ranking among those is noise
     noise = ranked and ranked[0].state == "success" and any(interval_of(e, metric) for e in experiments)
     header = [*columns, *([f"vs best ({metric})"] if noise else [])]
-    lines = ["| experiment | state | " + " | ".join(header) + " |", "|---" * (len(header) + 2) + "|"]
+    lines = ["| " + " | ".join(["experiment", "state", *header]) + " |", "|---" * (len(header) + 2) + "|"]
     for exp in ranked:
         cells = [_cell(exp.name), exp.state, *(_cell(exp.params.get(c, exp.metrics.get(c))) for c in columns)]
         if noise:
