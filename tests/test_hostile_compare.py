@@ -120,3 +120,11 @@ def test_a_bad_sweep_is_one_line_before_anything_is_queued(monkeypatch, capsys, 
     assert params.main(["sweep"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {needle}"), err
+
+
+def test_the_run_summary_prints_labels_and_answers_escaped(monkeypatch, tmp_path):
+    said = 'accuracy 0.9\nthe prompted baseline answered, e.g.: "joy\x9b2J" (truth \x1b]0;pwned\x07joy, read as joy)'
+    monkeypatch.setattr(experiments, "run_summary", lambda root: said)
+    assert experiments.terminal_summary(tmp_path) == (
+        'accuracy 0.9\nthe prompted baseline answered, e.g.: "joy\\x9b2J" (truth \\x1b]0;pwned\\x07joy, read as joy)'
+    )

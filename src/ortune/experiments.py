@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ortune.app import printable
 from ortune.errors import OrtuneError
 
 EVAL_METRICS = "metrics/eval.json"
@@ -222,8 +223,7 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     # names and settings a user typed: no control character reaches the terminal, no `|` splits the cell
-    text = "-" if value is None else "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
-    return text.replace("|", "\\|")
+    return "-" if value is None else printable(str(value)).replace("|", "\\|")
 
 
 def _read_metrics(folder: Path, name: str) -> dict:
@@ -362,5 +362,11 @@ def _baseline_lines(scores: dict) -> list[str]:
     return lines
 
 
+def terminal_summary(root: Path) -> str:
+    """run_summary as `make all` prints it: labels come from the data and sample answers from a model, so a
+    control character in one is shown escaped, never sent to the terminal."""
+    return printable(run_summary(root), keep="\n")
+
+
 if __name__ == "__main__":
-    print(run_summary(Path.cwd()))
+    print(terminal_summary(Path.cwd()))
