@@ -215,8 +215,7 @@ def build_onnx_models(
         prepared = scratch / "prepared"
         prepared.mkdir()
         row = json.dumps({"prompt": PROMPT, "completion": "joy", "label": "joy"}) + "\n"
-        # every split build_onnx has read: eval, then validation and test once prepare_data split three ways
-        for split in ("train", "eval", "validation", "test"):
+        for split in ("train", "validation", "test"):
             (prepared / f"{split}.jsonl").write_text(row, encoding="utf-8")
         (prepared / "labels.json").write_text('["joy"]\n', encoding="utf-8")
         env = {**os.environ, "WANDB_MODE": "disabled"}
