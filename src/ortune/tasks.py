@@ -36,11 +36,6 @@ def is_generation(spec) -> bool:
     return (spec.get("task") if hasattr(spec, "get") else spec.task) == GENERATION
 
 
-def split_field(spec) -> str | None:
-    """The field the split is stratified by: the label for classification, none for free text."""
-    return None if is_generation(spec) else spec.label_field
-
-
 def optional_fields(spec) -> list[str]:
     """The prompt's fields a row may leave empty or out (those `prompt_no_input` does not name)."""
     from ortune.data import template_fields
