@@ -108,6 +108,7 @@ restore: setup ## Put back the last successful run's outputs after a run was kil
 
 # the apply and the checkout rewrite params.yaml and the outputs: not under a running pipeline (ortune.locks)
 pull: setup ## Download data and models from the DVC remote (EXP=name pulls and applies that experiment)
+	$(PY) -m ortune.lastgood recover
 	$(PY) -m ortune.locks bash -c 'if [ -n "$$ORTUNE_EXP" ]; then dvc exp pull origin -- "$$ORTUNE_EXP" && \
 		dvc exp apply -- "$$ORTUNE_EXP" || exit; fi; dvc pull'
 

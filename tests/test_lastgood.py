@@ -269,6 +269,9 @@ def test_what_a_killed_dvc_exp_run_staged_is_unstaged(workspace):
     kept = killed_snapshot(workspace)
     (workspace / "params.yaml").write_text("seed: 3\n")
     subprocess.run(["git", "add", "params.yaml"], cwd=workspace, env=env, check=True)
+    # meanwhile the user stages and commits work of their own: the restore leaves that alone
+    (workspace / "notes.md").write_text("mine\n")
+    subprocess.run(["git", "add", "notes.md"], cwd=workspace, env=env, check=True)
     kept.recover_if_killed()
     staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=workspace, capture_output=True, text=True)
-    assert staged.stdout == "" and (workspace / "params.yaml").read_text() == "seed: 1\n"
+    assert staged.stdout == "notes.md\n" and (workspace / "params.yaml").read_text() == "seed: 1\n"

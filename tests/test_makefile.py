@@ -129,6 +129,8 @@ def test_experiment_targets_get_metric_limit_branch_revisions_and_name_as_typed(
     status, calls = make(recorder, tmp_path, "push", f"EXP={value}")
     assert [c["argv"] for c in calls] == [["-m", "dvc", "push"], ["-m", "dvc", "exp", "push", "origin", "--", value]]
     status, calls = make(recorder, tmp_path, "pull", f"EXP={value}")
-    assert calls[0]["argv"][:3] == ["-m", "ortune.locks", "bash"] and calls[0]["env"] == {"ORTUNE_EXP": value}
+    # a killed run's outputs are put back first (ortune.lastgood), then the apply runs under the locks
+    assert calls[0]["argv"] == ["-m", "ortune.lastgood", "recover"]
+    assert calls[1]["argv"][:3] == ["-m", "ortune.locks", "bash"] and calls[1]["env"] == {"ORTUNE_EXP": value}
     status, calls = make(recorder, tmp_path, "bench", f"QUICK=$(shell touch {tmp_path / 'pwned'})")
     assert calls[0]["argv"] == ["bench/bench.py", "--quick"]

@@ -6,9 +6,8 @@ DVC removes a stage's outputs before it runs the stage, and ortune's metrics and
 `kill -9` during build_onnx leaves no models/onnx for `make predict`. So `make all` and `make repro`
 (ortune.params) first keep the workspace's pipeline state:
 
-- params.yaml, dvc.lock, ortune's record of what it composed (ortune.params.STAMP), git's index, and
-  every stage's outs, metrics and plots as dvc.yaml declares them, under the settings before and after
-  the run;
+- params.yaml, dvc.lock, ortune's record of what it composed (ortune.params.STAMP), and every stage's
+  outs, metrics and plots as dvc.yaml declares them, under the settings before and after the run;
 - into .dvc/tmp/ortune/last-good/ (git- and DVC-ignored), as hard links where the file system has
   them (no copy of a model's gigabyte: the stages and DVC replace files, never rewrite one in place),
   and as copies of the small files, which nothing may then change under the snapshot.
@@ -20,6 +19,7 @@ process that is gone, and the next ortune command that reads or writes the works
 `repro`, `predict`, `chat`, `plots`, `compare`, `restore`) restores it first and says so.
 
     python -m ortune.lastgood restore   # `make restore`: put back what a killed run left half-done
+    python -m ortune.lastgood recover   # the same, silent when there is nothing to do (`make pull`)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -39,9 +40,7 @@ SNAPSHOT = Path(".dvc/tmp/ortune/last-good")
 MANIFEST = "manifest.json"
 # smaller files are copied: a copy cannot change when something rewrites the workspace's file in place
 LINK_FROM_BYTES = 1 << 20
-# git's index too: `dvc exp run` stages the experiment's params.yaml while it runs, and a run killed
-# before it unstages leaves a change in the index that makes the next `dvc exp run` refuse to start
-KEPT = ("params.yaml", "dvc.lock", ".dvc/tmp/ortune/params.composed.yaml", ".git/index")
+KEPT = ("params.yaml", "dvc.lock", ".dvc/tmp/ortune/params.composed.yaml")
 
 
 def _relative(path: str | Path, root: Path) -> str | None:
@@ -110,8 +109,6 @@ class Snapshot:
             if rel is None or rel in entries:
                 continue
             present = (self.root / rel).exists() or (self.root / rel).is_symlink()
-            if not present and rel.startswith(".git/"):
-                continue  # git's own file: never removed by a restore
             entries[rel] = present
             if present:
                 _place(self.root / rel, self.folder / "files" / rel)
@@ -142,8 +139,24 @@ class Snapshot:
             if present:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(kept, target)
+        self._unstage(list(record["paths"]))
         self.drop()
         return changed
+
+    def _unstage(self, paths: list[str]) -> None:
+        """`dvc exp run` stages the experiment's params.yaml, dvc.lock and metrics while it runs; one killed
+        before it unstages them leaves them in git's index, and the next `dvc exp run` refuses to start
+        ('Stash apply resulted in merge conflicts'). Only these paths go back to HEAD's entries: the index
+        file itself is never replaced, so whatever else was staged or committed meanwhile stays."""
+        if not (self.root / ".git").exists() or not paths:
+            return
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["git", "reset", "-q", "--", *(f":(literal){path}" for path in paths)],
+                cwd=self.root,
+                capture_output=True,
+                timeout=60,
+            )
 
     def recover_if_killed(self) -> str:
         """Restore what a run that was killed left (its owner is gone); '' when there is nothing to do."""
@@ -188,12 +201,15 @@ def main(argv: list[str]) -> int:
     from ortune import locks
     from ortune.errors import OrtuneError
 
-    if argv != ["restore"]:
-        print("usage: python -m ortune.lastgood restore", file=sys.stderr)
+    if argv not in (["restore"], ["recover"]):
+        print("usage: python -m ortune.lastgood {restore|recover}", file=sys.stderr)
         return 2
     root = Path.cwd()
     snapshot = Snapshot(root)
     try:
+        if argv == ["recover"]:  # quiet unless a killed run's outputs were put back (make pull)
+            recover(root)
+            return 0
         with locks.hold(locks.workspace_paths(root), "make restore", root):
             print(snapshot.recover_if_killed() or "nothing to restore: no run was killed half-way")
     except OrtuneError as exc:

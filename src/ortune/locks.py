@@ -171,10 +171,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m ortune.locks CMD [ARG ...]", file=sys.stderr)
         return 2
     root = Path.cwd()
-    from ortune import lastgood  # imports this module: here, not at the top
-
     try:
-        lastgood.recover(root)
         with hold(workspace_paths(root), f"`{' '.join(argv)[:80]}`", root):
             return subprocess.run(argv).returncode
     except OrtuneError as exc:
