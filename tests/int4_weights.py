@@ -31,7 +31,11 @@ def dequantized(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
     model = onnx.load(str(Path(model_dir) / "model.onnx"))
     tensors = {t.name: t for t in model.graph.initializer}
 
+    # a tied embedding's table is the LM head's packed weight through a Reshape (shared_embeddings)
+    reshaped = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in tensors}
+
     def array(name: str) -> np.ndarray | None:
+        name = reshaped.get(name, name)
         return numpy_helper.to_array(tensors[name]) if name and name in tensors else None
 
     found = {}
@@ -55,10 +59,11 @@ def dequantized(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
             a = _attributes(node)
             assert a.get("bits", 4) == 4 and a.get("gather_axis", 0) == 0, (node.name, a)
             data, block = array(node.input[0]), a["block_size"]
-            rows = data.shape[0]
+            scales = array(node.input[2]).astype(np.float32)
+            rows = scales.shape[0]
+            data = data.reshape(rows, -1)
             hidden = data.shape[1] * 2 if data.dtype == np.uint8 else data.shape[1]
             q = _unpack(data, hidden) if data.dtype == np.uint8 else data.astype(np.float32)
-            scales = array(node.input[2]).astype(np.float32)
             zp = array(node.input[3]) if len(node.input) > 3 else None
             zero = np.float32(8) if zp is None else _unpack(zp.reshape(rows, -1), scales.shape[1])[..., None]
             weight = (q.reshape(rows, -1, block) - zero) * scales.reshape(rows, -1, 1)
