@@ -215,7 +215,17 @@ def test_a_kill_9_during_eval_is_restored_before_predict_reads_the_model(project
     make(project, "all")
     before = state(root)
     run = subprocess.Popen(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", "all", "ARGS=eval.latency.repeats=2"],
+        # bounded like every make a test runs (timeout leads the process group that is killed below)
+        [
+            "timeout",
+            "900",
+            "make",
+            "--no-print-directory",
+            "-o",
+            ".venv/.installed",
+            "all",
+            "ARGS=eval.latency.repeats=2",
+        ],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
