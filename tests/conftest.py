@@ -87,3 +87,23 @@ def clone_project(
     model = TINY_MODEL.split("=", 1)[1] if tiny else None
     env = clone_workspace(REPO, root, home, model=model, params=params if tiny or params else None, **extra_env)
     return root, env
+
+
+def make_in_clone(project, *args: str, timeout: int = 3600, check: bool = True):
+    """`make ARGS...` in a clone_project() clone, as a user runs it; fails the test (with the output's tail)
+    unless it succeeds, when `check`. --no-print-directory: under `make test` (CI) this make is a sub-make,
+    whose "Leaving directory" line would follow what `make predict` prints."""
+    import subprocess
+
+    root, env = project
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done

@@ -127,6 +127,6 @@ def test_every_section_and_page_a_comment_points_at_exists():
     for file in POINTING:
         text = file.read_text(encoding="utf-8")
         rel = file.relative_to(REPO)
-        broken += [f"{rel}: README \"{s}\"" for s in SECTION_POINTER.findall(text) if s.strip().lower() not in headings]
+        broken += [f'{rel}: README "{s}"' for s in SECTION_POINTER.findall(text) if s.strip().lower() not in headings]
         broken += [f"{rel}: {page}" for page in PAGE_POINTER.findall(text) if not (REPO / page).is_file()]
     assert not broken, f"comments point at sections or pages that do not exist: {broken}"

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 import fetch_model
-from conftest import clone_project, ran_stages
+from conftest import clone_project, make_in_clone, ran_stages
 from ortune import config
 from ortune.errors import OrtuneError
 
@@ -210,16 +210,7 @@ def project(tmp_path_factory):
 
 
 def make(project, *args: str) -> str:
-    root, env = project
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = make_in_clone(project, *args, timeout=3600)
     return done.stdout + done.stderr
 
 

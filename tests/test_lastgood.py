@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clone_project, ran_stages
+from conftest import clone_project, make_in_clone, ran_stages
 from ortune import lastgood
 from ortune.artifacts import owner_tag
 
@@ -164,19 +164,8 @@ def project(tmp_path_factory):
     return clone_project(tmp_path_factory, "lastgood", WANDB_MODE="disabled")
 
 
-def make(project, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    root, env = project
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def make(project, *args: str, check: bool = True):
+    return make_in_clone(project, *args, timeout=1500, check=check)
 
 
 @pytest.mark.slow

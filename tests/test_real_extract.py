@@ -5,11 +5,10 @@ tests/test_real_model.py runs the default. Slow (several minutes on 2 cores); CI
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import clone_project, ran_stages
+from conftest import clone_project, make_in_clone, ran_stages
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -21,16 +20,7 @@ def project(tmp_path_factory):
 
 
 def make(project, *args: str) -> str:
-    root, env = project
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = make_in_clone(project, *args, timeout=3600)
     return done.stdout + done.stderr
 
 

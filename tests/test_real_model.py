@@ -6,11 +6,10 @@ Slow (about 10 minutes on 2 cores); CI runs it as part of `make test`.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import clone_project, ran_stages
+from conftest import clone_project, make_in_clone, ran_stages
 
 # the default run takes ~10 min on 2 quiet cores; the global 30 min limit is too tight for a busy machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -22,19 +21,7 @@ def project(tmp_path_factory):
 
 
 def make(project, *args: str) -> str:
-    root, env = project
-    # the default run takes ~10 min on 2 quiet cores: an hour means something hangs
-    # --no-print-directory: under `make test` (CI) this make is a sub-make, whose "Leaving directory" line
-    # would follow the label `make predict` prints
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = make_in_clone(project, *args, timeout=3600)
     return done.stdout + done.stderr
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import clone_project, ran_stages
+from conftest import clone_project, make_in_clone, ran_stages
 
 pytestmark = pytest.mark.slow
 EVERY_STAGE = {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
@@ -68,16 +68,7 @@ def project(tmp_path_factory):
 
 
 def make(project, *args: str) -> str:
-    root, env = project
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = make_in_clone(project, *args, timeout=1500)
     return done.stdout + done.stderr
 
 
