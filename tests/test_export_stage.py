@@ -87,7 +87,7 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
             onnx_tokenizer.decode(onnx_ids), labels
         )
     assert metrics["parity"]["prompts"] == 8 and metrics["parity"]["label_agreement"] == agree / 8
-    assert metrics["parity"]["target"] == "label_agreement >= 0.98"
+    assert metrics["parity"]["target"] == "label_agreement >= 0.95"  # the tiny model's gate (conf/model/tiny-phi3.yaml)
     assert metrics["builder_options"]["algo_config"] == "default" and metrics["precision"] == "int4"
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0  # the running machine's cores

@@ -342,8 +342,8 @@ def test_make_predict_and_make_chat(model, tmp_path):
 @pytest.mark.slow
 def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
     """fetch -> prepare -> train -> merge -> build_onnx (int4, parity gate on) with the tiny model's defaults,
-    then predict on eval phrases: the labels are right, and int4 agrees with PyTorch >= 98 %. (The real
-    model's default run has its own test: tests/test_real_model.py.)"""
+    then predict on eval phrases: the labels are right, and int4 agrees with PyTorch >= 95 % (the tiny model's
+    gate). (The real model's default run has its own test: tests/test_real_model.py.)"""
     paths = [TINY_MODEL] + [
         f"paths.{name}={tmp_path / name}"
         for name in ("base_model", "prepared", "adapter", "merged", "onnx", "metrics", "plots")
@@ -352,7 +352,7 @@ def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
         done = run(*paths, script=f"scripts/{stage}.py")
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
     onnx = json.loads((tmp_path / "metrics" / "onnx.json").read_text())
-    assert onnx["precision"] == "int4" and onnx["parity"]["passed"] and onnx["parity"]["label_agreement"] >= 0.98
+    assert onnx["precision"] == "int4" and onnx["parity"]["passed"] and onnx["parity"]["label_agreement"] >= 0.95
     rows = [json.loads(line) for line in (tmp_path / "prepared" / "test.jsonl").read_text().splitlines()][:40]
     phrases = [r["prompt"].split("### Text: ", 1)[1].split("\n", 1)[0] for r in rows]
     done = run("--model", str(tmp_path / "onnx"), stdin="\n".join(phrases) + "\n")
@@ -363,4 +363,4 @@ def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
     labels = json.loads((tmp_path / "prepared" / "labels.json").read_text())
     assert run("--model", str(tmp_path / "onnx"), "cricket is a wonderful sport!").stdout.strip() in labels
     card = (tmp_path / "onnx" / "README.md").read_text()
-    assert "label_agreement >= 0.98 | True" in card
+    assert "label_agreement >= 0.95 | True" in card
