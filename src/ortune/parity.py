@@ -82,17 +82,10 @@ def compare(
     precision: str,
     min_agreement: float,
 ) -> dict:
-    import numpy as np
 
     from ortune.metrics import parse_label
 
-    diffs, relative = [], []
-    for prompt in prompts:
-        expected = reference.last_logits(prompt)
-        diff = float(np.abs(onnx_generator.last_logits(prompt) - expected).max())
-        scale = float(expected.std())
-        diffs.append(diff)
-        relative.append(diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    max_diff, max_relative = logit_diffs(reference, onnx_generator, prompts)
     torch_labels = [parse_label(t, labels) for t in reference.generations(prompts, max_new_tokens)]
     onnx_labels = [parse_label(onnx_generator.generate(p, max_new_tokens).text, labels) for p in prompts]
     agreement = sum(a == b for a, b in zip(torch_labels, onnx_labels)) / len(prompts)
@@ -101,8 +94,8 @@ def compare(
     same = [a == b for a, b in zip(torch_labels, onnx_labels)]
     result = {
         "prompts": len(prompts),
-        "max_abs_logit_diff": max(diffs),
-        "max_rel_logit_diff": max(relative),
+        "max_abs_logit_diff": max_diff,
+        "max_rel_logit_diff": max_relative,
         "label_agreement": agreement,
         # over these prompts: another draw of as many could agree this much less (or more)
         "label_agreement_ci95": intervals.mean_interval(same, intervals.resample_rows(len(same), 1000, seed=0)),
