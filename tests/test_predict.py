@@ -364,4 +364,4 @@ def test_a_model_the_pipeline_trained_labels_phrases(tmp_path):
     labels = json.loads((tmp_path / "prepared" / "labels.json").read_text())
     assert run("--model", str(tmp_path / "onnx"), "cricket is a wonderful sport!").stdout.strip() in labels
     card = (tmp_path / "onnx" / "README.md").read_text()
-    assert "label_agreement >= 0.95 | True" in card
+    assert "`label_agreement >= 0.95` | True" in card

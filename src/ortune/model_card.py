@@ -113,7 +113,7 @@ def render(*, model: dict, dataset: dict, settings: dict, lora: dict | None, met
         lines.append(
             f"| {text(name)} | {parity['prompts']} | {parity['max_abs_logit_diff']:.2e} | "
             f"{parity['label_agreement']:.3f}{_interval(parity.get('label_agreement_ci95'))} | "
-            f"{text(parity['target'])} | {parity['passed']} |"
+            f"{code(parity['target'])} | {parity['passed']} |"
         )
     lines += [
         "",
