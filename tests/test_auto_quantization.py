@@ -9,7 +9,7 @@ import pytest
 
 import build_onnx
 from export_helpers import REPO, make_project, stage_cfg
-from ortune import quantize
+from ortune import onnx_build, quantize
 from ortune.data import SPLITS
 
 
@@ -55,7 +55,7 @@ def test_int8_share_upgrades_the_most_sensitive_units_in_the_built_graph(project
 
     model = modeling.load_causal_lm(project / "merged").eval()
     rows = data.read_jsonl(project / "prepared" / "train.jsonl")
-    texts = [r["prompt"] + r["completion"] for r in rows][: build_onnx.CALIBRATION_ROWS]
+    texts = [r["prompt"] + r["completion"] for r in rows][: onnx_build.CALIBRATION_ROWS]
     units = quantize.unit_errors(quantize.output_errors(model, modeling.load_tokenizer(project / "merged"), texts, 32))
     worst = max(units, key=units.get)
     assert set(quantize.unit_nodes(*worst, fused_gate_up=True)) <= upgraded

@@ -74,7 +74,7 @@ def script_of(stage: dict) -> Path:
 def test_the_import_scan_sees_direct_lazy_and_transitive_imports():
     direct = imported_modules(REPO / "scripts" / "build_onnx.py")
     assert {PACKAGE / "export.py", PACKAGE / "artifacts.py", PACKAGE / "__init__.py"} <= direct
-    assert PACKAGE / "evaluation.py" in direct  # imported inside a function
+    assert PACKAGE / "evaluation.py" in imported_modules(PACKAGE / "auto_quantization.py")  # inside a function
     assert PACKAGE / "builder_shim.py" in imported_modules(PACKAGE / "export.py")  # run with python -m
     # stage.py is reached through the package's other modules
     assert PACKAGE / "stage.py" in modules_run_by(REPO / "scripts" / "prepare_data.py")

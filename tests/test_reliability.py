@@ -116,9 +116,8 @@ def test_disk_full_keeps_the_previous_output(tmp_path, monkeypatch):
 def test_trust_remote_code_reaches_the_onnx_builder(tmp_path, monkeypatch):
     """The builder loads the model's config and tokenizer itself: model.trust_remote_code must reach it
     (its own hf_remote option is refused in favour of the setting)."""
-    import build_onnx
     from export_helpers import stage_cfg
-    from ortune import export
+    from ortune import export, onnx_build
 
     given = []
 
@@ -130,7 +129,7 @@ def test_trust_remote_code_reaches_the_onnx_builder(tmp_path, monkeypatch):
     for trust in ("true", "false"):
         cfg = stage_cfg(tmp_path, f"model.trust_remote_code={trust}")
         with pytest.raises(RuntimeError, match="not built here"):
-            build_onnx.build(cfg, tmp_path / "out", tmp_path / "scratch", tmp_path / "build")
+            onnx_build.build(cfg, tmp_path / "out", tmp_path / "scratch", tmp_path / "build")
     assert [options.get("hf_remote") for options in given] == ["true", None]
 
 
