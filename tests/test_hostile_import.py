@@ -14,6 +14,7 @@ import pytest
 
 import import_data
 from conftest import REPO
+from ortune import import_url
 from ortune.errors import OrtuneError
 from ortune.workspace_clone import isolated_env
 
@@ -52,7 +53,7 @@ def test_out_or_url_starting_with_a_dash_is_refused_and_nothing_is_overwritten(r
     assert done.stderr.startswith("error: OUT=-f: starts with '-'")
     assert (root / "precious.jsonl").read_text() == '{"mine": 1}\n'
     with pytest.raises(OrtuneError, match="URL=--help: starts with '-'"):
-        import_data.resolve("--help", "data/raw/x.jsonl", "", "", "", root)
+        import_url.resolve("--help", "data/raw/x.jsonl", "", "", "", root)
 
 
 def test_dvc_gets_the_url_and_out_after_double_dash(repo, tmp_path, monkeypatch):
@@ -62,7 +63,7 @@ def test_dvc_gets_the_url_and_out_after_double_dash(repo, tmp_path, monkeypatch)
     monkeypatch.setenv("ORTUNE_IMPORT_URL", str(tmp_path / "t.jsonl"))
     monkeypatch.setenv("ORTUNE_IMPORT_OUT", "data/raw/t.jsonl")
     monkeypatch.setattr(
-        import_data.subprocess, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0)
+        import_url.subprocess, "run", lambda argv, **kw: calls.append(argv) or subprocess.CompletedProcess(argv, 0)
     )
     assert import_data.main() == 0
     assert calls[0][-3:] == ["--", str(tmp_path / "t.jsonl"), "data/raw/t.jsonl"]
@@ -107,5 +108,5 @@ def test_a_server_that_never_answers_is_one_line_after_the_timeout(repo, silent_
 @pytest.mark.parametrize("value", ["0", "-5", "abc", "inf", "nan"])
 def test_a_bad_timeout_is_one_line(value):
     with pytest.raises(OrtuneError, match=f"TIMEOUT={value}: must be a number of seconds > 0"):
-        import_data.timeout_seconds(value)
-    assert import_data.timeout_seconds("") == import_data.DEFAULT_TIMEOUT == 60
+        import_url.timeout_seconds(value)
+    assert import_url.timeout_seconds("") == import_url.DEFAULT_TIMEOUT == 60

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import import_data
 from conftest import REPO, clone_project, ran_stages
-from ortune import data
+from ortune import import_url
 from ortune.errors import OrtuneError
+from ortune.records import read_records
 
 MAKE = ["make", "-s", "-o", ".venv/.installed"]  # the clone links this repo's .venv: never reinstall
 
@@ -99,7 +99,7 @@ def test_a_hugging_face_dataset_split_imports_from_the_hubs_parquet_conversion(p
     done = make(project, "import-data", "URL=hf://datasets/someone/feelings", "HF_SPLIT=train", HF_ENDPOINT=base)
     assert done.returncode == 0, done.stderr
     out = root / "data/raw/feelings-default-train.parquet"
-    assert data.read_records(out) == rows
+    assert read_records(out) == rows
     record = yaml.safe_load(out.with_name(out.name + ".dvc").read_text())
     assert (
         record["deps"][0]["path"]
@@ -134,7 +134,7 @@ def test_dvc_update_reruns_the_stages_that_read_the_data(project, server):
 
 
 def resolve(url: str, out: str = "", config: str = "", split: str = "", root: Path = REPO):
-    return import_data.resolve(url, out, config, split, "https://huggingface.co", root)
+    return import_url.resolve(url, out, config, split, "https://huggingface.co", root)
 
 
 def test_hf_addresses_resolve_to_the_hubs_files():
@@ -172,8 +172,8 @@ def test_bad_addresses_are_one_line(url, out, needle):
 def test_a_cloud_scheme_without_its_dvc_extra_says_which_to_install(monkeypatch, scheme, extra):
     import dvc
 
-    monkeypatch.setattr(import_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(import_url.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(OrtuneError, match=rf"install 'dvc\[{extra}\]=={dvc.__version__}'"):
         resolve(f"{scheme}://bucket/data/t.jsonl")
-    monkeypatch.setattr(import_data.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(import_url.importlib.util, "find_spec", lambda name: object())
     assert resolve(f"{scheme}://bucket/data/t.jsonl") == (f"{scheme}://bucket/data/t.jsonl", Path("data/raw/t.jsonl"))
