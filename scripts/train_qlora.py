@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from ortune import data, launch, modeling, quantize, tracking
 from ortune.artifacts import write_text_atomic
+from ortune.checkpoints import checkpoint_dir, checkpoint_step, fingerprint, remove_checkpoints, resumable_checkpoint
 from ortune.stage import Terminated
 
 log = logging.getLogger("ortune")
@@ -49,10 +50,10 @@ def run(cfg: DictConfig) -> dict:
     train_rows = data.read_jsonl(prepared / "train.jsonl")
     eval_rows = data.read_jsonl(prepared / "validation.jsonl") if cfg.train.eval_strategy != "no" else []
     code = [Path(__file__), Path(training.__file__), Path(modeling.__file__), Path(quantize.__file__)]
-    checkpoints = training.checkpoint_dir(
-        adapter, training.fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "validation.jsonl", *code])
+    checkpoints = checkpoint_dir(
+        adapter, fingerprint(cfg, [base, prepared / "train.jsonl", prepared / "validation.jsonl", *code])
     )
-    resume = training.resumable_checkpoint(checkpoints, world_size, tidy=launch.rank() == 0)
+    resume = resumable_checkpoint(checkpoints, world_size, tidy=launch.rank() == 0)
 
     # seeded before the LoRA weights are initialised (inside the trainer, before it seeds itself)
     set_seed(training.train_seed(cfg))
@@ -87,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
         saved = f"checkpoint saved in {checkpoints}" if cfg.train.save_steps else "no checkpoint (train.save_steps=0)"
         log.warning("stopped by SIGTERM at step %d; %s; the next run resumes there", stopper.stopped_at, saved)
         raise Terminated()
-    metrics = training.summary(trainer, result, seconds, resumed_from=training.checkpoint_step(resume) if resume else 0)
+    metrics = training.summary(trainer, result, seconds, resumed_from=checkpoint_step(resume) if resume else 0)
     metrics["method"] = cfg.train.method
     metrics["truncated_rows"] = training.rows_longer_than(train_rows, tokenizer, cfg.train.max_length)
     if metrics["truncated_rows"]:
@@ -104,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
         write_text_atomic(
             Path(cfg.paths.plots) / "train_loss.csv", _csv([("step", "loss"), *training.loss_history(trainer)])
         )
-        training.remove_checkpoints(checkpoints)
+        remove_checkpoints(checkpoints)
     log.info(
         "trained %d steps in %.1f s; padding waste %.1f%%", metrics["steps"], seconds, 100 * metrics["padding_waste"]
     )

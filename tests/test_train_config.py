@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from ortune import config, data, launch, modeling
+from ortune import checkpoints, config, data, launch, modeling
 from ortune.errors import OrtuneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,16 +211,14 @@ def test_accelerate_config_files_load_in_accelerate(name, kind):
 
 
 def test_fingerprint_follows_settings_and_inputs_but_not_paths(tmp_path):
-    from ortune import training
-
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     view = lambda *o: config.stage_view(full(*o), config.declared_params("train_qlora", REPO / "dvc.yaml"))  # noqa: E731
-    base = training.fingerprint(view(), [tmp_path])
-    assert training.fingerprint(view("paths.adapter=/elsewhere", "wandb.mode=disabled"), [tmp_path]) == base
-    assert training.fingerprint(view("lora.r=8"), [tmp_path]) != base
-    assert training.fingerprint(view("train.num_processes=2"), [tmp_path]) != base
+    base = checkpoints.fingerprint(view(), [tmp_path])
+    assert checkpoints.fingerprint(view("paths.adapter=/elsewhere", "wandb.mode=disabled"), [tmp_path]) == base
+    assert checkpoints.fingerprint(view("lora.r=8"), [tmp_path]) != base
+    assert checkpoints.fingerprint(view("train.num_processes=2"), [tmp_path]) != base
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "c"}\n')
-    assert training.fingerprint(view(), [tmp_path]) != base
+    assert checkpoints.fingerprint(view(), [tmp_path]) != base
 
 
 def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
@@ -233,20 +231,18 @@ def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_resume_picks_the_latest_complete_checkpoint_of_this_run_only(tmp_path):
-    from ortune import training
-
-    mine = training.checkpoint_dir(tmp_path / "adapter", "a" * 64)
-    other = training.checkpoint_dir(tmp_path / "adapter", "b" * 64)
+    mine = checkpoints.checkpoint_dir(tmp_path / "adapter", "a" * 64)
+    other = checkpoints.checkpoint_dir(tmp_path / "adapter", "b" * 64)
     assert mine.parent == other.parent == tmp_path / ".checkpoints"
     _checkpoint(mine, 10)
     _checkpoint(mine, 20)
     _checkpoint(mine, 30, complete=False)  # killed while writing
     _checkpoint(other, 40)
-    assert training.resumable_checkpoint(mine, world_size=1, tidy=False) == mine / "checkpoint-20"
-    assert training.resumable_checkpoint(mine, world_size=2, tidy=False) is None  # rng states of 2 ranks missing
-    assert training.resumable_checkpoint(mine, world_size=1, tidy=True) == mine / "checkpoint-20"
+    assert checkpoints.resumable_checkpoint(mine, world_size=1, tidy=False) == mine / "checkpoint-20"
+    assert checkpoints.resumable_checkpoint(mine, world_size=2, tidy=False) is None  # rng states of 2 ranks missing
+    assert checkpoints.resumable_checkpoint(mine, world_size=1, tidy=True) == mine / "checkpoint-20"
     assert not other.exists() and not (mine / "checkpoint-30").exists()
-    training.remove_checkpoints(mine)
+    checkpoints.remove_checkpoints(mine)
     assert not (tmp_path / ".checkpoints").exists()
 
 
@@ -254,20 +250,20 @@ def test_tidying_keeps_the_checkpoints_of_a_run_still_training(tmp_path):
     """Another configuration's checkpoints go only once the process training into them is gone."""
     import subprocess
 
-    from ortune import artifacts, training
+    from ortune import artifacts
 
     live = subprocess.Popen(["sleep", "60"])
     finished = subprocess.Popen(["true"])
     finished.wait()
     try:
-        mine, running, dead, old = (training.checkpoint_dir(tmp_path / "adapter", c * 64) for c in "abcd")
+        mine, running, dead, old = (checkpoints.checkpoint_dir(tmp_path / "adapter", c * 64) for c in "abcd")
         for folder, owner in ((running, live.pid), (dead, finished.pid)):
             _checkpoint(folder, 10)
-            (folder / training.CHECKPOINT_OWNER).write_text(f"{artifacts.HOST}-{owner}\n")
+            (folder / checkpoints.CHECKPOINT_OWNER).write_text(f"{artifacts.HOST}-{owner}\n")
         _checkpoint(old, 10)  # no owner recorded: left by an earlier ortune
-        assert training.resumable_checkpoint(mine, world_size=1, tidy=True) is None
+        assert checkpoints.resumable_checkpoint(mine, world_size=1, tidy=True) is None
         assert running.exists() and not dead.exists() and not old.exists()
-        assert (mine / training.CHECKPOINT_OWNER).read_text() == f"{artifacts.HOST}-{os.getpid()}\n"
+        assert (mine / checkpoints.CHECKPOINT_OWNER).read_text() == f"{artifacts.HOST}-{os.getpid()}\n"
     finally:
         live.kill()
         live.wait()
