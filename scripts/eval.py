@@ -42,9 +42,12 @@ def run(cfg: DictConfig) -> dict:
     generation = tasks.is_generation(cfg.data)
     asked, extra = {}, {"onnx": {}, "prompted": {}}
     if "prompted" in cfg.eval.compare:  # built first: a bad template fails before any model is loaded
-        if generation:
+        if generation:  # asked k-shot (eval.baseline_shots), and zero-shot beside it in the same process
             asked["prompts"], asked["format"] = freetext.prompted_prompts(cfg, rows, labels, train)
             asked["shots"] = cfg.eval.baseline_shots
+            if asked["shots"]:
+                zero_shot = freetext.prompted_prompts(cfg, rows, labels, train, shots=0)[0]
+                extra["prompted"] = {"variants": {"prompted_zero_shot": zero_shot}}
         else:  # its free answer zero-shot, as a user would ask; the k-shot baseline scores the labels
             asked["prompts"], asked["format"] = baselines.prompted_prompts(cfg, rows, labels, train, shots=0)
             asked["shots"] = 0
@@ -52,10 +55,9 @@ def run(cfg: DictConfig) -> dict:
         log.info(
             "prompted baseline (%s, %d shots), first prompt: %r", asked["format"], asked["shots"], asked["prompts"][0]
         )
-    validation = None
-    if not generation:  # the shipped model on the validation split too: what `make best` selects on
-        validation = evaluation.load_validation(cfg)
-        extra["onnx"]["validation_prompts"] = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in validation]
+    # the shipped model on the validation split too: what `make best` selects on, never the test rows
+    validation = evaluation.load_validation(cfg)
+    extra["onnx"]["validation_prompts"] = [data.prompt_text(r["prompt"], cfg.paths.onnx) for r in validation]
     results = {}
     for kind in ["onnx", *cfg.eval.compare]:
         spec = evaluation.job(kind, cfg, asked["prompts"] if kind == "prompted" else prompts, **extra.get(kind, {}))
@@ -69,15 +71,15 @@ def run(cfg: DictConfig) -> dict:
         log.info("%-7s judged in %.1f s%s", kind, judged["eval_seconds"], speed)
     if asked:
         results["prompted"].update(prompt_format=asked["format"], shots=asked["shots"])
+        for name, variant in results["prompted"].pop("variants", {}).items():
+            results[name] = {**results["prompted"], **variant, "shots": 0}
     if generation:  # free text: scored as text, not parsed into labels
-        return judge_free_text(cfg, rows, prompts, results)
+        return judge_free_text(cfg, rows, prompts, results, validation)
     e = cfg.eval
     metrics, predictions = evaluation.summarize(
         rows, labels, train, results, validation, e.bootstrap_resamples, e.bootstrap_seed
     )
-    path = Path(e.path)  # what the headline was measured on, for the summary to say
-    prepared = path.resolve().parent == Path(cfg.paths.prepared).resolve()
-    metrics["judged"] = {"split": f"{path.stem} split" if prepared else f"file {path}"}
+    metrics["judged"] = judged_on(cfg)
     lines = evaluation.prediction_rows(rows, prompts, results, predictions)
     write_text_atomic(
         Path(cfg.paths.metrics) / "eval_predictions.jsonl",
@@ -121,8 +123,21 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def judge_free_text(cfg: DictConfig, rows: list[dict], prompts: list[str], results: dict) -> dict:
-    metrics, per_row = freetext.summarize(rows, results, freetext.new_tokens(cfg))
+def judged_on(cfg: DictConfig) -> dict:
+    """What the headline was measured on, for the summary to say: the prepared test split, or a file."""
+    path = Path(cfg.eval.path)
+    prepared = path.resolve().parent == Path(cfg.paths.prepared).resolve()
+    return {"split": f"{path.stem} split" if prepared else f"file {path}"}
+
+
+def judge_free_text(
+    cfg: DictConfig, rows: list[dict], prompts: list[str], results: dict, validation: list[dict]
+) -> dict:
+    e = cfg.eval
+    metrics, per_row = freetext.summarize(
+        rows, results, freetext.new_tokens(cfg), validation, e.bootstrap_resamples, e.bootstrap_seed
+    )
+    metrics["judged"] = judged_on(cfg)
     lines = freetext.prediction_rows(rows, prompts, results, per_row)
     write_text_atomic(
         Path(cfg.paths.metrics) / "eval_predictions.jsonl",

@@ -13,7 +13,12 @@ from ortune.errors import OrtuneError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def exp_entry(name, accuracy, ms, r=64, status="Success"):
+def exp_entry(name, accuracy, ms, r=64, status="Success", validation=None):
+    """An experiment's `dvc exp show` entry: test accuracy and, as eval.json's `validation`, the validation
+    split's (`validation`, default the same figure; False: an eval from before the validation split)."""
+    scores = {"accuracy": accuracy, "ms_per_token": ms}
+    if validation is not False:
+        scores["validation"] = {"accuracy": accuracy if validation is None else validation}
     return {
         "rev": f"{name}-sha",
         "name": name,
@@ -21,7 +26,7 @@ def exp_entry(name, accuracy, ms, r=64, status="Success"):
         "data": {
             "status": status,
             "params": {"params.yaml": {"data": {"lora": {"r": r}, "precision": "int4"}}},
-            "metrics": {"metrics/eval.json": {"data": {"accuracy": accuracy, "ms_per_token": ms}}},
+            "metrics": {"metrics/eval.json": {"data": scores}},
         },
     }
 
@@ -47,7 +52,7 @@ def test_best_respects_the_latency_limit_and_explains_itself():
     )
     best, reasons = experiments.pick_best(parsed, "eval.accuracy", limits={"eval.ms_per_token": 1.0})
     assert best.name == "mid"
-    assert reasons[0].startswith("mid: best eval.accuracy=0.8")
+    assert reasons[0].startswith("mid: best eval.validation.accuracy=0.8")
     assert any(r.startswith("slow-but-best: excluded, eval.ms_per_token=3.0 > 1.0") for r in reasons)
     unconstrained, _ = experiments.pick_best(parsed, "eval.accuracy")
     assert unconstrained.name == "slow-but-best"
@@ -67,7 +72,9 @@ def test_environment_records_every_pinned_package():
 
 
 def test_compare_table_shows_changed_params_and_metrics_best_first():
-    parsed = experiments.parse_exp_show(payload(exp_entry("r8", 0.7, 1.0, r=8), exp_entry("r16", 0.8, 1.2, r=16)))
+    # evals from before the validation split: the table (which chooses nothing) still ranks them
+    entries = exp_entry("r8", 0.7, 1.0, r=8, validation=False), exp_entry("r16", 0.8, 1.2, r=16, validation=False)
+    parsed = experiments.parse_exp_show(payload(*entries))
     table = experiments.compare_table(parsed, "eval.accuracy").splitlines()
     assert table[0] == "| experiment | state | lora.r | eval.accuracy | eval.ms_per_token |"
     assert table[2].startswith("| r16 | success | 16 | 0.8 |") and table[3].startswith("| r8 | success | 8 | 0.7 |")
@@ -203,6 +210,45 @@ def test_make_best_and_compare_rank_on_validation_and_mark_differences_within_no
     assert table[3].endswith("| -0.050 |")  # wider apart than the intervals' half-width 0.03
     close = experiments.parse_exp_show(payload(entry("a", 0.9, 0.95, 0.03), entry("b", 0.9, 0.94, 0.03)))
     assert experiments.compare_table(close, "eval.accuracy").splitlines()[3].endswith("| -0.010 (within noise) |")
+
+
+def free_text_entry(name, test, validation, test_cut, validation_cut):
+    item = exp_entry(name, 0.0, 1.0)
+    item["data"]["metrics"]["metrics/eval.json"]["data"] = {
+        "exact_match": test,
+        "hit_token_limit": test_cut,
+        "ms_per_token": 1.0,
+        "validation": {"exact_match": validation, "hit_token_limit": validation_cut},
+    }
+    return item
+
+
+def test_make_best_never_chooses_on_the_test_split_for_free_text_either():
+    parsed = experiments.parse_exp_show(
+        payload(
+            free_text_entry("lucky-on-test", 0.60, 0.30, 0, 0),
+            free_text_entry("best-on-validation", 0.40, 0.50, 0, 0),
+            free_text_entry("cut-on-validation", 0.40, 0.70, 0, 9),
+        )
+    )
+    # METRIC=exact_match, MAX hit_token_limit=2: both read on the validation split
+    best, reasons = experiments.pick_best(parsed, "eval.exact_match", limits={"eval.hit_token_limit": 2})
+    assert best.name == "best-on-validation", reasons
+    assert reasons[0].startswith("best-on-validation: best eval.validation.exact_match=0.5")
+    assert any(r.startswith("cut-on-validation: excluded, eval.validation.hit_token_limit=9 > 2") for r in reasons)
+
+
+def test_make_best_refuses_a_test_split_figure_no_experiment_has_on_validation():
+    old = experiments.parse_exp_show(payload(exp_entry("a", 0.9, 2.0, validation=False), exp_entry("b", 0.8, 1.0)))
+    with pytest.raises(OrtuneError, match=r"^METRIC=accuracy: eval.accuracy is measured on the test split") as error:
+        experiments.pick_best(old[:1], "eval.accuracy")
+    assert "run the experiments again" in str(error.value)
+    # a figure the validation split has is offered instead
+    with pytest.raises(OrtuneError, match=r"rank on a figure the validation split has \(eval.validation.accuracy\)"):
+        experiments.pick_best(old, "eval.macro_f1")
+    # speed and size are no split's figures: ranked as they are
+    fastest, _ = experiments.pick_best(old, "eval.ms_per_token", maximize=False)
+    assert fastest.name == "b"
 
 
 def test_run_summary_says_what_auto_quantization_tried_before_what_it_shipped(tmp_path):

@@ -133,7 +133,8 @@ def render_records(spec: DictConfig, records: list[dict], source: str) -> list[d
 
 def job(kind: str, cfg: DictConfig, prompts: list[str], **extra) -> dict:
     """Everything a fresh process needs to judge one runtime (plain data: it crosses a process boundary).
-    extra: `validation_prompts` (generated for too), `choices` ({name: {prompts, delimiter, format,
+    extra: `validation_prompts` (generated for too), `variants` ({name: prompts}, generated for too: the
+    prompted baseline asked zero-shot beside k-shot), `choices` ({name: {prompts, delimiter, format,
     shots}}) and `labels` (scored by log-likelihood, ortune.baselines)."""
     e = cfg.eval
     return {
@@ -221,6 +222,15 @@ def judge(spec: dict) -> dict:
     if spec.get("validation_prompts"):
         generated = _generate(generator, spec["validation_prompts"], spec["max_new_tokens"], spec["batch_size"])
         extra["validation_generations"] = [r.text for r in generated]
+        extra["validation_new_tokens"] = [r.new_tokens for r in generated]
+    for name, prompts in (spec.get("variants") or {}).items():  # the same model asked another way
+        started = time.perf_counter()
+        generated = _generate(generator, prompts, spec["max_new_tokens"], spec["batch_size"])
+        extra.setdefault("variants", {})[name] = {
+            "generations": [r.text for r in generated],
+            "new_tokens": [r.new_tokens for r in generated],
+            "eval_seconds": time.perf_counter() - started,
+        }
     if spec.get("choices"):
         started = time.perf_counter()
         extra["choices"] = {
@@ -243,6 +253,7 @@ def judge(spec: dict) -> dict:
         **extra,
         "generations": [r.text for r in results],
         "new_tokens": [r.new_tokens for r in results],  # per row: which generations hit the limit
+        "max_new_tokens": spec["max_new_tokens"],
         "generated_tokens": sum(r.new_tokens for r in results),
         "model_size_mb": model_megabytes(spec["kind"], spec["dirs"]),
         "load_seconds": load_seconds,

@@ -124,11 +124,12 @@ def pick_best(
 
     Returns the winner and one line per experiment saying why it won, lost or was excluded.
     """
-    limits = limits or {}
     experiments = [e for e in experiments if e.state == "success"]
     if not experiments:
         raise OrtuneError("no finished experiments: run `make all` or `make sweep` first")
     metric = selection_metric(experiments, metric)
+    # a limit chooses too: on the validation split's figure where it has one, never on the test split's
+    limits = {selection_metric(experiments, key): limit for key, limit in (limits or {}).items()}
     reasons, eligible = [], []
     for exp in experiments:
         value = exp.metrics.get(metric)
@@ -154,15 +155,35 @@ def pick_best(
     return best, reasons
 
 
-def selection_metric(experiments: list[Experiment], metric: str) -> str:
-    """What `make best` and `make compare` rank on: the validation split's figure (eval.validation.*) when
-    the experiments have it. The test split's figure is what a run reports, never what a choice is made
-    on: choosing the best of many on test would report that choice's luck as its accuracy."""
-    if metric.startswith("eval.") and not metric.startswith("eval.validation."):
-        held_out = "eval.validation." + metric.removeprefix("eval.")
-        if any(isinstance(e.metrics.get(held_out), (int, float)) for e in experiments):
-            return held_out
-    return metric
+# eval.json's figures that no row's answer decides (speed, size): ranking on them chooses on no split
+SPLIT_FREE = ("ms_per_token", "ttft_ms", "tokens_per_second", "peak_memory_mb", "model_size_mb")
+
+
+def selection_metric(experiments: list[Experiment], metric: str, strict: bool = True) -> str:
+    """What `make best` and `make compare` rank on: the validation split's figure (eval.validation.*). The
+    test split's figure is what a run reports, never what a choice is made on: choosing the best of many on
+    test would report that choice's luck as its score. `strict` (make best): refuse a test-split figure that
+    no experiment has on validation; not strict (the compare table only shows): rank on it."""
+    if not metric.startswith("eval.") or metric.startswith("eval.validation."):
+        return metric
+    name = metric.removeprefix("eval.")
+    held_out = f"eval.validation.{name}"
+    if any(isinstance(e.metrics.get(held_out), (int, float)) for e in experiments):
+        return held_out
+    if name.rsplit(".", 1)[-1] in SPLIT_FREE or not strict:
+        return metric
+    measured = sorted(
+        {k for e in experiments for k, v in e.metrics.items() if k.startswith("eval.validation.") and "ci95" not in k}
+    )
+    offer = (
+        f"rank on a figure the validation split has ({', '.join(measured[:6])})"
+        if measured
+        else "run the experiments again (`make sweep`): an eval from before the validation split has none"
+    )
+    raise OrtuneError(
+        f"METRIC={name}: {metric} is measured on the test split, which nothing may be chosen on, and no experiment "
+        f"has {held_out}; {offer}"
+    )
 
 
 def interval_of(experiment: Experiment, metric: str) -> tuple[float, float] | None:
@@ -199,7 +220,7 @@ def compare_table(experiments: list[Experiment], metric: str) -> str:
     metrics (with `metric` among them), best first; unfinished experiments last, without metrics."""
     keys = sorted({k for e in experiments for k in e.params if not k.startswith(("paths.", "wandb."))})
     changed = [k for k in keys if len({repr(e.params.get(k)) for e in experiments}) > 1]
-    metric = selection_metric([e for e in experiments if e.state == "success"], metric)
+    metric = selection_metric([e for e in experiments if e.state == "success"], metric, strict=False)
     shown = [*HEADLINE, *([metric] if metric not in HEADLINE else [])]
     columns = [*changed, *[m for m in shown if any(m in e.metrics for e in experiments)]]
     ranked = sorted(experiments, key=lambda e: (e.state == "success", _sort_key(e.metrics.get(metric))), reverse=True)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from omegaconf import DictConfig
 
-from ortune import tasks, textmetrics
+from ortune import intervals, tasks, textmetrics
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
@@ -54,15 +54,18 @@ def baseline_input(prompt, spec: DictConfig) -> str:
     return row_input(prompt, spec)
 
 
-def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict]) -> tuple[list[str], str]:
+def prompted_prompts(
+    cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict], shots: int | None = None
+) -> tuple[list[str], str]:
     """As ortune.evaluation.prompted_prompts, for free text: eval.baseline_prompt with {input} (and an
-    empty {labels}), after eval.baseline_shots answered training rows (the first ones of the split)."""
+    empty {labels}), after `shots` (default eval.baseline_shots) answered training rows (the first ones)."""
     from ortune import modeling
 
     e = cfg.eval
-    if e.baseline_shots > len(train):
-        raise OrtuneError(f"eval.baseline_shots={e.baseline_shots}: the training split has only {len(train)} rows")
-    shots = train[: e.baseline_shots]
+    shots = e.baseline_shots if shots is None else shots
+    if shots > len(train):
+        raise OrtuneError(f"eval.baseline_shots={shots}: the training split has only {len(train)} rows")
+    shown = train[:shots]
 
     def ask(row):
         return e.baseline_prompt.format(labels="", input=baseline_input(row["prompt"], cfg.data))
@@ -71,7 +74,7 @@ def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train
     if tokenizer.chat_template:
         turns = [
             turn
-            for row in shots
+            for row in shown
             for turn in ({"role": "user", "content": ask(row)}, {"role": "assistant", "content": tasks.answer(row)})
         ]
         return [
@@ -80,22 +83,46 @@ def prompted_prompts(cfg: DictConfig, rows: list[dict], labels: list[str], train
             )
             for r in rows
         ], "chat"
-    examples = "".join(f"{ask(row)}\nAnswer: {tasks.answer(row)}\n\n" for row in shots)
+    examples = "".join(f"{ask(row)}\nAnswer: {tasks.answer(row)}\n\n" for row in shown)
     return [f"{examples}{ask(r)}\nAnswer:" for r in rows], "text"
 
 
 # ---- the summary -----------------------------------------------------------------------------------
 
 
-def summarize(rows: list[dict], results: dict[str, dict], max_new_tokens: int) -> tuple[dict, dict[str, list]]:
-    """(eval.json's metrics, each runtime's per-row scores). Top level: the shipped ONNX model's mean scores,
-    the baselines' headline, merged vs ONNX (identical outputs, metric delta), generations cut at the limit."""
+# the untuned model's ways of doing without fine-tuning, as eval.json's `baselines` names them
+BASELINES = {
+    "base": "the fine-tuning prompt",
+    "prompted_zero_shot": "eval.baseline_prompt zero-shot",
+    "prompted": "eval.baseline_prompt {shots}-shot",
+}
+PREFIXES = {"base": "base_", "prompted": "prompted_baseline_", "prompted_zero_shot": "prompted_zero_shot_"}
+
+
+def summarize(
+    rows: list[dict],
+    results: dict[str, dict],
+    max_new_tokens: int,
+    validation: list[dict] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[dict, dict[str, list]]:
+    """(eval.json's metrics, each runtime's per-row scores). Top level: the shipped ONNX model's mean scores
+    on the judged (test) rows with their 95 % intervals in `ci95` (bootstrap over rows, the same draws for
+    every model), the baselines and the gain over the strongest of them, merged vs ONNX (identical outputs,
+    metric delta), generations cut at the limit, and `validation`: the shipped model on the validation
+    split, what `make best` selects on."""
     references = [tasks.answer(r) for r in rows]
-    scored = {kind: textmetrics.scores(result["generations"], references) for kind, result in results.items()}
+    draws = intervals.resample_rows(len(rows), resamples, seed)
+    scored = {}
+    for kind, result in results.items():
+        summary, per_row_scores = textmetrics.scores(result["generations"], references)
+        scored[kind] = ({**summary, "ci95": score_intervals(per_row_scores, draws, seed)}, per_row_scores)
     per_row = {kind: rows_ for kind, (_, rows_) in scored.items()}
     shipped, onnx = scored["onnx"][0], results["onnx"]
     metrics: dict = {
         **shipped,
+        "ci95": dict(shipped["ci95"]),
         "headline_metric": textmetrics.HEADLINE,
         "max_new_tokens": max_new_tokens,
         "hit_token_limit": hits(onnx, max_new_tokens),
@@ -103,14 +130,29 @@ def summarize(rows: list[dict], results: dict[str, dict], max_new_tokens: int) -
         "model_size_mb": onnx["model_size_mb"],
         "generated_tokens": onnx["generated_tokens"],
     }
-    for kind, prefix in (("base", "base_"), ("prompted", "prompted_baseline_")):
+    for kind, prefix in PREFIXES.items():
         if kind in scored:
             metrics.update({f"{prefix}{name}": scored[kind][0][name] for name in (*textmetrics.ROW_SCORES, "bleu")})
+    found = {kind: {**scored[kind][0], "shots": results[kind].get("shots", 0)} for kind in BASELINES if kind in scored}
+    if found:  # the gain is stated against the strongest way of doing without fine-tuning, paired by row
+        head = textmetrics.HEADLINE
+        strongest = max(found, key=lambda kind: found[kind][head])
+        metrics["baselines"] = found
+        metrics["strongest_baseline"] = {"name": strongest, **found[strongest]}
+        metrics["gain_over_strongest_baseline"] = shipped[head] - found[strongest][head]
+        metrics["ci95"]["gain_over_strongest_baseline"] = intervals.difference_interval(
+            [r[head] for r in per_row["onnx"]], [r[head] for r in per_row[strongest]], draws
+        )
     if "merged" in scored:
         metrics["quantization_exact_match_delta"] = shipped["exact_match"] - scored["merged"][0]["exact_match"]
-        metrics["quantization_identical"] = textmetrics.identical_share(
-            onnx["generations"], results["merged"]["generations"]
-        )
+        same = [
+            float(textmetrics.clean(a) == textmetrics.clean(b))
+            for a, b in zip(onnx["generations"], results["merged"]["generations"])
+        ]
+        metrics["quantization_identical"] = sum(same) / len(same)
+        metrics["ci95"]["quantization_identical"] = intervals.mean_interval(same, draws)
+    if validation is not None and "validation_generations" in onnx:
+        metrics["validation"] = validation_scores(validation, onnx, max_new_tokens, resamples, seed)
     metrics["runtimes"] = {
         kind: {
             **summary,
@@ -130,9 +172,34 @@ def summarize(rows: list[dict], results: dict[str, dict], max_new_tokens: int) -
     return metrics, per_row
 
 
+def score_intervals(per_row: list[dict], draws, seed: int = 0) -> dict:
+    """{score: {low, high}}: each per-row score's 95 % interval on `draws`. A JSON score that only some rows
+    have (their reference is JSON) is resampled over those rows alone; corpus BLEU has none (not a mean)."""
+    found = {}
+    for name in (*textmetrics.ROW_SCORES, *textmetrics.JSON_SCORES):
+        values = [row[name] for row in per_row if name in row]
+        if values and len(values) == len(per_row):
+            found[name] = intervals.mean_interval(values, draws)
+        elif values:
+            found[name] = intervals.mean_interval(values, intervals.resample_rows(len(values), draws.shape[0], seed))
+    return found
+
+
+def validation_scores(validation: list[dict], onnx: dict, max_new_tokens: int, resamples: int, seed: int) -> dict:
+    """The shipped model's scores on the validation split, with their intervals: what `make best` and
+    `make compare` rank on (eval.validation.exact_match), so that no choice is made on the test rows."""
+    summary, per_row = textmetrics.scores(onnx["validation_generations"], [tasks.answer(r) for r in validation])
+    draws = intervals.resample_rows(len(validation), resamples, seed)
+    counted = {"new_tokens": onnx.get("validation_new_tokens"), "max_new_tokens": onnx.get("max_new_tokens")}
+    return {**summary, "ci95": score_intervals(per_row, draws, seed), "hit_token_limit": hits(counted, max_new_tokens)}
+
+
 def hits(result: dict, limit: int) -> int | None:
-    """Generations that used every allowed token (cut, or ended exactly at the limit); None if not counted."""
+    """Generations that used every token they were allowed (cut, or ended exactly at the limit); None if not
+    counted. A runtime judged under a limit of its own (the prompted baselines' may be larger) is counted
+    against that one."""
     counts = result.get("new_tokens")
+    limit = result.get("max_new_tokens") or limit
     return None if counts is None else sum(n >= limit for n in counts)
 
 
@@ -180,16 +247,28 @@ def log_summary(metrics: dict) -> None:
     )
 
 
+# per-row scores shown beside each runtime's output (W&B table, HTML report): the headline and chrF,
+# which still tells a near miss from nonsense where exact match is 0 for both
+SHOWN_SCORES = (textmetrics.HEADLINE, "chrf")
+
+
 def log_media(tracker, lines: list[dict]) -> None:
-    """The W&B predictions table, worst rows first (the numbers go through stage.main)."""
+    """The W&B predictions table, worst rows first: the prompt, the reference, and each runtime's output
+    with its per-row scores (the numbers go through stage.main)."""
     if not tracker.active or not lines:
         return
     import wandb
 
     kinds = list(lines[0]["generations"])
-    table = wandb.Table(columns=["prompt", "reference", "score", *(f"generation_{k}" for k in kinds)])
+    columns = [f"{name}_{kind}" for kind in kinds for name in ("generation", *SHOWN_SCORES)]
+    table = wandb.Table(columns=["prompt", "reference", *columns])
     for line in worst_first(lines):
-        table.add_data(line["prompt"], line["reference"], line["score"], *(line["generations"][k] for k in kinds))
+        cells = [
+            value
+            for kind in kinds
+            for value in (line["generations"][kind], *(line["scores"][kind][name] for name in SHOWN_SCORES))
+        ]
+        table.add_data(line["prompt"], line["reference"], *cells)
     tracker.log_media({"eval/predictions": table})
 
 
@@ -229,24 +308,42 @@ def write_plots(metrics: dict, plots_dir: str | Path) -> None:
 
 
 def run_summary(paths: dict, scores: dict, onnx: dict, train: dict) -> str:
-    """`make all`'s closing summary for a free-text run (ortune.experiments.run_summary's, for labels)."""
+    """`make all`'s closing summary for a free-text run (ortune.experiments.run_summary's, for labels): the
+    judged (test) rows' figures with their 95 % intervals, the gain over the strongest baseline, and the
+    validation split's exact match, which is what anything chooses on."""
+    ci = scores.get("ci95") or {}
     model = f"{onnx.get('precision', '?')} ONNX" if onnx else "ONNX"
+    judged = (scores.get("judged") or {}).get("split")
+
+    def shown(name: str) -> str:
+        return intervals.shown(scores[name], ci.get(name))
+
     json_part = (
-        f", JSON valid {scores['json_valid']:.3f}, field F1 {scores['json_field_f1']:.3f}"
-        if "json_valid" in scores
-        else ""
+        f", JSON valid {shown('json_valid')}, field F1 {shown('json_field_f1')}" if "json_valid" in scores else ""
     )
     lines = [
-        f"eval ({model}, free text, {scores['n']} rows, one run): exact match {scores['exact_match']:.3f}, "
-        f"token F1 {scores['token_f1']:.3f}, chrF {scores['chrf']:.3f}, ROUGE-L {scores['rouge_l']:.3f}{json_part}; "
-        f"{scores['hit_token_limit']} of {scores['n']} cut at {scores['max_new_tokens']} new tokens"
+        f"eval ({model}, free text, {f'{judged}, ' if judged else ''}{scores['n']} rows): exact match "
+        f"{shown('exact_match')}, token F1 {shown('token_f1')}, chrF {shown('chrf')}, ROUGE-L {shown('rouge_l')}"
+        f"{json_part}; {scores['hit_token_limit']} of {scores['n']} cut at {scores['max_new_tokens']} new tokens"
     ]
-    if "prompted_baseline_exact_match" in scores:
-        prompted = scores["runtimes"]["prompted"]
+    if found := scores.get("baselines"):
+        listed = ", ".join(
+            f"{BASELINES.get(kind, kind).format(shots=b.get('shots', 0))} "
+            f"{intervals.shown(b['exact_match'], (b.get('ci95') or {}).get('exact_match'))}"
+            for kind, b in found.items()
+        )
+        strongest = scores["strongest_baseline"]
+        gain = intervals.shown(scores["gain_over_strongest_baseline"], ci.get("gain_over_strongest_baseline"))
+        lines += [
+            f"baselines (the untuned base, same rows, exact match): {listed}",
+            f"fine-tuning gained {'' if gain.startswith('-') else '+'}{gain} exact match over the strongest baseline "
+            f"({BASELINES.get(strongest['name'], strongest['name']).format(shots=strongest.get('shots', 0))}, "
+            f"{strongest['exact_match']:.3f})",
+        ]
+    if validation := scores.get("validation"):
         lines.append(
-            f"vs the untuned base asked eval.baseline_prompt ({prompted.get('shots', 0)} shots): exact match "
-            f"{scores['prompted_baseline_exact_match']:.3f}; fine-tuning gained "
-            f"{scores['exact_match'] - scores['prompted_baseline_exact_match']:+.3f}"
+            f"validation split ({validation['n']} rows; what `make best` chooses on): exact match "
+            f"{intervals.shown(validation['exact_match'], (validation.get('ci95') or {}).get('exact_match'))}"
         )
     if "quantization_identical" in scores:
         lines.append(
@@ -267,7 +364,7 @@ def run_summary(paths: dict, scores: dict, onnx: dict, train: dict) -> str:
     if train:
         lines.append(f"training ({train.get('method')}): {train['steps']} steps, final loss {train['final_loss']:.4f}")
     lines.append(
-        f"shipped model: {paths['onnx']}/; every row: {paths['metrics']}/eval_predictions.jsonl; "
-        "every experiment: `make compare METRIC=exact_match`"
+        f"shipped model: {paths['onnx']}/; every row: {paths['metrics']}/eval_predictions.jsonl, worst first in "
+        "`make plots`; every experiment: `make compare METRIC=exact_match`"
     )
     return "\n".join(lines)

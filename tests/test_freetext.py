@@ -1,0 +1,174 @@
+"""The eval stage for free text (data.task=generation, issues 21 and 22): the shipped model judged on the
+validation split too (what `make best` ranks on), 95 % intervals on every per-row score, the prompted
+baseline zero-shot and k-shot with the gain stated over the strongest, the token limit counted per runtime,
+and the per-row table for W&B. Fast: in-memory rows, fake runtimes, no model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ortune import freetext
+from test_eval_metrics import base_tokenizer  # noqa: F401 - a fixture
+
+SPEED = {"ttft_ms": 1.0, "ms_per_token": 2.0, "tokens_per_second": 3.0, "peak_memory_mb": 4.0}
+GENERATION = ("data.task=generation", "data.input_column=question", "data.output_column=answer")
+PROMPT = "### Text: {}\n### The tone is:\n"  # the default template with data.input_column=question
+
+
+def result(generations: list[str], new_tokens: list[int] | None = None, **extra) -> dict:
+    return {
+        "generations": generations,
+        "new_tokens": new_tokens or [3] * len(generations),
+        "generated_tokens": sum(new_tokens or [3] * len(generations)),
+        "model_size_mb": 1.0,
+        "load_seconds": 0.1,
+        "eval_seconds": 0.2,
+        **extra,
+    }
+
+
+def rows(answers: list[str], prefix: str = "q") -> list[dict]:
+    return [{"prompt": PROMPT.format(f"{prefix}{i}"), "completion": a} for i, a in enumerate(answers)]
+
+
+ANSWERS = [f"answer number {i}" for i in range(10)]
+
+
+def test_the_summary_judges_validation_puts_intervals_on_scores_and_states_the_gain_over_the_strongest():
+    test, validation = rows(ANSWERS), rows(ANSWERS[:4], "v")
+    wrong = ["something else"] * 10
+    results = {
+        # right on 8 of 10 test rows, on 1 of 4 validation rows
+        "onnx": result(ANSWERS[:8] + wrong[:2], **SPEED, validation_generations=["x", "y", "z", ANSWERS[3]]),
+        "base": result(wrong),
+        "prompted": result(ANSWERS[:3] + wrong[:7], [30] * 10, max_new_tokens=30, shots=2),
+        "prompted_zero_shot": result(ANSWERS[:1] + wrong[:9], [8] * 10, max_new_tokens=30, shots=0),
+        "merged": result(ANSWERS[:8] + wrong[:2]),
+    }
+    metrics, per_row = freetext.summarize(test, results, 8, validation, resamples=200, seed=1)
+    assert metrics["exact_match"] == 0.8 and metrics["n"] == 10
+    low, high = metrics["ci95"]["exact_match"]["low"], metrics["ci95"]["exact_match"]["high"]
+    assert 0.4 <= low < 0.8 < high <= 1.0
+    assert set(metrics["ci95"]) >= {"exact_match", "token_f1", "chrf", "rouge_l", "gain_over_strongest_baseline"}
+    # what make best ranks on: the validation split, with its own interval
+    assert metrics["validation"]["exact_match"] == 0.25 and metrics["validation"]["n"] == 4
+    assert (
+        metrics["validation"]["ci95"]["exact_match"]["low"]
+        <= 0.25
+        <= metrics["validation"]["ci95"]["exact_match"]["high"]
+    )
+    # the gain is over the strongest of the untuned model's ways (the 2-shot prompt), paired by row
+    assert list(metrics["baselines"]) == ["base", "prompted_zero_shot", "prompted"]
+    assert metrics["strongest_baseline"]["name"] == "prompted" and metrics["strongest_baseline"]["shots"] == 2
+    assert metrics["gain_over_strongest_baseline"] == pytest.approx(0.5)
+    gain = metrics["ci95"]["gain_over_strongest_baseline"]
+    assert 0.0 < gain["low"] <= 0.5 <= gain["high"]
+    assert metrics["prompted_zero_shot_exact_match"] == 0.1 and metrics["prompted_baseline_exact_match"] == 0.3
+    # each runtime's cut generations against the limit it ran under (the baselines' is larger)
+    assert metrics["hit_token_limit"] == 0 and metrics["runtimes"]["prompted"]["hit_token_limit"] == 10
+    assert metrics["runtimes"]["prompted_zero_shot"]["hit_token_limit"] == 0
+    assert metrics["quantization_identical"] == 1.0 and metrics["ci95"]["quantization_identical"]["low"] == 1.0
+    assert len(per_row["onnx"]) == 10 and per_row["onnx"][9]["exact_match"] == 0.0
+
+
+def test_a_json_score_only_some_rows_have_gets_an_interval_over_those_rows():
+    answers = ['{"a": 1}', '{"a": 2}', "plain", "text"]
+    results = {"onnx": result(['{"a": 1}', "oops", "plain", "text"], **SPEED)}
+    metrics, _ = freetext.summarize(rows(answers), results, 8, resamples=200)
+    assert metrics["json_valid"] == 0.5 and metrics["ci95"]["json_valid"] == {"low": 0.0, "high": 1.0}
+    assert "bleu" not in metrics["ci95"]  # a corpus figure, not a mean of rows
+
+
+def test_the_run_summary_reports_the_test_split_with_intervals_the_gain_and_the_validation_split():
+    test, validation = rows(ANSWERS), rows(ANSWERS[:4], "v")
+    results = {
+        "onnx": result(ANSWERS[:8] + ["no"] * 2, **SPEED, validation_generations=ANSWERS[:2] + ["x", "y"]),
+        "prompted": result(ANSWERS[:3] + ["no"] * 7, shots=1),
+        "prompted_zero_shot": result(["no"] * 10, shots=0),
+    }
+    metrics, _ = freetext.summarize(test, results, 8, validation, resamples=200)
+    metrics["judged"] = {"split": "test split"}
+    text = freetext.run_summary({"onnx": "models/onnx", "metrics": "metrics"}, metrics, {"precision": "int4"}, {})
+    lines = text.splitlines()
+    assert lines[0].startswith("eval (int4 ONNX, free text, test split, 10 rows): exact match 0.800 ± ")
+    assert lines[1].startswith(
+        "baselines (the untuned base, same rows, exact match): eval.baseline_prompt zero-shot 0.000"
+    )
+    assert "eval.baseline_prompt 1-shot 0.300 ± " in lines[1]
+    assert lines[2].startswith("fine-tuning gained +0.500 ± ")
+    assert lines[2].endswith("exact match over the strongest baseline (eval.baseline_prompt 1-shot, 0.300)")
+    assert lines[3].startswith("validation split (4 rows; what `make best` chooses on): exact match 0.500 ± ")
+
+
+def test_the_eval_stage_judges_free_text_on_validation_and_asks_the_baseline_zero_and_k_shot(
+    make_cfg,
+    tmp_path,
+    base_tokenizer,  # noqa: F811
+    monkeypatch,
+):
+    import eval as eval_stage
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    splits = {"train": rows(["t0", "t1"], "t"), "validation": rows(ANSWERS[:4], "v"), "test": rows(ANSWERS)}
+    for name, split in splits.items():
+        (prepared / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
+    (prepared / "labels.json").write_text("[]")
+    specs = {}
+
+    def judge(spec):  # right on every test row, on half the validation rows; the baselines on none
+        specs[spec["kind"]] = spec
+        if spec["kind"] == "onnx":
+            return result(ANSWERS, **SPEED, validation_generations=ANSWERS[:2] + ["x", "y"], max_new_tokens=8)
+        gens = result(["no"] * 10, max_new_tokens=spec["max_new_tokens"])
+        if spec.get("variants"):
+            gens["variants"] = {name: {**result(["no"] * 10), "eval_seconds": 0.3} for name in spec["variants"]}
+        return gens
+
+    monkeypatch.setattr(eval_stage.evaluation, "judge_in_fresh_process", judge)
+    cfg = make_cfg(
+        *GENERATION, "eval.max_new_tokens=8", "eval.compare=[prompted]", "eval.baseline_shots=1", "eval.limit=0"
+    )
+    metrics = eval_stage.run(cfg)
+    assert specs["onnx"]["validation_prompts"] == [r["prompt"] for r in splits["validation"]]
+    k_shot, zero_shot = specs["prompted"]["prompts"][0], specs["prompted"]["variants"]["prompted_zero_shot"][0]
+    assert "t0" in k_shot and "t0" not in zero_shot and zero_shot.count("q0") == 1
+    assert metrics["exact_match"] == 1.0 and metrics["judged"] == {"split": "test split"}
+    assert metrics["validation"]["exact_match"] == 0.5 and metrics["validation"]["n"] == 4
+    assert {k: b["shots"] for k, b in metrics["baselines"].items()} == {"prompted_zero_shot": 0, "prompted": 1}
+    lines = (tmp_path / "metrics" / "eval_predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and set(json.loads(lines[0])["generations"]) == {"onnx", "prompted", "prompted_zero_shot"}
+
+
+class Tracker:
+    active = True
+
+    def __init__(self):
+        self.logged = {}
+
+    def log_media(self, items):
+        self.logged.update(items)
+
+
+def test_the_wandb_table_lists_every_runtimes_output_and_score_worst_rows_first():
+    test = rows(["right answer", "a long reference text"])
+    results = {"onnx": result(["right answer", "wrong"], **SPEED), "merged": result(["right answer", "a long"])}
+    metrics, per_row = freetext.summarize(test, results, 8, resamples=200)
+    lines = freetext.prediction_rows(test, ["p0", "p1"], results, per_row)
+    tracker = Tracker()
+    freetext.log_media(tracker, lines)
+    table = tracker.logged["eval/predictions"]
+    assert table.columns == [
+        "prompt",
+        "reference",
+        "generation_onnx",
+        "exact_match_onnx",
+        "chrf_onnx",
+        "generation_merged",
+        "exact_match_merged",
+        "chrf_merged",
+    ]
+    assert table.data[0][:4] == ["p1", "a long reference text", "wrong", 0.0]  # the worst row first
+    assert table.data[0][5] == "a long" and 0 < table.data[0][7] < 1
