@@ -72,10 +72,10 @@ docs: setup ## Write docs/' settings tables from the schema in src/ortune/settin
 	$(PY) scripts/settings_docs.py
 
 params: setup ## Compose params.yaml from conf/ and ARGS (never edit params.yaml by hand; drops applied settings)
-	$(PY) -m ortune.params params
+	$(PY) -m ortune.pipeline params
 
 all: setup ## Run the whole pipeline as a DVC experiment (ARGS=Hydra overrides, NAME=experiment name)
-	$(PY) -m ortune.params all
+	$(PY) -m ortune.pipeline all
 	@echo
 	@$(PY) -m ortune.experiments
 
@@ -86,10 +86,10 @@ plots: setup ## Plots report that renders offline -> dvc_plots/index.html (REVS=
 	set -f; $(PY) scripts/report.py -- $$ORTUNE_REVS
 
 repro: setup ## `dvc repro` on conf/ + ARGS, or on an applied experiment's settings (make pull/best) (no experiment recorded)
-	$(PY) -m ortune.params repro
+	$(PY) -m ortune.pipeline repro
 
 sweep: setup ## Queue and run a grid of experiments: make sweep SWEEP="lora.r=8,16 precision=int4,int8"
-	$(PY) -m ortune.params sweep
+	$(PY) -m ortune.pipeline sweep
 
 compare: setup ## Table of every experiment: the params that differ and the headline metrics, best METRIC first
 	$(PY) scripts/best.py --table "--metric=$$ORTUNE_METRIC"

@@ -79,7 +79,7 @@ def clone_project(
     committed, with the repo's .venv linked in and DVC/git isolated from the user's config
     (ortune.workspace_clone). `tiny`: the clone's conf/ defaults to the tiny model (and its params.yaml
     follows), so `make all` there is fast. `params`: overrides its params.yaml is written with (as
-    `python -m ortune.params params ...` takes them), for a test that runs `dvc repro` on settings of its own."""
+    `python -m ortune.pipeline params ...` takes them), for a test that runs `dvc repro` on settings of its own."""
     from ortune.workspace_clone import clone_workspace
 
     root = tmp_path_factory.mktemp(name) / "ortune"

@@ -4,7 +4,8 @@ configuration conf/ composes, not the applied params.yaml (which the clone's mak
 from __future__ import annotations
 
 from conftest import clone_project
-from ortune import config, params
+from ortune import config
+from ortune.pipeline import Workspace
 from ortune_bench import pipeline
 
 
@@ -19,4 +20,4 @@ def test_the_bench_clone_measures_conf_whatever_params_yaml_holds(tmp_path_facto
     plain = config.params_yaml_text(config.compose([], config_dir=clone / "conf"))
     assert applied != plain and (clone / "params.yaml").read_text() == plain
     monkeypatch.chdir(clone)
-    assert params.Workspace(clone).prepare_experiment([]) == "", "what make all checks first, in the clone"
+    assert Workspace(clone).prepare_experiment([]) == "", "what make all checks first, in the clone"

@@ -112,12 +112,12 @@ def test_a_name_with_a_control_character_or_a_pipe_stays_in_its_cell():
     ],
 )
 def test_a_bad_sweep_is_one_line_before_anything_is_queued(monkeypatch, capsys, sweep, needle):
-    from ortune import params
+    from ortune import pipeline
 
-    monkeypatch.setattr(params, "run_command", lambda argv: pytest.fail(f"ran {argv}"))
+    monkeypatch.setattr(pipeline, "run_command", lambda argv: pytest.fail(f"ran {argv}"))
     monkeypatch.setenv("ORTUNE_SWEEP", sweep)
     monkeypatch.delenv("ORTUNE_ARGS", raising=False)
-    assert params.main(["sweep"]) == 2
+    assert pipeline.main(["sweep"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {needle}"), err
 

@@ -119,7 +119,7 @@ def test_a_stage_run_by_hand_is_refused_while_a_pipeline_writes_its_outputs(tmp_
 
 
 def test_make_params_is_refused_while_a_pipeline_runs_on_params_yaml(tmp_path, monkeypatch, capsys):
-    from ortune import params
+    from ortune import pipeline
 
     shutil.copytree(REPO / "conf", tmp_path / "conf")
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -127,10 +127,10 @@ def test_make_params_is_refused_while_a_pipeline_runs_on_params_yaml(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv(locks.OWNERS_ENV, raising=False)
-    assert params.main(["params"]) == 0
+    assert pipeline.main(["params"]) == 0
     before = (tmp_path / "params.yaml").read_bytes()
     with another_run(tmp_path, tmp_path / "params.yaml") as run:
-        assert params.main(["params", "lora.r=8"]) == 2
+        assert pipeline.main(["params", "lora.r=8"]) == 2
     error = capsys.readouterr().err
     assert (
         error.startswith(f"error: params.yaml is being written by another run (pid {run.pid}: make all")

@@ -99,15 +99,15 @@ def test_pipeline_targets_pass_args_name_and_sweep_in_the_environment(recorder, 
     args = "data.template.prompt='it\\'s $HOME: {phrase}' lora.target_modules=[qkv_proj, o_proj] `touch x`"
     for target in ("params", "repro"):
         status, calls = make(recorder, tmp_path, target, f"ARGS={args}", f"NAME={value}")
-        assert status == 0 and calls == [{"argv": ["-m", "ortune.params", target], "env": {"ORTUNE_ARGS": args}}]
+        assert status == 0 and calls == [{"argv": ["-m", "ortune.pipeline", target], "env": {"ORTUNE_ARGS": args}}]
     status, calls = make(recorder, tmp_path, "all", f"ARGS={args}", f"NAME={value}")
     assert status == 0 and calls[0] == {
-        "argv": ["-m", "ortune.params", "all"],
+        "argv": ["-m", "ortune.pipeline", "all"],
         "env": {"ORTUNE_ARGS": args, "ORTUNE_NAME": value},
     }
     assert calls[1]["argv"] == ["-m", "ortune.experiments"]  # the summary, once the run succeeded
     status, calls = make(recorder, tmp_path, "sweep", f"SWEEP={value}")
-    assert status == 0 and calls == [{"argv": ["-m", "ortune.params", "sweep"], "env": {"ORTUNE_SWEEP": value}}]
+    assert status == 0 and calls == [{"argv": ["-m", "ortune.pipeline", "sweep"], "env": {"ORTUNE_SWEEP": value}}]
 
 
 def test_experiment_targets_get_metric_limit_branch_revisions_and_name_as_typed(recorder, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ortune.errors import OrtuneError
-from ortune.params import Workspace, main
+from ortune.pipeline import Workspace, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_make_params_is_the_explicit_reset(workspace):
     ],
 )
 def test_args_split_at_blanks_outside_quotes_and_brackets_keeping_what_hydra_reads(typed, expected):
-    from ortune.params import split_overrides
+    from ortune.pipeline import split_overrides
 
     assert split_overrides(typed) == expected
 
@@ -131,10 +131,10 @@ def test_make_params_writes_quotes_dollars_and_non_ascii_verbatim(workspace, mon
 
 
 def test_make_all_runs_dvc_with_each_override_and_the_name_as_one_argument(workspace, monkeypatch):
-    from ortune import params
+    from ortune import pipeline
 
     calls = []
-    monkeypatch.setattr(params, "run_command", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(pipeline, "run_command", lambda argv: calls.append(argv) or 0)
     monkeypatch.setenv("ORTUNE_ARGS", "wandb.project='a b $HOME' lora.target_modules=[qkv_proj, o_proj]")
     monkeypatch.setenv("ORTUNE_NAME", "-my exp $HOME")
     assert main(["all"]) == 0
@@ -151,9 +151,9 @@ def test_make_all_runs_dvc_with_each_override_and_the_name_as_one_argument(works
 
 
 def test_dvcs_failure_is_the_targets_failure(workspace, monkeypatch):
-    from ortune import params
+    from ortune import pipeline
 
-    monkeypatch.setattr(params, "run_command", lambda argv: 3)
+    monkeypatch.setattr(pipeline, "run_command", lambda argv: 3)
     assert main(["repro"]) == 3 and main(["all"]) == 3
     monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,16")
     assert main(["sweep"]) == 3
@@ -162,11 +162,11 @@ def test_dvcs_failure_is_the_targets_failure(workspace, monkeypatch):
 def test_a_queued_experiment_that_fails_fails_the_sweep(workspace, monkeypatch, capsys):
     """`dvc exp run --run-all` exits 0 although a queued experiment failed (seen: an int4 build missing
     its parity target in a lora.r sweep); the sweep must not report success."""
-    from ortune import params
+    from ortune import pipeline
 
-    monkeypatch.setattr(params, "run_command", lambda argv: 0)
+    monkeypatch.setattr(pipeline, "run_command", lambda argv: 0)
     recorded = iter([{"old-fail"}, {"old-fail", "oaten-dais"}])
-    monkeypatch.setattr(params, "failed_experiments", lambda: next(recorded))
+    monkeypatch.setattr(pipeline, "failed_experiments", lambda: next(recorded))
     monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,32")
     assert main(["sweep"]) == 1
     assert capsys.readouterr().err == (
@@ -175,11 +175,11 @@ def test_a_queued_experiment_that_fails_fails_the_sweep(workspace, monkeypatch, 
 
 
 def test_sweep_queues_each_value_as_typed_then_runs_the_queue(workspace, monkeypatch, capsys):
-    from ortune import params
+    from ortune import pipeline
 
     calls = []
-    monkeypatch.setattr(params, "run_command", lambda argv: calls.append(argv) or 0)
-    monkeypatch.setattr(params, "failed_experiments", lambda: set())
+    monkeypatch.setattr(pipeline, "run_command", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(pipeline, "failed_experiments", lambda: set())
     assert main(["sweep"]) == 2 and "set SWEEP" in capsys.readouterr().err and not calls
     monkeypatch.setenv("ORTUNE_SWEEP", "lora.r=8,16 wandb.project='a b'")
     assert main(["sweep"]) == 0

@@ -39,12 +39,12 @@ def test_seeds_refuses_a_seed_in_args_and_a_bad_count(capsys):
 def test_each_seed_is_one_make_all_with_train_seed_set_and_its_eval_json_read(tmp_path, monkeypatch, capsys):
     import json
 
-    from ortune import params
+    from ortune import pipeline
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("paths:\n  metrics: m\n")
     (tmp_path / "m").mkdir()
-    monkeypatch.setattr(params, "composed_text", lambda overrides: "seed: 42\ntrain:\n  seed: null\n")
+    monkeypatch.setattr(pipeline, "composed_text", lambda overrides: "seed: 42\ntrain:\n  seed: null\n")
     calls = []
 
     def make_all(action, overrides):
@@ -53,11 +53,11 @@ def test_each_seed_is_one_make_all_with_train_seed_set_and_its_eval_json_read(tm
         (tmp_path / "m" / "eval.json").write_text(json.dumps({"n": 10, "accuracy": accuracy, "macro_f1": accuracy}))
         return 0
 
-    monkeypatch.setattr(params, "run", make_all)
+    monkeypatch.setattr(pipeline, "run", make_all)
     assert seeds.run(2, ["lora.r=8"]) == 0
     assert calls == [("all", ["lora.r=8", "train.seed=42"]), ("all", ["lora.r=8", "train.seed=43"])]
     out = capsys.readouterr().out
     assert "| 42 | 0.900 | 0.900 |" in out and "test accuracy: mean 0.850, standard deviation 0.071" in out
     # a failed run stops the seeds, with its status
-    monkeypatch.setattr(params, "run", lambda action, overrides: 3)
+    monkeypatch.setattr(pipeline, "run", lambda action, overrides: 3)
     assert seeds.run(2, []) == 3

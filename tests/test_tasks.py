@@ -11,7 +11,7 @@ import pytest
 
 from ortune import config, data, tasks
 from ortune.errors import OrtuneError
-from ortune.params import split_overrides
+from ortune.pipeline import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

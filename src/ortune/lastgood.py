@@ -4,9 +4,9 @@ last successful run left it.
 DVC removes a stage's outputs before it runs the stage, and ortune's metrics and plots are
 `cache: false`, so without this a bad data file wipes data/prepared and metrics/data.json, and a
 `kill -9` during build_onnx leaves no models/onnx for `make predict`. So `make all` and `make repro`
-(ortune.params) first keep the workspace's pipeline state:
+(ortune.pipeline) first keep the workspace's pipeline state:
 
-- params.yaml, dvc.lock, ortune's record of what it composed (ortune.params.STAMP), and every stage's
+- params.yaml, dvc.lock, ortune's record of what it composed (ortune.pipeline.STAMP), and every stage's
   outs, metrics and plots as dvc.yaml declares them, under the settings before and after the run;
 - into .dvc/tmp/ortune/last-good/ (git- and DVC-ignored), as hard links where the file system has
   them (no copy of a model's gigabyte: the stages and DVC replace files, never rewrite one in place),

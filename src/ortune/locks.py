@@ -6,7 +6,7 @@ under a running pipeline. So every writer takes an exclusive lock per path it wr
 
 - a stage (ortune.stage): its outputs as dvc.yaml declares them, and params.yaml when DVC runs it
   (it reads params.yaml, which `make params` would change under it);
-- `make all`/`make repro` (ortune.params): params.yaml and every stage's outputs, for the whole run;
+- `make all`/`make repro` (ortune.pipeline): params.yaml and every stage's outputs, for the whole run;
 - `make params`, `make best`, `make pull EXP=...`: params.yaml (and the outputs an apply checks out).
 
 Locks are `flock`s on files in .dvc/tmp/ortune/locks/ (one per absolute path), so the kernel drops

@@ -62,17 +62,17 @@ def report(runs: dict[int, dict]) -> str:
 
 
 def run(n: int, overrides: list[str]) -> int:
-    from ortune import params
+    from ortune import pipeline
 
     if n < 1:
         raise OrtuneError(f"N={n}: run at least one seed (make seeds N=3)")
     if any(o.split("=", 1)[0].lstrip("+~") in ("train.seed", "seed") for o in overrides):
         raise OrtuneError("ARGS sets the seed that make seeds varies; leave seed and train.seed out of ARGS")
-    start = first_seed(params.composed_text(overrides))
+    start = first_seed(pipeline.composed_text(overrides))
     runs = {}
     for seed in range(start, start + n):
         print(f"== seed {seed - start + 1} of {n}: train.seed={seed}", flush=True)
-        status = params.run("all", [*overrides, f"train.seed={seed}"])
+        status = pipeline.run("all", [*overrides, f"train.seed={seed}"])
         if status:
             return status
         metrics = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))["paths"]["metrics"]
@@ -82,7 +82,7 @@ def run(n: int, overrides: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from ortune.params import split_overrides
+    from ortune.pipeline import split_overrides
 
     try:
         n = int(argv[0]) if argv else 3

@@ -71,7 +71,7 @@ def clone_workspace(
         conf.write_text(re.sub(r"(?m)^  - model: .*$", f"  - model: {model}", conf.read_text()))
     if params is not None:
         subprocess.run(
-            [str(source / ".venv/bin/python"), "-m", "ortune.params", "params", *params],
+            [str(source / ".venv/bin/python"), "-m", "ortune.pipeline", "params", *params],
             cwd=dest,
             env=environment,
             check=True,

@@ -1,4 +1,7 @@
-"""The workspace's params.yaml: composed from conf/, or holding an applied experiment's settings.
+"""What `make params`, `make all`, `make repro` and `make sweep` run: compose params.yaml from conf/ without
+silently dropping an applied experiment's settings, then run the pipeline through DVC.
+
+The workspace's params.yaml is composed from conf/, or holds an applied experiment's settings.
 
 `dvc exp apply` (behind `make pull EXP=...` and `make best`) writes an experiment's settings into
 params.yaml, and DVC's own Hydra step (behind `make all`) recomposes params.yaml from conf/ with only
@@ -22,8 +25,8 @@ arrive as typed. ARGS splits at spaces outside quotes and brackets; quotes stay 
 holds the write locks of params.yaml and of every stage's outputs while it runs (ortune.locks), so
 `make params` or a stage run by hand cannot change them under a running pipeline.
 
-    python -m ortune.params repro lora.r=16
-    ORTUNE_ARGS="lora.r=16" ORTUNE_NAME=r16 python -m ortune.params all
+    python -m ortune.pipeline repro lora.r=16
+    ORTUNE_ARGS="lora.r=16" ORTUNE_NAME=r16 python -m ortune.pipeline all
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ACTIONS:
         print(
-            f"usage: python -m ortune.params {{{'|'.join(ACTIONS)}}} [key=value ...]  (or ORTUNE_ARGS=...)",
+            f"usage: python -m ortune.pipeline {{{'|'.join(ACTIONS)}}} [key=value ...]  (or ORTUNE_ARGS=...)",
             file=sys.stderr,
         )
         return 2
