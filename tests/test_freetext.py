@@ -5,12 +5,16 @@ and the per-row table for W&B. Fast: in-memory rows, fake runtimes, no model."""
 
 from __future__ import annotations
 
+import html
 import json
+from html.parser import HTMLParser
 
 import pytest
 
-from ortune import freetext
+from ortune import freetext, plots
 from test_eval_metrics import base_tokenizer  # noqa: F401 - a fixture
+from test_hostile_report import report
+from test_plots_report import plots_project  # noqa: F401 - a fixture
 
 SPEED = {"ttft_ms": 1.0, "ms_per_token": 2.0, "tokens_per_second": 3.0, "peak_memory_mb": 4.0}
 GENERATION = ("data.task=generation", "data.input_column=question", "data.output_column=answer")
@@ -172,3 +176,66 @@ def test_the_wandb_table_lists_every_runtimes_output_and_score_worst_rows_first(
     ]
     assert table.data[0][:4] == ["p1", "a long reference text", "wrong", 0.0]  # the worst row first
     assert table.data[0][5] == "a long" and 0 < table.data[0][7] < 1
+
+
+HOSTILE = '</script><script>alert(1)</script><!-- <img src=x onerror=alert(2)> & "quoted"'
+
+
+class Page(HTMLParser):
+    """Every tag a browser would make of the page, and its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.text = ""
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def hostile_lines() -> list[dict]:
+    """Free-text predictions whose prompt, reference and outputs hold HTML, with a row that is worse."""
+    test = rows([f"{HOSTILE} good", f"{HOSTILE} bad"])
+    results = {
+        "onnx": result([f"{HOSTILE} good", f"<b>{HOSTILE}</b>"], **SPEED),
+        "merged": result([f"{HOSTILE} good", "</td></tr></table><script>alert(3)</script>"]),
+    }
+    _, per_row = freetext.summarize(test, results, 8, resamples=200)
+    return freetext.prediction_rows(test, [f"prompt {HOSTILE} 0", f"prompt {HOSTILE} 1"], results, per_row)
+
+
+def test_the_report_lists_free_text_rows_worst_first_with_every_string_escaped():
+    section = plots.predictions_section(hostile_lines(), "metrics/<x>.jsonl")
+    page = Page()
+    page.feed(section)
+    # only what the section itself writes: data never becomes a tag
+    assert set(page.tags) == {"h2", "p", "table", "thead", "tbody", "tr", "th", "td", "pre", "small"}
+    assert page.tags.count("tr") == 3 and page.tags.count("pre") == 2 * 4  # prompt, reference, onnx, merged
+    for text in (HOSTILE, f"<b>{HOSTILE}</b>", "</td></tr></table><script>alert(3)</script>", "metrics/<x>.jsonl"):
+        assert text in page.text  # each reads as itself
+    # the worst row (the shipped model wrong) first, with each runtime's per-row scores
+    assert page.text.index(f"prompt {HOSTILE} 1") < page.text.index(f"prompt {HOSTILE} 0")
+    assert "exact_match 0.000 · chrf" in page.text and "exact_match 1.000 · chrf 1.000" in page.text
+    assert plots.predictions_section([{"prompt": "p", "label": "joy", "predictions": {}}], "x") == ""  # labels
+
+
+def test_the_report_caps_the_rows_it_lists(monkeypatch):
+    monkeypatch.setattr(plots, "PREDICTION_ROWS", 1)
+    section = plots.predictions_section(hostile_lines(), "metrics/eval_predictions.jsonl")
+    assert "the 1 worst of 2 rows, worst first" in section and section.count("<tr>") == 2
+
+
+def test_make_plots_ends_with_the_free_text_predictions(plots_project):  # noqa: F811
+    root, env = plots_project
+    (root / "metrics").mkdir()
+    (root / "metrics" / "eval_predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in hostile_lines()))
+    done = report(root, env)
+    assert done.returncode == 0, done.stderr
+    page = (root / "dvc_plots" / "index.html").read_text(encoding="utf-8")
+    body = page.rpartition("</head>")[2]  # vega-embed's code, in the head, holds a "</head>" of its own
+    assert "alert(1)</script>" not in body and "<!--" not in body
+    assert body.index("Per-row predictions (free text): all 2 rows") < body.index("</body>")
+    assert html.escape(f"<b>{HOSTILE}</b>") in body

@@ -74,7 +74,8 @@ def report_template() -> str:
     return (
         '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n{refresh_tag}\n<title>ortune plots</title>\n'
         f"{scripts}\n"
-        "<style>body { font-family: sans-serif; } table { border-spacing: 15px; }</style>\n"
+        "<style>body { font-family: sans-serif; } table { border-spacing: 15px; }\n"
+        f"{PREDICTIONS_CSS}</style>\n"
         "</head>\n<body>\n{plot_divs}\n</body>\n</html>\n"
     )
 
@@ -117,10 +118,75 @@ def escape_dvc_renderers() -> None:
     Renderer.remove_special_chars = staticmethod(html_id)
 
 
+# the free-text rows the report lists, worst first (every row is in metrics/eval_predictions.jsonl)
+PREDICTION_ROWS = 200
+PREDICTIONS_CSS = (
+    "table.predictions { border-collapse: collapse; border-spacing: 0; font-size: 13px; }\n"
+    "table.predictions td, table.predictions th { border: 1px solid #ccc; padding: 4px; vertical-align: top; }\n"
+    "table.predictions pre { white-space: pre-wrap; word-break: break-word; max-width: 28em; margin: 0; }\n"
+)
+
+
+def predictions_section(lines: list[dict], source: str) -> str:
+    """The free-text predictions as an HTML table, the shipped model's worst rows first: the prompt, the
+    reference, and each runtime's output with its per-row scores. Every string from the data or a model is
+    HTML-escaped (a generation is whatever the model wrote). Empty for classification rows: their
+    confusion matrix is on the page."""
+    from ortune import freetext, textmetrics
+
+    if not lines or "reference" not in lines[0]:
+        return ""
+    kinds = list(lines[0]["generations"])
+    shown = freetext.worst_first(lines)[:PREDICTION_ROWS]
+
+    def text(value) -> str:
+        return f"<pre>{html.escape(str(value))}</pre>"
+
+    def scored(scores: dict) -> str:
+        return " · ".join(f"{html.escape(name)} {scores[name]:.3f}" for name in freetext.SHOWN_SCORES if name in scores)
+
+    head = "".join(f"<th>{html.escape(kind)}</th>" for kind in ("#", "prompt", "reference", *kinds))
+    body = [
+        f"<tr><td>{rank}</td><td>{text(line['prompt'])}</td><td>{text(line['reference'])}</td>"
+        + "".join(
+            f"<td>{text(line['generations'][kind])}<small>{scored(line['scores'].get(kind, {}))}</small></td>"
+            for kind in kinds
+        )
+        + "</tr>"
+        for rank, line in enumerate(shown, 1)
+    ]
+    listed = f"the {len(shown)} worst of {len(lines)}" if len(shown) < len(lines) else f"all {len(lines)}"
+    return (
+        f'<h2 id="predictions">Per-row predictions (free text): {listed} rows, worst first</h2>\n'
+        f"<p>Ordered by the shipped (onnx) model's {html.escape(textmetrics.HEADLINE)}, then chrF; every row is "
+        f"in {html.escape(source)}.</p>\n"
+        f'<table class="predictions"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(body) + "\n</tbody></table>\n"
+    )
+
+
+def add_predictions(page: Path, root: Path) -> None:
+    """Put the workspace's free-text predictions (paths.metrics in params.yaml) at the end of the page."""
+    import json
+
+    import yaml
+
+    try:
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        source = Path(params["paths"]["metrics"]) / "eval_predictions.jsonl"
+        lines = [json.loads(line) for line in (root / source).read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return  # no eval yet, or a file from before: the plots alone
+    section = predictions_section(lines, str(source))
+    if section:
+        before, end, after = page.read_text(encoding="utf-8").rpartition("</body>")
+        write_bytes_atomic(page, (before + section + end + after).encode("utf-8"))
+
+
 def write_report(
     out_dir: str | Path, revisions: list[str] | tuple[str, ...] = (), cwd: str | Path | None = None
 ) -> Path:
-    """Run `dvc plots show` (or `dvc plots diff REV...`) into out_dir/index.html with the offline template."""
+    """Run `dvc plots show` (or `dvc plots diff REV...`) into out_dir/index.html with the offline template;
+    a report of the workspace ends with its free-text predictions, worst rows first (predictions_section)."""
     out_dir = Path(out_dir).resolve()
     if options := [rev for rev in revisions if rev.startswith("-")]:
         raise OrtuneError(
@@ -149,6 +215,8 @@ def write_report(
     if done.returncode != 0 or not page.is_file():
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise OrtuneError(f"dvc plots {command[0]} failed ({last[0][:300]}); run the pipeline first (make all)")
+    if not revisions:  # the predictions file is the workspace's: not shown beside other revisions' plots
+        add_predictions(page, Path(cwd or Path.cwd()))
     return page
 
 
