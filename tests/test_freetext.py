@@ -239,3 +239,16 @@ def test_make_plots_ends_with_the_free_text_predictions(plots_project):  # noqa:
     assert "alert(1)</script>" not in body and "<!--" not in body
     assert body.index("Per-row predictions (free text): all 2 rows") < body.index("</body>")
     assert html.escape(f"<b>{HOSTILE}</b>") in body
+
+
+def test_the_default_baseline_question_names_nothing_the_data_does_not(make_cfg):
+    # the tone example asks what it always asked
+    assert make_cfg().eval.baseline_prompt == (
+        "Classify the tone of the text. Answer with exactly one of: {labels}.\n\nText: {input}"
+    )
+    # another label field is named as itself; free text is asked its question as it is
+    assert make_cfg("data.output_column=stars").eval.baseline_prompt.startswith("Classify the stars of the text.")
+    assert make_cfg(*GENERATION).eval.baseline_prompt == "{input}"
+    # a question set on the command line or by a data config wins
+    assert make_cfg(*GENERATION, "eval.baseline_prompt='Answer: {input}'").eval.baseline_prompt == "Answer: {input}"
+    assert "tone" not in make_cfg("data=extract").eval.baseline_prompt

@@ -24,6 +24,7 @@ from ortune.settings.data import unescape_templates
 
 # re-exported: the names the stages and tests read from here
 from ortune.settings.eval import EVAL_COMPARABLE as EVAL_COMPARABLE
+from ortune.settings.eval import default_baseline_prompt
 from ortune.settings.onnx import PRECISIONS as PRECISIONS
 from ortune.settings.train import TrainConfig as TrainConfig
 
@@ -93,6 +94,8 @@ def validate(raw: dict, source: str, workspace: bool = False) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise OrtuneError(f"{source}: no value for {', '.join(missing)}; set it in conf/ (see conf/config.yaml)")
+    if cfg.eval.baseline_prompt is None:  # null: the question that fits data.task
+        cfg.eval.baseline_prompt = default_baseline_prompt(cfg.data)
     unescape_templates(cfg)
     problems = list(setting_problems(cfg, project_root(), workspace))
     if problems:

@@ -30,7 +30,11 @@ class EvalConfig:
         "PyTorch models judged beside the shipped ONNX model; [] = the ONNX model alone",
         choices=("base", "prompted", "adapter", "merged"),
     )
-    baseline_prompt: str = setting("the prompted baseline's question: {labels} and {input}")
+    baseline_prompt: str | None = setting(
+        "the prompted baseline's question: {labels} and {input}; null = one that fits data.task: "
+        "`Classify the <data.label_field> of the text. Answer with exactly one of: {labels}.` then the text "
+        "(classification), `{input}` (generation)"
+    )
     baseline_shots: int = setting(
         "k of the k-shot log-likelihood baseline: answered training rows shown first, each label in turn; "
         "0 = zero-shot only",
@@ -48,6 +52,16 @@ class EvalConfig:
 
 EVAL_COMPARABLE = next(f.metadata["choices"] for f in fields(EvalConfig) if f.name == "compare")
 BASELINE_FIELDS = ("labels", "input")  # eval.baseline_prompt's placeholders
+
+
+def default_baseline_prompt(data: DictConfig) -> str:
+    """eval.baseline_prompt=null: a question that fits the task and names nothing the data does not. For
+    labels it names the label field ("Classify the tone of the text", the tone example's question); free
+    text is asked as it is, its row's question alone ({input})."""
+    if data.task == "generation":
+        return "{input}"
+    field = str(data.label_field).replace("{", "{{").replace("}", "}}")
+    return f"Classify the {field} of the text. Answer with exactly one of: {{labels}}.\n\nText: {{input}}"
 
 
 def problems(e: DictConfig):
