@@ -200,7 +200,7 @@ def hostile_lines() -> list[dict]:
     """Free-text predictions whose prompt, reference and outputs hold HTML, with a row that is worse."""
     test = rows([f"{HOSTILE} good", f"{HOSTILE} bad"])
     results = {
-        "onnx": result([f"{HOSTILE} good", f"<b>{HOSTILE}</b>"], **SPEED),
+        "onnx": result([f"{HOSTILE} good", f"<b>{HOSTILE}</b>"], [3, 8], **SPEED, max_new_tokens=8),
         "merged": result([f"{HOSTILE} good", "</td></tr></table><script>alert(3)</script>"]),
     }
     _, per_row = freetext.summarize(test, results, 8, resamples=200)
@@ -219,6 +219,7 @@ def test_the_report_lists_free_text_rows_worst_first_with_every_string_escaped()
     # the worst row (the shipped model wrong) first, with each runtime's per-row scores
     assert page.text.index(f"prompt {HOSTILE} 1") < page.text.index(f"prompt {HOSTILE} 0")
     assert "exact_match 0.000 · chrf" in page.text and "exact_match 1.000 · chrf 1.000" in page.text
+    assert page.text.count("cut at the token limit") == 1  # the shipped model's second row used all 8 tokens
     assert plots.predictions_section([{"prompt": "p", "label": "joy", "predictions": {}}], "x") == ""  # labels
 
 

@@ -205,7 +205,9 @@ def hits(result: dict, limit: int) -> int | None:
 
 def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dict], per_row: dict) -> list[dict]:
     """metrics/eval_predictions.jsonl: per judged row, the prompt as the models saw it, the reference, each
-    runtime's generation and per-row scores (the shipped model's headline first)."""
+    runtime's generation and per-row scores (the shipped model's headline first), and which runtimes' output
+    used every token it was allowed (`cut`: most likely an answer cut short)."""
+    limited = {kind: r for kind, r in results.items() if r.get("new_tokens") and r.get("max_new_tokens")}
     return [
         {
             "prompt": prompts[i],
@@ -214,6 +216,7 @@ def prediction_rows(rows: list[dict], prompts: list[str], results: dict[str, dic
             "score": per_row["onnx"][i][textmetrics.HEADLINE],
             "generations": {kind: result["generations"][i] for kind, result in results.items()},
             "scores": {kind: scores[i] for kind, scores in per_row.items()},
+            "cut": sorted(kind for kind, r in limited.items() if r["new_tokens"][i] >= r["max_new_tokens"]),
         }
         for i, row in enumerate(rows)
     ]

@@ -149,7 +149,8 @@ def predictions_section(lines: list[dict], source: str) -> str:
     body = [
         f"<tr><td>{rank}</td><td>{text(line['prompt'])}</td><td>{text(line['reference'])}</td>"
         + "".join(
-            f"<td>{text(line['generations'][kind])}<small>{scored(line['scores'].get(kind, {}))}</small></td>"
+            f"<td>{text(line['generations'][kind])}<small>{scored(line['scores'].get(kind, {}))}"
+            f"{' · cut at the token limit' if kind in line.get('cut', ()) else ''}</small></td>"
             for kind in kinds
         )
         + "</tr>"
