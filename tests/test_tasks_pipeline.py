@@ -92,6 +92,8 @@ def test_free_text_answers_train_ship_through_the_gate_and_print_as_text(project
         assert 0.0 <= evaluation[key] <= 1.0, key
     assert evaluation["n"] == data["test_rows"] and evaluation["max_new_tokens"] > 6
     assert evaluation["hit_token_limit"] is not None and "prompted_baseline_exact_match" in evaluation
+    # what make best ranks on: the shipped model on the validation split, never the test rows
+    assert evaluation["validation"]["n"] == data["validation_rows"] and "exact_match" in evaluation["ci95"]
     parity = onnx["parity"]
     assert parity["passed"] and parity["identical_outputs"] >= 0.95 and "exact_match_delta" in parity
     lines = [json.loads(line) for line in (root / "metrics/eval_predictions.jsonl").read_text().splitlines()]
@@ -100,6 +102,8 @@ def test_free_text_answers_train_ship_through_the_gate_and_print_as_text(project
     answer = make(project, "predict", "TEXT=What is the answer to question 3?")
     task = json.loads((root / "models/onnx/ortune.json").read_text())
     assert task["task"] == "generation" and answer.strip() and answer.strip() != "?"
+    make(project, "plots")  # the report ends with the rows, worst first
+    assert "Per-row predictions (free text): all" in (root / "dvc_plots/index.html").read_text(encoding="utf-8")
 
 
 def test_alpaca_rows_with_empty_inputs_run_end_to_end(project):
