@@ -12,7 +12,10 @@ metrics, the confusion matrix and a (text, label, prediction) table.
 
 A generation becomes a label by ortune.metrics.parse_label: first non-empty line, stripped of
 whitespace and punctuation, lowercased, matched to a label exactly or by prefix; else unparsed. The
-prompted baseline, never taught that format, is read by ortune.metrics.lenient_label.
+prompted baseline, never taught that format, is read by ortune.metrics.lenient_label. For data.task=generation
+the generations are scored as text instead (ortune.freetext, ortune.textmetrics: exact match, token F1, chrF,
+ROUGE-L, JSON), on the test rows and on the validation split alike, and the prompted baseline is asked
+zero-shot and eval.baseline_shots-shot.
 
     python scripts/eval.py eval.limit=50 eval.compare=[merged]
     python scripts/eval.py eval.path=data/heldout.csv

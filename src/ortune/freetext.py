@@ -240,14 +240,27 @@ def log_summary(metrics: dict) -> None:
             100 * s["identical_to_onnx"],
             s["hit_token_limit"],
         )
+    ci = metrics["ci95"]
     log.info(
-        "shipped ONNX: exact match %.3f on %d rows, %s of them cut at %d new tokens, %.2f ms/token",
-        metrics["exact_match"],
+        "shipped ONNX: exact match %s on %d test rows, %s of them cut at %d new tokens, %.2f ms/token",
+        intervals.shown(metrics["exact_match"], ci.get("exact_match")),
         metrics["n"],
         metrics["hit_token_limit"],
         metrics["max_new_tokens"],
         metrics["ms_per_token"],
     )
+    if validation := metrics.get("validation"):
+        log.info(
+            "shipped ONNX on %d validation rows (what make best ranks on): exact match %s",
+            validation["n"],
+            intervals.shown(validation["exact_match"], validation["ci95"].get("exact_match")),
+        )
+    if strongest := metrics.get("strongest_baseline"):
+        log.info(
+            "gain over the strongest baseline (%s): %s exact match",
+            strongest["name"],
+            intervals.shown(metrics["gain_over_strongest_baseline"], ci.get("gain_over_strongest_baseline")),
+        )
 
 
 # per-row scores shown beside each runtime's output (W&B table, HTML report): the headline and chrF,
