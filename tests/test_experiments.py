@@ -236,6 +236,11 @@ def test_make_best_never_chooses_on_the_test_split_for_free_text_either():
     assert best.name == "best-on-validation", reasons
     assert reasons[0].startswith("best-on-validation: best eval.validation.exact_match=0.5")
     assert any(r.startswith("cut-on-validation: excluded, eval.validation.hit_token_limit=9 > 2") for r in reasons)
+    table = experiments.compare_table(parsed, "eval.exact_match").splitlines()
+    assert table[0] == (
+        "| experiment | state | eval.exact_match | eval.ms_per_token | eval.validation.exact_match |"
+    ), table[0]
+    assert table[2].startswith("| cut-on-validation | success | 0.4 | 1 | 0.7 |")
 
 
 def test_make_best_refuses_a_test_split_figure_no_experiment_has_on_validation():

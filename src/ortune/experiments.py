@@ -206,12 +206,16 @@ def versus_best(best: Experiment, other: Experiment, metric: str) -> str:
     return f"{value - top:+.3f}{noise}"
 
 
+# the columns `make compare` shows where experiments have them: labels' figures, then free text's
 HEADLINE = (
     "eval.accuracy",
     "eval.macro_f1",
     "eval.majority_baseline",
+    "eval.exact_match",
+    "eval.chrf",
     "eval.ms_per_token",
     "eval.quantization_agreement",
+    "eval.quantization_identical",
 )
 
 
