@@ -10,9 +10,20 @@ import pytest
 import best
 from ortune import experiments
 
+# eval.json's test accuracy and its validation split's, which make best ranks on
 EXPERIMENTS = [
-    experiments.Experiment(rev="a" * 40, name="exp-a", params={"lora.r": 8}, metrics={"eval.accuracy": 0.8}),
-    experiments.Experiment(rev="b" * 40, name="exp-b", params={"lora.r": 16}, metrics={"eval.accuracy": 0.9}),
+    experiments.Experiment(
+        rev="a" * 40,
+        name="exp-a",
+        params={"lora.r": 8},
+        metrics={"eval.accuracy": 0.8, "eval.validation.accuracy": 0.8},
+    ),
+    experiments.Experiment(
+        rev="b" * 40,
+        name="exp-b",
+        params={"lora.r": 16},
+        metrics={"eval.accuracy": 0.9, "eval.validation.accuracy": 0.9},
+    ),
 ]
 
 
@@ -39,7 +50,11 @@ def rev(name, accuracy, r):
         "data": {
             "rev": name,
             "params": {"params.yaml": {"data": {"lora": {"r": r}}}},
-            "metrics": {"metrics/eval.json": {"data": {"accuracy": accuracy, "ms_per_token": 1.0}}},
+            "metrics": {
+                "metrics/eval.json": {
+                    "data": {"accuracy": accuracy, "ms_per_token": 1.0, "validation": {"accuracy": accuracy}}
+                }
+            },
         },
     }
 
