@@ -158,7 +158,10 @@ class Tracker:
 
 def test_the_wandb_table_lists_every_runtimes_output_and_score_worst_rows_first():
     test = rows(["right answer", "a long reference text"])
-    results = {"onnx": result(["right answer", "wrong"], **SPEED), "merged": result(["right answer", "a long"])}
+    results = {
+        "onnx": result(["right answer", "wrong"], [2, 8], **SPEED, max_new_tokens=8),
+        "merged": result(["right answer", "a long"], [2, 2], max_new_tokens=8),
+    }
     metrics, per_row = freetext.summarize(test, results, 8, resamples=200)
     lines = freetext.prediction_rows(test, ["p0", "p1"], results, per_row)
     tracker = Tracker()
@@ -173,9 +176,11 @@ def test_the_wandb_table_lists_every_runtimes_output_and_score_worst_rows_first(
         "generation_merged",
         "exact_match_merged",
         "chrf_merged",
+        "cut",
     ]
     assert table.data[0][:4] == ["p1", "a long reference text", "wrong", 0.0]  # the worst row first
-    assert table.data[0][5] == "a long" and 0 < table.data[0][7] < 1
+    assert table.data[0][5] == "a long" and 0 < table.data[0][7] < 1 and table.data[0][8] == "onnx"
+    assert table.data[1][8] == ""
 
 
 HOSTILE = '</script><script>alert(1)</script><!-- <img src=x onerror=alert(2)> & "quoted"'

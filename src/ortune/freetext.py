@@ -269,22 +269,23 @@ SHOWN_SCORES = (textmetrics.HEADLINE, "chrf")
 
 
 def log_media(tracker, lines: list[dict]) -> None:
-    """The W&B predictions table, worst rows first: the prompt, the reference, and each runtime's output
-    with its per-row scores (the numbers go through stage.main)."""
+    """The W&B predictions table, worst rows first: the prompt, the reference, each runtime's output with
+    its per-row scores, and the runtimes cut at the token limit (the numbers go through stage.main)."""
     if not tracker.active or not lines:
         return
     import wandb
 
     kinds = list(lines[0]["generations"])
     columns = [f"{name}_{kind}" for kind in kinds for name in ("generation", *SHOWN_SCORES)]
-    table = wandb.Table(columns=["prompt", "reference", *columns])
+    table = wandb.Table(columns=["prompt", "reference", *columns, "cut"])
     for line in worst_first(lines):
         cells = [
             value
             for kind in kinds
             for value in (line["generations"][kind], *(line["scores"][kind][name] for name in SHOWN_SCORES))
         ]
-        table.add_data(line["prompt"], line["reference"], *cells)
+        # the runtimes whose output used every allowed token
+        table.add_data(line["prompt"], line["reference"], *cells, ", ".join(line.get("cut", ())))
     tracker.log_media({"eval/predictions": table})
 
 
