@@ -228,6 +228,20 @@ def test_the_report_lists_free_text_rows_worst_first_with_every_string_escaped()
     assert plots.predictions_section([{"prompt": "p", "label": "joy", "predictions": {}}], "x") == ""  # labels
 
 
+def test_a_json_answer_shows_its_field_f1_in_the_report_and_the_wandb_table():
+    test = rows(['{"a": 1, "b": 2}', "plain"])
+    results = {"onnx": result(['{"a": 1, "b": 3}', "plain"], **SPEED)}
+    _, per_row = freetext.summarize(test, results, 8, resamples=200)
+    lines = freetext.prediction_rows(test, ["p0", "p1"], results, per_row)
+    section = plots.predictions_section(lines, "x")
+    assert "exact_match 0.000 · chrf" in section and "· json_field_f1 0.500" in section
+    tracker = Tracker()
+    freetext.log_media(tracker, lines)
+    table = tracker.logged["eval/predictions"]
+    assert table.columns[2:6] == ["generation_onnx", "exact_match_onnx", "chrf_onnx", "json_field_f1_onnx"]
+    assert table.data[0][5] == 0.5 and table.data[1][5] is None  # the plain row has no JSON score
+
+
 def test_the_report_caps_the_rows_it_lists(monkeypatch):
     monkeypatch.setattr(plots, "PREDICTION_ROWS", 1)
     section = plots.predictions_section(hostile_lines(), "metrics/eval_predictions.jsonl")

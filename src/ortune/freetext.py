@@ -263,9 +263,9 @@ def log_summary(metrics: dict) -> None:
         )
 
 
-# per-row scores shown beside each runtime's output (W&B table, HTML report): the headline and chrF,
-# which still tells a near miss from nonsense where exact match is 0 for both
-SHOWN_SCORES = (textmetrics.HEADLINE, "chrf")
+# per-row scores shown beside each runtime's output (W&B table, HTML report): the headline, chrF (which
+# still tells a near miss from nonsense where exact match is 0 for both), and for a JSON reference field F1
+SHOWN_SCORES = (textmetrics.HEADLINE, "chrf", "json_field_f1")
 
 
 def log_media(tracker, lines: list[dict]) -> None:
@@ -276,13 +276,14 @@ def log_media(tracker, lines: list[dict]) -> None:
     import wandb
 
     kinds = list(lines[0]["generations"])
-    columns = [f"{name}_{kind}" for kind in kinds for name in ("generation", *SHOWN_SCORES)]
+    shown = [name for name in SHOWN_SCORES if any(name in line["scores"]["onnx"] for line in lines)]
+    columns = [f"{name}_{kind}" for kind in kinds for name in ("generation", *shown)]
     table = wandb.Table(columns=["prompt", "reference", *columns, "cut"])
     for line in worst_first(lines):
         cells = [
             value
             for kind in kinds
-            for value in (line["generations"][kind], *(line["scores"][kind][name] for name in SHOWN_SCORES))
+            for value in (line["generations"][kind], *(line["scores"][kind].get(name) for name in shown))
         ]
         # the runtimes whose output used every allowed token
         table.add_data(line["prompt"], line["reference"], *cells, ", ".join(line.get("cut", ())))
