@@ -104,6 +104,12 @@ def test_the_run_summary_reports_the_test_split_with_intervals_the_gain_and_the_
     assert lines[2].startswith("fine-tuning gained +0.500 ± ")
     assert lines[2].endswith("exact match over the strongest baseline (eval.baseline_prompt 1-shot, 0.300)")
     assert lines[3].startswith("validation split (4 rows; what `make best` chooses on): exact match 0.500 ± ")
+    # eval.baseline_shots=0: the one prompted baseline is zero-shot
+    del results["prompted_zero_shot"]
+    results["prompted"]["shots"] = 0
+    metrics, _ = freetext.summarize(test, results, 8, validation, resamples=200)
+    text = freetext.run_summary({"onnx": "models/onnx", "metrics": "metrics"}, metrics, {}, {})
+    assert "over the strongest baseline (eval.baseline_prompt zero-shot, 0.300)" in text
 
 
 def test_the_eval_stage_judges_free_text_on_validation_and_asks_the_baseline_zero_and_k_shot(

@@ -99,6 +99,11 @@ BASELINES = {
 PREFIXES = {"base": "base_", "prompted": "prompted_baseline_", "prompted_zero_shot": "prompted_zero_shot_"}
 
 
+def baseline_name(kind: str, found: dict) -> str:
+    shots = found.get("shots", 0)
+    return BASELINES.get(kind, kind).format(shots=shots).replace(" 0-shot", " zero-shot")
+
+
 def summarize(
     rows: list[dict],
     results: dict[str, dict],
@@ -346,8 +351,7 @@ def run_summary(paths: dict, scores: dict, onnx: dict, train: dict) -> str:
     ]
     if found := scores.get("baselines"):
         listed = ", ".join(
-            f"{BASELINES.get(kind, kind).format(shots=b.get('shots', 0))} "
-            f"{intervals.shown(b['exact_match'], (b.get('ci95') or {}).get('exact_match'))}"
+            f"{baseline_name(kind, b)} {intervals.shown(b['exact_match'], (b.get('ci95') or {}).get('exact_match'))}"
             for kind, b in found.items()
         )
         strongest = scores["strongest_baseline"]
@@ -355,7 +359,7 @@ def run_summary(paths: dict, scores: dict, onnx: dict, train: dict) -> str:
         lines += [
             f"baselines (the untuned base, same rows, exact match): {listed}",
             f"fine-tuning gained {'' if gain.startswith('-') else '+'}{gain} exact match over the strongest baseline "
-            f"({BASELINES.get(strongest['name'], strongest['name']).format(shots=strongest.get('shots', 0))}, "
+            f"({baseline_name(strongest['name'], strongest)}, "
             f"{strongest['exact_match']:.3f})",
         ]
     if validation := scores.get("validation"):
