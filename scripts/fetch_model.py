@@ -30,16 +30,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import config, data, modeling, stage
+from ortune import config, modeling, stage
 from ortune.artifacts import atomic_dir
 from ortune.errors import OrtuneError
+from ortune.records import read_records
 
 log = logging.getLogger("ortune")
 
 
 def tokenizer_corpus(cfg: DictConfig) -> list[str]:
     """Rendered training prompts and chat turns: the tokenizer learns the exact strings it will see."""
-    rows = data.read_records(cfg.data.path)
+    rows = read_records(cfg.data.path)
     texts = []
     for row in rows:
         prompt = cfg.data.template.prompt.format_map(_Lenient(row))

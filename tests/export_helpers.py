@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ortune import config, data, modeling
+from ortune.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 * intermediate_size != vocab_size: clear of the builder's LM-head bug (tested on its own)
@@ -63,7 +64,7 @@ def make_project(root: Path, tiny_texts: list[str], *, seed: int = 3, tiny=TINY,
     ).merge_and_unload()
     merged.save_pretrained(root / "merged")
     modeling.load_tokenizer(root / "base_model").save_pretrained(root / "merged")
-    rows = data.read_records(REPO / "data/raw/tones.jsonl")
+    rows = read_records(REPO / "data/raw/tones.jsonl")
     rendered = [data.render(r, PROMPT, "{tone}", "tone") for r in rows]
     (root / "prepared").mkdir()
     data.write_jsonl(rendered[::5][:40], root / "prepared" / "train.jsonl")

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from ortune import data
 from ortune.errors import OrtuneError
+from ortune.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 COOKBOOK = REPO / "tests/fixtures/dataset-classification.json"
@@ -56,13 +57,13 @@ def write_every_format(folder: Path) -> None:
 def test_every_format_reads_the_same_rows_in_the_same_order(tmp_path):
     write_every_format(tmp_path)
     for name in ("a.jsonl", "lines.json", "array.json", "a.csv", "a.parquet", "a.arrow"):
-        assert data.read_records(tmp_path / name) == EXPECTED, name
+        assert read_records(tmp_path / name) == EXPECTED, name
 
 
 def test_the_cookbooks_json_lines_file_loads_as_it_is(make_cfg):
     import prepare_data
 
-    records = data.read_records(COOKBOOK)
+    records = read_records(COOKBOOK)
     assert len(records) == 24 and records[0] == {
         "phrase": "We finally booked the trip we have been dreaming about!",
         "tone": "joy",
@@ -78,12 +79,12 @@ def test_a_folder_reads_its_files_in_path_order(tmp_path):
     (folder / "1.csv").write_text("phrase,tone\n" + "".join(f"{r['phrase']},{r['tone']}\n" for r in EXPECTED[:2]))
     (folder / "README.md").write_text("not data")
     (folder / ".hidden.jsonl").write_text("not json at all")
-    assert data.read_records(folder) == EXPECTED
+    assert read_records(folder) == EXPECTED
     # a folder written by Dataset.save_to_disk is that dataset, not a folder of .json/.arrow files
     import datasets
 
     datasets.Dataset.from_list(EXPECTED).save_to_disk(str(tmp_path / "saved"))
-    assert data.read_records(tmp_path / "saved") == EXPECTED
+    assert read_records(tmp_path / "saved") == EXPECTED
 
 
 def test_rows_and_their_order_do_not_change_between_runs(tmp_path):
@@ -92,8 +93,8 @@ def test_rows_and_their_order_do_not_change_between_runs(tmp_path):
     folder.mkdir()
     for i in range(0, 100, 10):
         write_jsonl(folder / f"part-{i:03d}.jsonl", records[i : i + 10])
-    assert data.read_records(folder) == records
-    assert data.read_records(folder) == data.read_records(folder)
+    assert read_records(folder) == records
+    assert read_records(folder) == read_records(folder)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ def test_unreadable_inputs_name_the_file_line_and_problem(tmp_path, name, conten
     if content is not None:
         path.write_bytes(content.encode("latin-1" if "latin" in name else "utf-8"))
     with pytest.raises(OrtuneError, match=needle) as caught:
-        data.read_records(path)
+        read_records(path)
     assert "\n" not in str(caught.value)
 
 
@@ -133,21 +134,21 @@ def test_a_json_list_of_strings_is_a_clear_error_not_a_type_error(tmp_path):
     path = tmp_path / "phrases.json"
     path.write_text(json.dumps(["I love it", "I hate it"]))
     with pytest.raises(OrtuneError, match=r"phrases.json: a JSON list of strings, not of objects"):
-        data.read_records(path)
+        read_records(path)
 
 
 def test_a_phrase_with_a_line_separator_is_one_valid_row(tmp_path):
     phrase = "first part\u2028second part\u2029and a third"
     path = write_jsonl(tmp_path / "sep.jsonl", [{"phrase": phrase, "tone": "joy"}, {"phrase": "plain", "tone": "fear"}])
     assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, as json.dumps(ensure_ascii=False) does
-    assert data.read_records(path) == [{"phrase": phrase, "tone": "joy"}, {"phrase": "plain", "tone": "fear"}]
+    assert read_records(path) == [{"phrase": phrase, "tone": "joy"}, {"phrase": "plain", "tone": "fear"}]
     assert data.text_lines(f"{phrase}\r\nnext\n") == [phrase, "next", ""]
 
 
 def test_csv_with_a_byte_order_mark_has_its_first_field(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes("phrase,tone\r\nhello there,joy\r\n".encode("utf-8-sig"))
-    records = data.read_records(path)
+    records = read_records(path)
     data.check_fields(records, ["phrase", "tone"], str(path))
     assert records == [{"phrase": "hello there", "tone": "joy"}]
 
@@ -155,7 +156,7 @@ def test_csv_with_a_byte_order_mark_has_its_first_field(tmp_path):
 def test_csv_keeps_quoted_newlines_and_reads_text_as_text(tmp_path):
     path = tmp_path / "q.csv"
     path.write_text('phrase,tone\n"two\nlines",joy\n007,NA\nNone,1\n"",fear\n')
-    assert data.read_records(path) == [
+    assert read_records(path) == [
         {"phrase": "two\nlines", "tone": "joy"},
         {"phrase": "007", "tone": "NA"},
         {"phrase": "None", "tone": "1"},
@@ -166,7 +167,7 @@ def test_csv_keeps_quoted_newlines_and_reads_text_as_text(tmp_path):
 def test_a_folder_with_no_data_and_an_empty_folder_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(OrtuneError, match=r"no data files in this folder"):
-        data.read_records(tmp_path)
+        read_records(tmp_path)
 
 
 def _without_root_file_access() -> None:
@@ -240,7 +241,7 @@ def test_a_missing_field_in_a_json_lines_row_names_its_line(tmp_path):
     path = tmp_path / "gap.jsonl"
     path.write_text('{"phrase": "a", "tone": "joy"}\n\n{"phrase": "b"}\n')
     with pytest.raises(OrtuneError, match=rf"^{path}:3: row 2 has no field 'tone' \(missing or null\)"):
-        data.check_fields(data.read_records(path), ["phrase", "tone"], str(path))
+        data.check_fields(read_records(path), ["phrase", "tone"], str(path))
 
 
 def test_a_field_name_hiding_a_character_is_shown_escaped_and_named(tmp_path):
@@ -248,14 +249,14 @@ def test_a_field_name_hiding_a_character_is_shown_escaped_and_named(tmp_path):
     csv = tmp_path / "nbsp.csv"
     csv.write_text("phrase\u00a0,tone\nhello there,joy\n", encoding="utf-8")
     with pytest.raises(OrtuneError) as caught:
-        data.check_fields(data.read_records(csv), ["phrase", "tone"], str(csv))
+        data.check_fields(read_records(csv), ["phrase", "tone"], str(csv))
     assert str(caught.value) == (
         f"{csv}: row 1 has no field 'phrase' named by data.template, but 'phrase\\xa0': spaces or invisible "
         "characters (a byte-order mark, a non-breaking space) around the name; rename that field 'phrase' in the file"
     )
     jsonl = write_jsonl(tmp_path / "bom.jsonl", [{"\ufefftext": "hello", "tone": "joy"}])
     with pytest.raises(OrtuneError, match=r"\(its fields: tone, '\\ufefftext'\); fix data.template"):
-        data.check_fields(data.read_records(jsonl), ["phrase", "tone"], str(jsonl))
+        data.check_fields(read_records(jsonl), ["phrase", "tone"], str(jsonl))
 
 
 def test_duplicates_are_dropped_before_the_split():
@@ -517,3 +518,35 @@ def test_a_folder_dataset_has_a_digest_for_the_model_card(tmp_path):
     assert second != first
     (folder / "b" / "c.jsonl").rename(folder / "b" / "d.jsonl")  # same bytes, another file name
     assert model_card.sha256(folder) != second
+
+
+def _prepare_peak_mb(tmp_path: Path, count: int) -> int:
+    """prepare_data in a fresh process on `count` generated rows (4 labels, ~50-character phrases, all
+    distinct): that process's peak resident memory, in MB."""
+    source = tmp_path / f"rows{count}.jsonl"
+    tones = ("joy", "fear", "anger", "sadness")
+    with open(source, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            handle.write(json.dumps({"phrase": f"a quiet evening by the river, row {i}", "tone": tones[i % 4]}) + "\n")
+    out = tmp_path / str(count)
+    probe = (
+        "import re, sys; sys.path.insert(0, 'scripts'); from ortune import config; import prepare_data; "
+        "cfg = config.load('prepare_data', sys.argv[1:]); prepare_data.run(cfg); "
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)"
+    )
+    overrides = [f"data.path={source}", f"paths.base_model={tmp_path / 'none'}"]
+    overrides += [f"paths.{name}={out / name}" for name in ("prepared", "metrics")]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((out / "prepared" / "train.jsonl").read_text().splitlines()) > count // 2
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_prepare_data_memory_grows_by_a_fraction_of_a_kilobyte_per_row(tmp_path):
+    """The rows are read a batch at a time and never all held: 200,000 more rows cost well under 100 MB.
+    Holding every row as a dict cost about 1 KB per row (docs/data.md, "How large a file")."""
+    small, large = _prepare_peak_mb(tmp_path, 50_000), _prepare_peak_mb(tmp_path, 250_000)
+    assert large - small < 100, f"{small} MB for 50,000 rows, {large} MB for 250,000"

@@ -10,6 +10,7 @@ import pytest
 from ortune import baselines, evaluation
 from ortune.errors import OrtuneError
 from ortune.metrics import agreement, confusion_matrix, majority_baseline, majority_label, per_class_scores
+from ortune.records import read_records
 
 LABELS = ["fear", "joy", "sadness"]
 
@@ -173,7 +174,7 @@ def test_held_out_file_is_rendered_like_prepare_data_renders(make_cfg, prepared,
     rows, _, _ = evaluation.load_rows(cfg)
     expected = [
         data.render(r, cfg.data.template.prompt, cfg.data.template.completion, cfg.data.label_field)
-        for r in data.read_records(held_out)
+        for r in read_records(held_out)
     ]
     assert rows == expected
     assert rows[0]["prompt"] == "### Text: I won the lottery\n### The tone is:\n" and rows[0]["label"] == "joy"

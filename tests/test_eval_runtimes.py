@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from conftest import EVAL_HEADLINE_METRICS
 from ortune import data, export, modeling
 from ortune.generation import OnnxGenerator, TorchGenerator
+from ortune.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = OmegaConf.create(
@@ -37,7 +38,7 @@ def models(tmp_path_factory, tiny_texts):
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("eval-models")
-    records = data.read_records(REPO / "data/raw/tones.jsonl")
+    records = read_records(REPO / "data/raw/tones.jsonl")
     rendered = [data.render(r, "### Text: {phrase}\n### The tone is:\n", "{tone}", "tone") for r in records]
     modeling.build_tiny_phi3(TINY, tiny_texts, seed=5, out_dir=root / "base_model")
     tokenizer = modeling.load_tokenizer(root / "base_model")

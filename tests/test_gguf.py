@@ -16,6 +16,7 @@ import pytest
 import fetch_model
 from ortune import builder_spec, config, export, model_card, modeling
 from ortune.errors import OrtuneError
+from ortune.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -340,15 +341,13 @@ def test_all_linear_adapts_every_projection_of_the_real_model_but_its_head(smoll
 def test_transformers_and_genai_give_identical_token_ids_for_text_and_chat(smollm2, tmp_path):
     import onnxruntime_genai as og
 
-    from ortune import data
-
     base, _ = smollm2
     # the builder's own tokenizer files and genai_config.json, as it ships them beside the model
     export.run_builder(base, tmp_path / "onnx", "int4", "cpu", {"config_only": "true"}, log_file=tmp_path / "build.log")
     genai = og.Tokenizer(str(tmp_path / "onnx"))
     tokenizer = modeling.load_tokenizer(base)
     template = full().data.template.prompt
-    rows = data.read_records(REPO / "data/raw/tones.jsonl")[:12]
+    rows = read_records(REPO / "data/raw/tones.jsonl")[:12]
     texts = [template.format_map(row) for row in rows] + ["Ünïcödé, emoji 🎉 and  double  spaces\ttabs", " leading"]
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],  # the template adds its default system prompt

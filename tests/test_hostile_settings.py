@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO
 from ortune import config
 from ortune.errors import OrtuneError
+from ortune.records import read_records
 from ortune.settings import fields
 
 
@@ -62,10 +63,9 @@ def test_every_float_setting_refuses_inf():
 
 @pytest.mark.parametrize("separator", [";", "\t", "|"])
 def test_a_csv_with_another_separator_gets_a_delimiter_hint(tmp_path, separator):
-    from ortune import data
 
     path = tmp_path / "rows.csv"
     path.write_text(f"phrase{separator}tone\nhello there{separator}joy\nsad day{separator}sadness\n")
     with pytest.raises(OrtuneError, match=re.escape(f"the file looks {separator!r}-separated")) as caught:
-        data.read_records(path)
+        read_records(path)
     assert "\n" not in str(caught.value) and "re-save it with commas" in str(caught.value)

@@ -14,6 +14,7 @@ import merge
 from export_helpers import PROMPT, REPO, stage_cfg, torch_logits
 from ortune import config, data, modeling
 from ortune.generation import OnnxGenerator
+from ortune.records import read_records
 
 
 def tied_llama(out, texts, seed=0):
@@ -72,7 +73,7 @@ def project(tmp_path_factory, tiny_texts):
     tied_llama(root / "base_model", tiny_texts)
     adapter(root / "base_model", root / "adapter", seed=1)
     adapter(root / "base_model", root / "adapter_saved", seed=2, modules_to_save=["lm_head", "embed_tokens"])
-    rows = [data.render(r, PROMPT, "{tone}", "tone") for r in data.read_records(REPO / "data/raw/tones.jsonl")]
+    rows = [data.render(r, PROMPT, "{tone}", "tone") for r in read_records(REPO / "data/raw/tones.jsonl")]
     (root / "prepared").mkdir()
     data.write_jsonl(rows[::5][:40], root / "prepared" / "train.jsonl")
     data.write_jsonl(rows[2::5][:8], root / "prepared" / "validation.jsonl")

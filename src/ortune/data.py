@@ -1,306 +1,31 @@
-"""Reading labelled records, checking them, splitting them, and rendering prompt/completion pairs.
+"""Checking rows, splitting them, and rendering prompt/completion pairs (reading them: ortune.records).
 
-Files are read by Hugging Face `datasets` (the loader the CookBook's Olive workflow uses), so a file
-that loads there loads here. What is ours: which files make a dataset, their order, and errors
-that name the file and, where it can be known, the line.
+What is here works on one row, or on what a pass over the rows collected (labels, keys, counts), so that
+prepare_data (ortune.prepare) can check and split a file without holding its rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import shlex
 import string
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ortune.errors import OrtuneError
+from ortune.records import place
 
 log = logging.getLogger("ortune")
 
-# suffix -> the `datasets` builder that reads it (a .json file may hold a JSON array or JSON Lines)
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-FORMAT_NAMES = "JSON Lines (.jsonl, or .json), JSON array (.json), CSV, Parquet or Arrow"
 # Below this many rows a label can neither be learned nor measured: a warning, not a refusal, so
 # that a quick trial on a handful of rows still runs.
 MIN_ROWS_PER_LABEL = 10
-
-
-class Records(list):
-    """Rows as read, each with its place ("file:line: row n" or "file: row n") for error messages."""
-
-    def __init__(self, rows: Iterable[dict] = (), places: Iterable[str] = ()):
-        super().__init__(rows)
-        self.places = list(places)
-
-
-def place(rows: list[dict], index: int, source: str) -> str:
-    if isinstance(rows, Records) and index < len(rows.places):
-        return rows.places[index]
-    return f"{source}: row {index + 1}"
-
-
-def placer(rows: list[dict], source: str) -> Callable[[dict], str]:
-    """row -> its place, for rows that have since been filtered, split or reordered."""
-    places = {id(row): place(rows, index, source) for index, row in enumerate(rows)}
-    return lambda row: places.get(id(row), source)
-
-
-# ---- reading -----------------------------------------------------------------------------------------
-
-
-def read_records(path: str | Path) -> Records:
-    """Rows of a data file or of a folder of them (see FORMATS), in a fixed order: files by path, rows
-    as they stand in each file. A folder written by `Dataset.save_to_disk` is read as that dataset."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_folder(path)
-    if not path.exists():
-        raise OrtuneError(
-            f"data.path={path}: file not found; point data.path at a {FORMAT_NAMES} file or a folder of them"
-        )
-    if not path.is_file():
-        raise OrtuneError(f"data.path={path}: not a regular file; point data.path at a data file or a folder of them")
-    if path.suffix.lower() not in FORMATS:
-        raise OrtuneError(f"data.path={path}: unsupported format '{path.suffix}'; use one of {', '.join(FORMATS)}")
-    records = _read_file(path)
-    if not records:
-        raise OrtuneError(f"{path}: no rows; it needs labelled rows")
-    return records
-
-
-def data_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(data files, other files) under `folder`, sorted by relative path; hidden entries are skipped."""
-    found, ignored = [], []
-    for file in sorted(_walk(folder), key=lambda p: p.relative_to(folder).as_posix()):
-        if file.is_file():
-            (found if file.suffix.lower() in FORMATS else ignored).append(file)
-    return found, ignored
-
-
-def _walk(folder: Path) -> list[Path]:
-    """Every entry under `folder` outside hidden folders. A subfolder this user cannot list is an error:
-    Path.rglob would skip it without a word, and its rows would silently be missing from the data."""
-
-    def unreadable(exc: OSError) -> None:
-        where = Path(exc.filename or folder)
-        raise OrtuneError(
-            f"data.path={folder}: cannot list {where} ({exc.strerror or exc}); fix its permissions, "
-            f"e.g. chmod -R a+rX {shlex.quote(str(where))}"
-        )
-
-    entries = []
-    for top, folders, files in os.walk(folder, onerror=unreadable):
-        folders[:] = [name for name in folders if not name.startswith(".")]
-        entries.extend(Path(top) / name for name in [*folders, *files] if not name.startswith("."))
-    return entries
-
-
-def _read_folder(folder: Path) -> Records:
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        raise OrtuneError(
-            f"data.path={folder}: a saved DatasetDict (splits: {', '.join(splits)}); point data.path "
-            f"at one split's folder, e.g. {folder / (splits[0] if splits else 'train')}"
-        )
-    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
-        return _read_saved_dataset(folder)
-    files, ignored = data_files(folder)
-    if not files:
-        raise OrtuneError(f"data.path={folder}: no data files in this folder; it needs {FORMAT_NAMES} files")
-    if ignored:
-        log.info(
-            "data.path=%s: ignoring %d file(s) that are not data: %s",
-            folder,
-            len(ignored),
-            ", ".join(str(p.relative_to(folder)) for p in ignored[:5]) + (" ..." if len(ignored) > 5 else ""),
-        )
-    records = Records()
-    for file in files:
-        part = _read_file(file)
-        records.extend(part)
-        records.places.extend(part.places)
-    if not records:
-        raise OrtuneError(f"data.path={folder}: its {len(files)} data file(s) hold no rows; it needs labelled rows")
-    log.info("data.path=%s: %d rows from %d file(s)", folder, len(records), len(files))
-    return records
-
-
-def _read_saved_dataset(folder: Path) -> Records:
-    with _quiet_datasets() as datasets:
-        try:
-            rows = datasets.load_from_disk(str(folder), keep_in_memory=True).to_list()
-        except Exception as exc:  # noqa: BLE001 - any failure of a saved dataset is unreadable input
-            raise OrtuneError(f"{folder}: not a readable saved dataset ({_first_line(exc)})") from None
-    return Records(rows, (f"{folder}: row {n}" for n in range(1, len(rows) + 1)))
-
-
-def _read_file(file: Path) -> Records:
-    kind = FORMATS[file.suffix.lower()]
-    try:
-        with open(file, "rb") as handle:
-            head = handle.read(1 << 16)
-    except PermissionError:
-        raise OrtuneError(
-            f"{file}: permission denied (this user cannot read it); fix its permissions, "
-            f"e.g. chmod a+r {shlex.quote(str(file))}"
-        ) from None
-    if not head.strip() and file.stat().st_size <= len(head):
-        raise OrtuneError(f"{file}: the file is empty; it needs labelled rows")
-    if kind == "json":
-        _refuse_list_of_non_objects(file, head)
-    try:
-        rows = _load(file, kind)
-    except OrtuneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the loader's many error types become one line here
-        raise _unreadable(file, kind, exc) from None
-    if kind == "json" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-        lines = _content_line_numbers(file)
-        if len(lines) == len(rows):  # JSON Lines: a row is a line, so name the line
-            return Records(rows, (f"{file}:{line}: row {n}" for n, line in enumerate(lines, start=1)))
-    return Records(rows, (f"{file}: row {n}" for n in range(1, len(rows) + 1)))
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """`datasets`, without progress bars or its error log: a failure becomes our one line instead."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
-    before, bars = ds_logging.get_verbosity(), ds_logging.is_progress_bar_enabled()
-    ds_logging.set_verbosity(ds_logging.CRITICAL)
-    ds_logging.disable_progress_bar()
-    try:
-        yield datasets
-    finally:
-        ds_logging.set_verbosity(before)
-        if bars:
-            ds_logging.enable_progress_bar()
-
-
-def _load(file: Path, kind: str) -> list[dict]:
-    with _quiet_datasets() as datasets:
-        options: dict = {}
-        if kind == "json":
-            # rows with `type`/`message` fields would otherwise be taken for agent traces
-            options["parse_agent_traces"] = False
-        elif kind == "csv":
-            # text stays text: "007" is not 7, and "NA", "null" or "None" are phrases, not missing values
-            import pandas as pd
-
-            columns = pd.read_csv(file, nrows=0, encoding="utf-8").columns
-            if len(columns) == 0:
-                raise OrtuneError(f"{file}: no header line; the first line must name the columns")
-            if len(columns) == 1 and (separator := next((c for c in ";\t|" if c in columns[0]), None)):
-                # one column named "phrase;tone": the rows are another separator's, which CSV does not read
-                raise OrtuneError(
-                    f"{file}: one column named {columns[0]!r}: the file looks {separator!r}-separated; "
-                    "ortune reads comma-separated CSV: re-save it with commas (or as JSON Lines)"
-                )
-            options["features"] = datasets.Features({name: datasets.Value("string") for name in columns})
-            options["na_filter"] = False
-        # a throwaway cache: the stage's inputs are the files, never a stale copy of them
-        with tempfile.TemporaryDirectory(prefix="ortune-datasets-") as cache:
-            dataset = datasets.load_dataset(
-                kind, data_files=[str(file)], split="train", cache_dir=cache, keep_in_memory=True, **options
-            )
-            return dataset.to_list()
-
-
-def _refuse_list_of_non_objects(file: Path, head: bytes) -> None:
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not text.startswith(b"["):
-        return
-    first = text[1:].lstrip(b" \t\r\n")[:1]
-    if first in (b"{", b"]", b""):
-        return
-    kind = {b'"': "strings", b"[": "lists", b"t": "booleans", b"f": "booleans", b"n": "nulls"}.get(first, "numbers")
-    raise OrtuneError(
-        f"{file}: a JSON list of {kind}, not of objects; each row must be an object naming its "
-        'fields, e.g. {"phrase": "...", "tone": "joy"}'
-    )
-
-
-def _unreadable(file: Path, kind: str, exc: BaseException) -> OrtuneError:
-    """The loader failed: find what is wrong, and where, by reading the file ourselves."""
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        line = raw[: bad.start].count(b"\n") + 1
-        return OrtuneError(f"{file}:{line}: bytes that are not UTF-8; re-save the file as UTF-8")
-    text = text.removeprefix("\ufeff")
-    cause = _root_cause(exc)
-    if kind == "json":
-        return _json_problem(file, text) or OrtuneError(f"{file}: not readable as JSON ({_first_line(cause)})")
-    if kind == "csv":
-        import re
-
-        message = _first_line(cause)
-        if type(cause).__name__ == "EmptyDataError":
-            return OrtuneError(f"{file}: the file is empty; it needs a header line and labelled rows")
-        if "corresponds to no data" in message:
-            return OrtuneError(f"{file}: a header but no rows; it needs labelled rows")
-        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
-        if found:
-            expected, line, saw = found.groups()
-            return OrtuneError(
-                f"{file}:{line}: {saw} fields where the header has {expected}; quote fields that "
-                'contain commas ("a, b") or fix that line'
-            )
-        return OrtuneError(f"{file}: not readable as CSV ({message})")
-    return OrtuneError(f"{file}: not a readable {kind.capitalize()} file ({_first_line(cause)}); re-export it")
-
-
-def _json_problem(file: Path, text: str) -> OrtuneError | None:
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as bad:
-            return OrtuneError(f"{file}:{bad.lineno}: invalid JSON ({bad.msg}); fix that line")
-        for n, row in enumerate(rows, start=1):
-            if not isinstance(row, dict):
-                return OrtuneError(
-                    f"{file}: row {n} is {type(row).__name__}, not an object; every row must be an "
-                    "object naming its fields"
-                )
-        return None
-    # JSON Lines end at line feeds only: U+2028 and friends are valid inside a JSON string
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as bad:
-            return OrtuneError(f"{file}:{number}: malformed JSON line ({bad.msg}); fix or remove that line")
-        if not isinstance(row, dict):
-            return OrtuneError(f"{file}:{number}: expected a JSON object per line, found {type(row).__name__}")
-    return None
-
-
-def _content_line_numbers(file: Path) -> list[int]:
-    """Numbers of the lines that hold something (the loader skips blank ones)."""
-    return [n for n, line in enumerate(file.read_bytes().split(b"\n"), start=1) if line.strip()]
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def text_lines(text: str) -> list[str]:
@@ -369,12 +94,12 @@ def label_key(label: str) -> str:
     return str(label).strip().lower()
 
 
-def normalize_labels(rows: list[dict], label_field: str, allowed: list[str] | None = None) -> dict[str, str]:
+def label_spellings(counts: Counter, allowed: list[str] | None = None) -> dict[str, str]:
     """Merge labels that differ only by case or surrounding whitespace (`Joy`, `joy`, `joy `).
 
-    The spelling kept is the one in data.labels when given, else the most frequent one (ties: the
-    lowercase one, then alphabetical). Rewrites row[label_field] in place and returns
-    {spelling as written: spelling kept} for every spelling that changed, for the data report.
+    counts: rows per label as written. The spelling kept is the one in data.labels when given, else the
+    most frequent one (ties: the lowercase one, then alphabetical). Returns {spelling as written: spelling
+    kept} for every spelling that changes, which the rows are then read through (and the data report lists).
     """
     declared: dict[str, str] = {}
     for label in allowed or []:
@@ -384,7 +109,6 @@ def normalize_labels(rows: list[dict], label_field: str, allowed: list[str] | No
                 "cannot tell apart (case and surrounding spaces are ignored); keep one"
             )
         declared[label_key(label)] = label
-    counts = Counter(str(row[label_field]) for row in rows)
     spellings: dict[str, Counter] = defaultdict(Counter)
     for label, n in counts.items():
         spellings[label_key(label)][label.strip()] += n
@@ -392,11 +116,7 @@ def normalize_labels(rows: list[dict], label_field: str, allowed: list[str] | No
         key: declared.get(key) or min(found, key=lambda s: (-found[s], s != s.lower(), s))
         for key, found in spellings.items()
     }
-    mapping = {label: kept[label_key(label)] for label in sorted(counts) if kept[label_key(label)] != label}
-    if mapping:
-        for row in rows:
-            row[label_field] = mapping.get(str(row[label_field]), row[label_field])
-    return mapping
+    return {label: kept[label_key(label)] for label in sorted(counts) if kept[label_key(label)] != label}
 
 
 def check_predictable(labels: list[str], source: str) -> None:
@@ -411,12 +131,13 @@ def check_predictable(labels: list[str], source: str) -> None:
             )
 
 
-def check_label_set(rows: list[dict], label_field: str, allowed: list[str], source: str) -> None:
-    """A label outside data.labels is a typo or a stray row, not a new class to learn silently."""
-    for index, row in enumerate(rows):
-        if str(row[label_field]) not in allowed:
+def check_label_set(labels: Iterable[str], allowed: list[str], label_field: str, where: Callable[[int], str]) -> None:
+    """A label outside data.labels is a typo or a stray row, not a new class to learn silently.
+    labels: each row's label (after label_spellings); where: a row's index -> its place."""
+    for index, label in enumerate(labels):
+        if label not in allowed:
             raise OrtuneError(
-                f"{place(rows, index, source)} has {label_field}={row[label_field]!r}, not one of data.labels "
+                f"{where(index)} has {label_field}={label!r}, not one of data.labels "
                 f"({', '.join(allowed)}); fix the row or add the label to data.labels"
             )
 
@@ -430,6 +151,13 @@ def _input_key(row: dict, key_fields: list[str]) -> tuple:
         else str(row.get(name) if row.get(name) is not None else "").strip()
         for name in key_fields
     )
+
+
+def input_digest(row: dict, key_fields: list[str]) -> bytes:
+    """16 bytes standing for a row's input (its key fields): what de-duplication compares when the rows are
+    not held. Two distinct inputs share one with a chance of about n^2 / 2^129 (1e-26 for a million rows)."""
+    key = json.dumps(_input_key(row, key_fields), ensure_ascii=False)
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
 
 
 def drop_duplicates(rows: list[dict], key_fields: list[str]) -> tuple[list[dict], int]:
@@ -464,19 +192,34 @@ SPLITS = ("train", "validation", "test")
 def split_rows(
     rows: list[dict], label_field: str | None, validation_fraction: float, test_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation, test), seeded. With a label field, per label: each label keeps its share in every
-    split (at least one row each), so a rare label is measured where it is selected and reported. Without
-    one (free-text answers are not classes), one shuffle of all the rows cut in three.
+    """(train, validation, test) of `rows`, as split_indices splits them (by row[label_field], or unlabelled)."""
+    labels = None if label_field is None else [str(row[label_field]) for row in rows]
+    parts = split_indices(len(rows), labels, label_field, validation_fraction, test_fraction, seed)
+    return tuple([rows[i] for i in part] for part in parts)
+
+
+def split_indices(
+    count: int,
+    labels: list[str] | None,
+    label_field: str | None,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) indices of `count` rows, seeded; labels[i] is row i's label, or labels is None.
+    With labels, per label: each label keeps its share in every split (at least one row each), so a rare
+    label is measured where it is selected and reported. Without (free-text answers are not classes), one
+    shuffle of all the rows cut in three.
 
     Validation is what anything that chooses reads (auto quantization, `make best`, training's eval loss);
     test is read only by the eval stage's headline, so no setting was ever tuned on the rows it reports."""
     rng = random.Random(seed)
-    if label_field is None:
-        groups = {"": list(rows)}
+    if labels is None:
+        groups = {"": list(range(count))}
     else:
         groups = defaultdict(list)
-        for row in rows:
-            groups[str(row[label_field])].append(row)
+        for index, label in enumerate(labels):
+            groups[label].append(index)
         if len(groups) < 2:
             raise OrtuneError(
                 f"data: only one label ({', '.join(groups)}) in field '{label_field}'; a classifier needs two or more"
@@ -485,7 +228,7 @@ def split_rows(
     for label in sorted(groups):
         group = groups[label]
         if len(group) < len(SPLITS):
-            what = f"label '{label}' has" if label_field is not None else "the data has"
+            what = f"label '{label}' has" if labels is not None else "the data has"
             raise OrtuneError(
                 f"data: {what} {len(group)} row(s); at least {len(SPLITS)} are needed, one for each of "
                 f"train, validation and test: add rows"
@@ -504,9 +247,8 @@ def split_rows(
     return train, validation, test
 
 
-def small_labels(splits: dict[str, list[dict]], field: str = "label", minimum: int = MIN_ROWS_PER_LABEL) -> list[str]:
-    """One warning per label with too few rows to learn it or to measure it (splits: name -> rows)."""
-    counts = {name: Counter(str(r[field]) for r in rows) for name, rows in splits.items()}
+def small_labels(counts: dict[str, Counter], minimum: int = MIN_ROWS_PER_LABEL) -> list[str]:
+    """One warning per label with too few rows to learn it or to measure it (counts: split -> rows per label)."""
     every = sorted(set().union(*counts.values()))
     warnings = []
     for label in every:

@@ -35,6 +35,7 @@ from ortune.metrics import (
     parse_label,
     per_class_scores,
 )
+from ortune.records import Records, placer, read_records
 
 log = logging.getLogger("ortune")
 
@@ -63,12 +64,12 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], list[str], list[dict]]:
         raise OrtuneError(f"eval.path={path}: file not found; point it at a labelled JSONL, JSON, CSV or Parquet file")
     if path.resolve().parent == prepared.resolve():
         lines = data.read_jsonl(path)  # written by prepare_data: one row per line, no blank lines
-        rows = data.Records(lines, (f"{path}:{n}: row {n}" for n in range(1, len(lines) + 1)))
+        rows = Records(lines, (f"{path}:{n}: row {n}" for n in range(1, len(lines) + 1)))
     else:
-        records = data.read_records(path)
-        rows = data.Records(render_records(cfg.data, records, f"eval.path={path}"), records.places)
+        records = read_records(path)
+        rows = Records(render_records(cfg.data, records, f"eval.path={path}"), records.places)
     if cfg.eval.limit:
-        rows = data.Records(rows[: cfg.eval.limit], rows.places[: cfg.eval.limit])
+        rows = Records(rows[: cfg.eval.limit], rows.places[: cfg.eval.limit])
     if not rows:
         raise OrtuneError(f"eval.path={path}: no rows to judge; it needs labelled rows")
     unknown = sorted({r["label"] for r in rows if "label" in r} - set(labels))  # free-text rows have none
@@ -110,7 +111,7 @@ def check_context(cfg: DictConfig, rows: list[dict], prompts: list[str]) -> None
     tokenizer = modeling.load_tokenizer(found, cfg.model.trust_remote_code)
     room = new_tokens(cfg)
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
-    where = data.placer(rows, str(cfg.eval.path))
+    where = placer(rows, str(cfg.eval.path))
     over = [(where(row), n) for row, n in zip(rows, lengths) if n + room > context]
     if over:
         shown = ", ".join(f"{place} ({n} tokens)" for place, n in over[:5])

@@ -56,9 +56,9 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int):
 def phrase_texts(path: Path) -> list[str]:
     """Each row of a phrase/tone file as prompt and label: the corpus the tiny tokenizer learns outside the
     pipeline (the tests' tiny models, make bench's random model; fetch_model renders the conf's template)."""
-    from ortune import data
+    from ortune.records import read_records
 
-    return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in data.read_records(path)]
+    return [f"### Text: {r['phrase']}\n### The tone is:\n{r['tone']}" for r in read_records(path)]
 
 
 def build_tiny_phi3(
