@@ -28,6 +28,22 @@ def test_the_report_lists_each_seed_then_mean_spread_and_range():
     assert lines[8].startswith("validation accuracy: mean 0.958, standard deviation 0.014")
 
 
+def test_the_report_shows_each_seeds_interval_and_the_merged_control_where_eval_json_has_them():
+    def run(accuracy, merged, agreement):
+        return {
+            "n": 144,
+            "accuracy": accuracy,
+            "ci95": {"accuracy": {"low": accuracy - 0.05, "high": accuracy + 0.04}},
+            "quantization_agreement": agreement,
+            "runtimes": {"merged": {"accuracy": merged, "ci95": {"accuracy": {"low": merged - 0.05, "high": 1.0}}}},
+        }
+
+    lines = seeds.report({1: run(0.9, 0.91, 0.993), 2: run(0.88, 0.9, 1.0)}).splitlines()
+    assert lines[1] == "| train.seed | test accuracy | merged PyTorch test accuracy | agreement with merged |"
+    assert lines[3] == "| 1 | 0.900 (0.850-0.940) | 0.910 (0.860-1.000) | 0.993 |"
+    assert lines[6].startswith("merged PyTorch test accuracy: mean 0.905, standard deviation 0.007 over 2 seeds")
+
+
 def test_seeds_refuses_a_seed_in_args_and_a_bad_count(capsys):
     with pytest.raises(OrtuneError, match="leave seed and train.seed out of ARGS"):
         seeds.run(2, ["train.seed=3"])

@@ -22,8 +22,18 @@ import yaml
 
 from ortune.errors import OrtuneError
 
-# (eval.json key, name in the report): the test split's headline and the validation split's
-FIGURES = (("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"), ("validation.accuracy", "validation accuracy"))
+# (eval.json key, name in the report): the test split's headline (the shipped model's), the merged PyTorch
+# model's on the same rows with the shipped model's agreement with it (the control of a quantization claim),
+# and the validation split's
+FIGURES = (
+    ("accuracy", "test accuracy"),
+    ("macro_f1", "test macro-F1"),
+    ("runtimes.merged.accuracy", "merged PyTorch test accuracy"),
+    ("quantization_agreement", "agreement with merged"),
+    ("validation.accuracy", "validation accuracy"),
+)
+# a figure's 95 % interval over the test rows, where eval.json has it, shown beside each seed's figure
+INTERVALS = {"accuracy": "ci95.accuracy", "runtimes.merged.accuracy": "runtimes.merged.ci95.accuracy"}
 
 
 def first_seed(params_text: str) -> int:
@@ -39,6 +49,15 @@ def figure(scores: dict, key: str) -> float | None:
     return scores if isinstance(scores, (int, float)) else None
 
 
+def cell(scores: dict, key: str) -> str:
+    """One seed's figure, with its 95 % interval over the test rows where eval.json has one."""
+    value = figure(scores, key)
+    if value is None:
+        return "-"
+    low, high = (figure(scores, f"{INTERVALS[key]}.{end}") if key in INTERVALS else None for end in ("low", "high"))
+    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
 def report(runs: dict[int, dict]) -> str:
     """A table of each seed's figures, then each figure's mean, sample standard deviation and range."""
     names = [(key, name) for key, name in FIGURES if any(figure(s, key) is not None for s in runs.values())]
@@ -49,7 +68,7 @@ def report(runs: dict[int, dict]) -> str:
         "|---" * (len(names) + 1) + "|",
     ]
     for seed, scores in runs.items():
-        cells = [f"{figure(scores, key):.3f}" if figure(scores, key) is not None else "-" for key, _ in names]
+        cells = [cell(scores, key) for key, _ in names]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     for key, name in names:
         values = [v for v in (figure(s, key) for s in runs.values()) if v is not None]
