@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from ortune.records import FORMATS
 from ortune.errors import OrtuneError
+from ortune.records import FORMATS
 
 # scheme -> the `dvc[...]` extra (and its module) that lets DVC read it; http(s) ships with dvc
 PLUGINS = {
