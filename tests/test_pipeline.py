@@ -1,6 +1,6 @@
 """End to end on the tiny default, through `make all` exactly as a user runs it, in a fresh clone.
 
-Slow (about two minutes on 2 cores); CI runs it as part of `make test`.
+Slow (about two minutes on 2 cores); CI runs it in `make test-slow`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The generative example on the real default model (SmolLM2-135M-Instruct, offline): `make all
 ARGS="data=extract ..."` in a fresh clone, kept short (a few training steps, a slice of the test rows), as
-tests/test_real_model.py runs the default. Slow (several minutes on 2 cores); CI runs it in `make test`."""
+tests/test_real_model.py runs the default. Slow (several minutes on 2 cores); CI runs it in `make test-slow`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The default `make all` as a new user runs it: the real SmolLM2-135M-Instruct, offline, every stage.
 
-Slow (about 10 minutes on 2 cores); CI runs it as part of `make test`.
+Slow (about 10 minutes on 2 cores); CI runs it in `make test-slow`.
 """
 
 from __future__ import annotations

@@ -34,13 +34,17 @@ def test_requirements_are_exact_pins_with_cpu_torch():
 
 
 def commands(text: str) -> list[str]:
-    """Shell lines, comments and surrounding space dropped (`make test-fast` is not `make test`)."""
+    """Shell lines, comments and surrounding space dropped (`make test-slow` is not `make test`)."""
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
 def test_ci_runs_the_readme_commands():
     ci = commands((REPO / ".ci/run").read_text())
-    assert ci.index("make setup") < ci.index("make test")
+    assert ci.index("make setup") < ci.index("make test") < ci.index("make test-slow")
+    # make test leaves out the slow tests, make test-slow runs only them: together, every test once
+    makefile = (REPO / "Makefile").read_text()
+    assert '$(PY) -m pytest -q -m "not slow"' in makefile.split("\ntest:")[1].split("\n\n")[0]
+    assert "$(PY) -m pytest -q -m slow" in makefile.split("\ntest-slow:")[1].split("\n\n")[0]
     readme = commands((REPO / "README.md").read_text())
     assert "make setup" in readme and "make test" in readme
 
