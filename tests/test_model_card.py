@@ -51,11 +51,11 @@ def test_the_card_carries_the_hubs_metadata_block_with_the_parity_figures():
     # the text says what it said before the metadata block existed
     assert card.text.startswith("\n# m fine-tuned for a, b (int4/cpu ONNX)\n")
     assert "- Base model: `org/base` at revision `abc123`" in text and "| precision | `int4` |" in text
-    assert "| model | 8 | 1.23e-02 | 0.875 | t | False |" in text and "not run: no CPU kernel" in text
+    assert "| model | 8 | 1.23e-02 | 0.875 | `t` | False |" in text and "not run: no CPU kernel" in text
     # the validation split it was measured on, and the test split the accuracy is reported on, are named
     assert "Parity with PyTorch (validation prompts)" in text and "accuracy on the test split" in text
     with_interval = render({}, parity={**PARITY, "label_agreement_ci95": {"low": 0.625, "high": 1.0}})
-    assert "| model | 8 | 1.23e-02 | 0.875 (95 % interval 0.625-1.000) | t | False |" in with_interval
+    assert "| model | 8 | 1.23e-02 | 0.875 (95 % interval 0.625-1.000) | `t` | False |" in with_interval
 
 
 def test_a_gguf_or_local_base_names_no_hub_model_and_a_card_without_parity_has_no_model_index():
