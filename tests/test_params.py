@@ -196,3 +196,18 @@ def test_make_params_refuses_a_pair_the_builder_does_not_support_in_one_line(wor
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: conf/ + overrides: precision=fp16 with onnx.execution_provider=cpu is not a pair")
     assert "valid pairs:" in error and "\n" not in error and workspace.current() == before
+
+
+def test_the_committed_params_yaml_is_what_conf_composes():
+    """A fresh clone's `make all` refuses a params.yaml that conf/ does not compose (it would be an applied
+    experiment's): a change to conf/ must commit params.yaml composed again (`make params`)."""
+    import subprocess
+
+    from ortune.pipeline import composed_text
+
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if committed.returncode != 0:
+        pytest.skip("not a git checkout with a commit")
+    assert committed.stdout == composed_text([]), "params.yaml is stale: run `make params` and commit it"
