@@ -22,6 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# the dataset block of a model card's provenance (ortune.model_card.render's `dataset`)
+CARD_DATASET = {
+    "path": "d.jsonl",
+    "sha256": "0" * 64,
+    "train_rows": 1,
+    "validation_rows": 1,
+    "test_rows": 1,
+    "train_sha256": "1" * 64,
+    "validation_sha256": "2" * 64,
+    "test_sha256": "3" * 64,
+}
+
+
 def full(*overrides: str):
     return config.validate(config.compose(list(overrides), config_dir=REPO / "conf"), "test")
 
@@ -222,16 +235,7 @@ def test_model_card_names_the_gguf_and_its_digest():
             "gguf_package_version": "0.1.2",
             "gguf_sha256": "ab" * 32,
         },
-        dataset={
-            "path": "d.jsonl",
-            "sha256": "0" * 64,
-            "train_rows": 1,
-            "validation_rows": 1,
-            "test_rows": 1,
-            "train_sha256": "1" * 64,
-            "validation_sha256": "2" * 64,
-            "test_sha256": "3" * 64,
-        },
+        dataset=CARD_DATASET,
         settings={},
         lora={
             "r": 8,
@@ -421,18 +425,8 @@ def test_the_card_names_what_was_loaded_with_its_license_and_base_model():
             "license": "apache-2.0",
             "base_model": "Qwen/Qwen2-0.5B",
         },
-        dataset={
-            "path": "d.jsonl",
-            "sha256": "0" * 64,
-            "eval_rows": 1,  # the split's names before and after the validation/test split
-            "eval_sha256": "2" * 64,
-            "train_rows": 1,
-            "validation_rows": 1,
-            "test_rows": 1,
-            "train_sha256": "1" * 64,
-            "validation_sha256": "2" * 64,
-            "test_sha256": "3" * 64,
-        },
+        # the split's names before and after the validation/test split
+        dataset={**CARD_DATASET, "eval_rows": 1, "eval_sha256": "2" * 64},
         settings={},
         lora=None,
         metrics={"precision": "int4", "execution_provider": "cpu", "size_mb": 1.0, "build_seconds": 1.0},
