@@ -23,15 +23,11 @@ zero-shot and eval.baseline_shots-shot.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import baselines, data, evaluation, freetext, intervals, plots, stage, tasks, tracking
-from ortune.artifacts import write_text_atomic
-from ortune.metrics import UNPARSED
+from ortune import baselines, data, evaluation, freetext, label_report, stage, tasks, tracking
 
 log = logging.getLogger("ortune")
 
@@ -78,59 +74,7 @@ def run(cfg: DictConfig) -> dict:
             results[name] = {**results["prompted"], **variant, "shots": 0}
     if generation:  # free text: scored as text, not parsed into labels
         return judge_free_text(cfg, rows, prompts, results, validation)
-    e = cfg.eval
-    metrics, predictions = evaluation.summarize(
-        rows, labels, train, results, validation, e.bootstrap_resamples, e.bootstrap_seed
-    )
-    metrics["judged"] = judged_on(cfg)
-    lines = evaluation.prediction_rows(rows, prompts, results, predictions)
-    write_text_atomic(
-        Path(cfg.paths.metrics) / "eval_predictions.jsonl",
-        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
-    )
-    matrix = evaluation.shipped_confusion(rows, labels, predictions)
-    png = Path(cfg.paths.plots) / "confusion_matrix.png"
-    plots.write_confusion_png(
-        matrix,
-        labels,
-        png,
-        f"ONNX model on {len(rows)} rows: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
-    )
-    plots.write_per_class_csv(metrics["per_class"], Path(cfg.paths.plots) / "per_class_f1.csv")
-    _log_media(tracking.current(), lines, labels, png)
-    for kind, scores in metrics["runtimes"].items():
-        log.info(
-            "%-7s accuracy %.3f, macro-F1 %.3f, unparsed %d, agrees with ONNX on %.1f%%",
-            kind,
-            scores["accuracy"],
-            scores["macro_f1"],
-            scores["unparsed"],
-            100 * scores["agreement_with_onnx"],
-        )
-    ci = metrics["ci95"]
-    log.info(
-        "shipped ONNX on %d test rows: accuracy %s, macro-F1 %s, TTFT %.1f ms, %.2f ms/token",
-        metrics["n"],
-        intervals.shown(metrics["accuracy"], ci["accuracy"]),
-        intervals.shown(metrics["macro_f1"], ci["macro_f1"]),
-        metrics["ttft_ms"],
-        metrics["ms_per_token"],
-    )
-    for name, scores in metrics["baselines"].items():
-        log.info("baseline %-16s accuracy %s", name, intervals.shown(scores["accuracy"], scores["ci95"]["accuracy"]))
-    log.info(
-        "gain over the strongest baseline (%s): %s",
-        metrics["strongest_baseline"]["name"],
-        intervals.shown(metrics["gain_over_strongest_baseline"], ci["gain_over_strongest_baseline"]),
-    )
-    return metrics
-
-
-def judged_on(cfg: DictConfig) -> dict:
-    """What the headline was measured on, for the summary to say: the prepared test split, or a file."""
-    path = Path(cfg.eval.path)
-    prepared = path.resolve().parent == Path(cfg.paths.prepared).resolve()
-    return {"split": f"{path.stem} split" if prepared else f"file {path}"}
+    return label_report.report(cfg, rows, prompts, labels, train, results, validation)
 
 
 def judge_free_text(
@@ -140,44 +84,13 @@ def judge_free_text(
     metrics, per_row = freetext.summarize(
         rows, results, freetext.new_tokens(cfg), validation, e.bootstrap_resamples, e.bootstrap_seed
     )
-    metrics["judged"] = judged_on(cfg)
+    metrics["judged"] = evaluation.judged_on(cfg)
     lines = freetext.prediction_rows(rows, prompts, results, per_row)
-    write_text_atomic(
-        Path(cfg.paths.metrics) / "eval_predictions.jsonl",
-        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
-    )
+    evaluation.write_predictions(cfg, lines)
     freetext.write_plots(metrics, cfg.paths.plots)
     freetext.log_media(tracking.current(), lines)
     freetext.log_summary(metrics)
     return metrics
-
-
-def _log_media(tracker: tracking.Tracker, lines: list[dict], labels: list[str], png: Path) -> None:
-    """The W&B confusion matrix and predictions table (the numbers go through stage.main)."""
-    if not tracker.active:
-        return
-    import wandb
-
-    others = [kind for kind in lines[0]["predictions"] if kind != "onnx"] if lines else []
-    table = wandb.Table(columns=["text", "label", "prediction", "generation", *(f"prediction_{k}" for k in others)])
-    for line in lines:
-        table.add_data(
-            line["prompt"],
-            line["label"],
-            line["prediction"] or UNPARSED,
-            line["generation"],
-            *(line["predictions"][k] or UNPARSED for k in others),
-        )
-    classes = [*labels, UNPARSED]
-    truth = [classes.index(line["label"]) for line in lines]
-    predicted = [classes.index(line["prediction"] or UNPARSED) for line in lines]
-    tracker.log_media(
-        {
-            "eval/predictions": table,
-            "eval/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted, class_names=classes),
-            "eval/confusion_matrix_png": wandb.Image(str(png)),
-        }
-    )
 
 
 if __name__ == "__main__":

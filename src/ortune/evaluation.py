@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ortune import baselines, data, intervals, tasks
-from ortune.artifacts import folder_megabytes
+from ortune.artifacts import folder_megabytes, write_text_atomic
 from ortune.config import EVAL_COMPARABLE
 from ortune.errors import OrtuneError
 from ortune.freetext import new_tokens
@@ -445,3 +445,18 @@ def prediction_rows(
 
 def shipped_confusion(rows: list[dict], labels: list[str], predictions: dict[str, list]) -> list[list[int]]:
     return confusion_matrix([r["label"] for r in rows], predictions["onnx"], labels)
+
+
+def judged_on(cfg: DictConfig) -> dict:
+    """What the headline was measured on, for the summary to say: the prepared test split, or a file."""
+    path = Path(cfg.eval.path)
+    prepared = path.resolve().parent == Path(cfg.paths.prepared).resolve()
+    return {"split": f"{path.stem} split" if prepared else f"file {path}"}
+
+
+def write_predictions(cfg: DictConfig, lines: list[dict]) -> None:
+    """metrics/eval_predictions.jsonl: one JSON line per judged row, written whole or not at all."""
+    write_text_atomic(
+        Path(cfg.paths.metrics) / "eval_predictions.jsonl",
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+    )
