@@ -130,3 +130,55 @@ def test_every_section_and_page_a_comment_points_at_exists():
         broken += [f'{rel}: README "{s}"' for s in SECTION_POINTER.findall(text) if s.strip().lower() not in headings]
         broken += [f"{rel}: {page}" for page in PAGE_POINTER.findall(text) if not (REPO / page).is_file()]
     assert not broken, f"comments point at sections or pages that do not exist: {broken}"
+
+
+# `make bench`'s figures have one home, bench/results.json; bench/results.md and the README's block are
+# rendered from it, and prose elsewhere may quote a figure only as results.md shows it (rounded).
+BENCH_CLAUSE = re.compile(r"make bench|bench/results\.md")
+TIMED = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?(?:s|ms/token)\b")
+
+
+def test_results_md_and_the_readme_block_are_what_results_json_renders():
+    from ortune_bench import results as report  # bench/ortune_bench/ (pyproject's pytest pythonpath)
+
+    recorded = report.load_results(REPO / "bench" / "results.json")
+    assert (REPO / "bench" / "results.md").read_text(encoding="utf-8") == report.render_results(recorded)
+    start, end = report.README_MARKERS
+    block = (REPO / "README.md").read_text(encoding="utf-8").split(start, 1)[1].split(end, 1)[0]
+    assert block == "\n" + report.render_results(recorded, compact=True)
+
+
+def quoted_bench_figures(text: str) -> list[str]:
+    """Times quoted in a clause (split at '. ', ';' and paragraph ends) that names `make bench` or
+    bench/results.md as their source."""
+    clauses = re.split(r"(?<=[.;])\s+|\n\s*\n", FENCE.sub("", text))
+    return [figure for clause in clauses if BENCH_CLAUSE.search(clause) for figure in TIMED.findall(clause)]
+
+
+def holds(source: str, figure: str) -> bool:
+    """The source shows the figure at the quoted precision (353 s quotes results.md's 352.9 s)."""
+    places = len(figure.partition(".")[2])
+    return any(
+        round(float(number), places) == float(figure) for number in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", source)
+    )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_figures_quoted_from_make_bench_are_what_bench_results_md_shows(page):
+    """docs/real-models.md once said 353 s where bench/NOTES.md had measured 340 s: a page that cites
+    `make bench` for a time quotes the time the latest results hold, or links instead of quoting."""
+    source = (REPO / "bench" / "results.md").read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
+    if page.name == "README.md":  # the block between the markers is results.json's own rendering
+        start, end = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+        text = text.split(start, 1)[0] + text.split(end, 1)[1]
+    stale = [figure for figure in quoted_bench_figures(text) if not holds(source, figure)]
+    assert not stale, f"{page_id(page)} quotes make bench figures that bench/results.md does not show: {stale}"
+
+
+def test_a_stale_bench_figure_is_caught():
+    """The check itself: a time bench/results.md holds passes, one it does not hold is reported."""
+    assert holds("| make all | 352.9 s |", "353") and holds("| make all | 352.9 s |", "352.9")
+    assert not holds("| make all | 352.9 s |", "340")
+    text = "Timed by `make bench`'s pipeline table: 340 s, eval 66 s. It was 386 s before."
+    assert quoted_bench_figures(text) == ["340", "66"]
