@@ -17,6 +17,26 @@ os.environ.pop("DVC_STAGE", None)
 os.environ.pop("ORTUNE_WANDB_DIR", None)
 
 
+@pytest.fixture
+def in_repo(monkeypatch):
+    """Run from the repository root with no DVC stage variables, as `python scripts/x.py` by hand does
+    (data.path and the conf are relative to it)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_texts):
+    """A random 2-layer Phi-3 folder (export_helpers.TINY, seed 3) with a tokenizer trained on tiny_texts."""
+    from export_helpers import TINY
+    from ortune import modeling
+
+    out = tmp_path_factory.mktemp("tiny")
+    modeling.build_tiny_phi3(TINY, tiny_texts, seed=3, out_dir=out)
+    return out
+
+
 # The fast tests run on the tiny random model; the default of `make all` (conf/config.yaml) is the real
 # SmolLM2-135M, which tests/test_real_model.py runs end to end.
 TINY_MODEL = "model=tiny-phi3"

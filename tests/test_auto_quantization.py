@@ -18,9 +18,7 @@ def project(tmp_path_factory, tiny_texts):
     return make_project(tmp_path_factory.mktemp("auto"), tiny_texts)
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
+pytestmark = pytest.mark.usefixtures("in_repo")  # conftest: from the repository root
 
 
 def bits_by_node(model_dir) -> dict[str, int]:

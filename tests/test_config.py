@@ -14,13 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["lora.r=8", "precision=fp32", "train.learning_rate=5e-4"]
 
 
-@pytest.fixture
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-
-
 def test_params_yaml_is_byte_identical_to_dvcs_own_composition(in_repo, tmp_path):
     from dvc.utils.hydra import compose_and_dump
 

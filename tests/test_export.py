@@ -35,13 +35,6 @@ def attribute(model_dir: Path, node_name: str, attr: str):
     return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == attr)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_texts):
-    out = tmp_path_factory.mktemp("tiny")
-    modeling.build_tiny_phi3(TINY, tiny_texts, seed=3, out_dir=out)
-    return out
-
-
 def build(model_dir: Path, out: Path, precision: str, provider: str = "cpu", *overrides: str, options=None) -> Path:
     if options is None:
         onnx_cfg = config.validate(

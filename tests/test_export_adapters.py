@@ -25,9 +25,7 @@ def project(tmp_path_factory, tiny_texts):
     return make_project(tmp_path_factory.mktemp("export-adapters"), tiny_texts, seed=7)
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
+pytestmark = pytest.mark.usefixtures("in_repo")  # conftest: from the repository root
 
 
 def test_the_builder_bakes_the_adapter_into_a_fixed_graph(project, tmp_path):

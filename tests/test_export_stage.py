@@ -19,9 +19,7 @@ def project(tmp_path_factory, tiny_texts):
     return make_project(tmp_path_factory.mktemp("export-stage"), tiny_texts)
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)  # data.path is relative to the repo, as under DVC
+pytestmark = pytest.mark.usefixtures("in_repo")  # conftest: from the repository root
 
 
 def test_fp32_build_matches_pytorch_to_rounding(project):

@@ -19,13 +19,6 @@ def digest(folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_texts):
-    out = tmp_path_factory.mktemp("tiny")
-    modeling.build_tiny_phi3(TINY, tiny_texts, seed=3, out_dir=out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "fp32"
     out.mkdir()

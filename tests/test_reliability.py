@@ -30,13 +30,6 @@ TINY = OmegaConf.create(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_texts):
-    out = tmp_path_factory.mktemp("tiny-rel")
-    modeling.build_tiny_phi3(TINY, tiny_texts, seed=0, out_dir=out)
-    return out
-
-
 def test_label_outside_the_configured_set_names_row_and_label(make_cfg, tmp_path):
     import prepare_data
 
@@ -219,8 +212,8 @@ def test_adapter_for_another_base_explains_the_shape_mismatch(tiny_model, tiny_t
 
     import merge
 
-    other = tmp_path / "other-base"
-    modeling.build_tiny_phi3(OmegaConf.merge(TINY, {"hidden_size": 64}), tiny_texts, seed=0, out_dir=other)
+    other = tmp_path / "other-base"  # wider than conftest's tiny_model (hidden 64)
+    modeling.build_tiny_phi3(OmegaConf.merge(TINY, {"hidden_size": 128}), tiny_texts, seed=0, out_dir=other)
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(modeling.load_causal_lm(other), LoraConfig(r=4, target_modules=["qkv_proj"]))
     peft_model.save_pretrained(adapter)

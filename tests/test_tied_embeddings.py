@@ -84,9 +84,7 @@ def project(tmp_path_factory, tiny_texts):
     return root
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
+pytestmark = pytest.mark.usefixtures("in_repo")  # conftest: from the repository root
 
 
 @pytest.mark.slow
