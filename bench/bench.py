@@ -6,6 +6,7 @@ partial runs: bench/.cache/ only). Built models are cached in bench/.cache/.
     python bench/bench.py --quick
     python bench/bench.py --variant "onnx.block_size=64" --no-pipeline   # compare a setting side by side
     python bench/bench.py --models smollm2 --no-pipeline                  # the real model only
+    python bench/bench.py --no-decode --pipelines extract                 # one make all, timed
 
 Decode, two models, each exported by ortune's own build_onnx stage at int4 (ortune's defaults), int8
 and fp32 and timed beside PyTorch fp32 and bf16 `generate`: batch 1, greedy, exactly 64 new tokens
@@ -28,12 +29,15 @@ the mean KV cache read over the 64 steps. Activations, logits and KV writes (a f
 left out, so the floor is a bound. Where the weights fit in the last-level cache (QUICK's model;
 the 271M model's int4 weights on a CPU with hundreds of MB of L3), "% of floor" can pass 100.
 
-Pipeline: `make all` from a clean throwaway clone of this working tree, twice: the default (the real
-model, goal 6 minutes on 2 cores) and the tiny smoke run (`ARGS=model=tiny-phi3`, goal 90 s): wall
-time, imports included, and time per stage from the timestamps of DVC's "Running stage" lines; a
-no-op `dvc repro`, training tokens/s and padding waste (from the run's metrics/train.json), and
-the label agreement of the shipped model with PyTorch on the eval split (build_onnx's parity
-check). QUICK (`make bench QUICK=1`, under a minute, run by CI) skips it (`make test` runs the same
+Pipeline: `make all` from a clean throwaway clone of this working tree, three times: the default (the
+real model, goal 6 minutes on 2 cores), the tiny smoke run (`ARGS=model=tiny-phi3`, goal 90 s) and the
+free-text example (`ARGS=data=extract`, the real model, goal 10 minutes): wall time, imports included,
+and time per stage from the timestamps of DVC's "Running stage" lines; a no-op `dvc repro`, training
+tokens/s and padding waste (from the run's metrics/train.json), the shipped model's agreement with
+PyTorch (build_onnx's parity check: labels, or whole greedy outputs for free text) and its headline on
+the test split beside the strongest baseline; each run's metrics/ is kept in
+bench/.cache/pipelines/<name>/. `--pipelines extract --no-decode` times one of them alone (a partial
+run: bench/.cache/partial/). QUICK (`make bench QUICK=1`, under a minute, run by CI) skips it (`make test` runs the same
 pipeline end to end) and the real model, and decodes 32 tokens with a 46M-parameter random model,
 1 warm-up and 2 timed rounds.
 
@@ -78,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-pipeline", action="store_true", help="skip the `make all` timing")
     parser.add_argument(
+        "--pipelines",
+        default=None,
+        help=f"comma-separated subset of the `make all` runs timed ({', '.join(name for name, _, _ in PIPELINES)})",
+    )
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode timing (time pipelines only)")
+    parser.add_argument(
         "--retry-budget",
         type=float,
         default=None,
@@ -93,7 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     default_out = ROOT / "bench"
     # only a full default run replaces the committed results (and the README table); QUICK and partial
     # runs (--variant, --engines, --models, --no-pipeline) write to the git-ignored cache unless --out says so
-    partial = args.quick or args.variant or args.engines or args.models or args.no_pipeline or args.retry_budget
+    partial = (
+        args.quick
+        or args.variant
+        or args.engines
+        or args.models
+        or args.no_pipeline
+        or args.retry_budget
+        or args.pipelines
+        or args.no_decode
+    )
+    pipelines = PIPELINES
+    if args.pipelines:
+        wanted = [name.strip() for name in args.pipelines.split(",")]
+        unknown = sorted(set(wanted) - {name for name, _, _ in PIPELINES})
+        if unknown:
+            parser.error(
+                f"--pipelines: no pipeline {', '.join(unknown)}; choose from {', '.join(n for n, _, _ in PIPELINES)}"
+            )
+        pipelines = tuple(p for p in PIPELINES if p[0] in wanted)
     args.out = args.out or (cache_dir() / ("quick" if args.quick else "partial") if partial else default_out)
 
     def log(message: str) -> None:
@@ -114,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     run: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": args.quick, "machine": machine_info()}
     log(f"CPU family: {run['machine']['cpu_family']['name']} ({run['machine']['cpu_detail']})")
     run["decode"] = []
-    for spec in specs:
+    for spec in [] if args.no_decode else specs:
         log(f"decode benchmark ({'QUICK' if args.quick else 'full'}, {spec.name} model): building / loading engines")
         budget = args.retry_budget if args.retry_budget is not None else 10.0 if args.quick else 900.0
         run["decode"].append(
@@ -128,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         log("pipeline benchmark: make all in throwaway clones")
-        run["pipeline"] = [run_pipeline(name, overrides, goal, log) for name, overrides, goal in PIPELINES]
+        run["pipeline"] = [run_pipeline(name, overrides, goal, log) for name, overrides, goal in pipelines]
     run["bench_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     from ortune.artifacts import write_json_atomic, write_text_atomic

@@ -231,6 +231,62 @@ def test_report_renders_every_engine_and_the_pipeline(tmp_path):
     assert "Pipeline: skipped in QUICK mode." in report.render_markdown(results)
 
 
+def test_a_free_text_pipeline_reports_identical_outputs_and_its_exact_match_beside_the_baseline():
+    """data=extract's make all (issue 21's targets): the gate row says whole outputs, not labels, and the
+    headline is exact match on the test split with its interval and the gain over the strongest baseline."""
+    scores = {
+        "exact_match": 0.317,
+        "n": 120,
+        "ci95": {"exact_match": {"low": 0.233, "high": 0.4}},
+        "gain_over_strongest_baseline": 0.192,
+        "strongest_baseline": {"name": "prompted", "exact_match": 0.125},
+    }
+    headline = pipeline.headline(scores)
+    assert headline["metric"] == "exact_match" and headline["value"] == 0.317 and headline["n"] == 120
+    assert pipeline.headline({"accuracy": 0.9, "n": 144})["metric"] == "accuracy"
+    run = {
+        "name": "extract",
+        "overrides": "data=extract",
+        "goal_s": 600.0,
+        "model": "smollm2-135m",
+        "make_all_s": 795.0,
+        "stages_s": {"eval": 253.0},
+        "outside_stages_s": 2.0,
+        "noop_repro_s": 0.9,
+        "noop_make_all_s": 3.0,
+        "train_tokens_per_s": 157.0,
+        "padding_waste": 0.05,
+        "label_agreement": {"int4_vs_torch_fp32": 1.0, "n": 48},
+        "free_text": True,
+        "headline": headline,
+    }
+    markdown = "\n".join(report.pipeline_markdown([run]))
+    assert (
+        '| `make all ARGS="data=extract"` from clean, wall (imports included) | 795.0 s | ≤ 600 s (not met) |'
+        in markdown
+    )
+    assert (
+        "greedy outputs identical to PyTorch fp32's (validation prompts, build_onnx gate) | 100.0% of 48 | ≥ 95 % |"
+        in markdown
+    )
+    assert "| shipped model's exact match, test split (n = 120) | 0.317 (0.233-0.400) | |" in markdown
+    assert "| gain over the strongest baseline (prompted) | +0.192 | |" in markdown
+    labels = "\n".join(report.pipeline_markdown([{**run, "free_text": False, "headline": None}]))
+    assert "label agreement with PyTorch fp32" in labels and "exact match" not in labels
+    assert [name for name, _, _ in pipeline.PIPELINES] == ["default", "tiny", "extract"]
+
+
+def test_bench_times_only_the_pipelines_asked_and_refuses_an_unknown_one(capsys):
+    import bench  # bench/bench.py
+
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--no-decode", "--pipelines", "extract,nope"])
+    assert (
+        exited.value.code == 2
+        and "--pipelines: no pipeline nope; choose from default, tiny, extract" in capsys.readouterr().err
+    )
+
+
 def test_contention_is_the_cpu_other_processes_used_per_second():
     before, after = (100.0, 10.0, 0.0), (103.0, 11.5, 2.0)  # machine busy 3 s, this process 1.5 s, in 2 s
     assert machine.other_cores(before, after) == pytest.approx(0.75)
