@@ -127,3 +127,16 @@ def make_in_clone(project, *args: str, timeout: int = 3600, check: bool = True):
     if check:
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done
+
+
+def make_output(project, *args: str, timeout: int = 3600) -> str:
+    """What a user sees of a successful `make ARGS...` in a clone_project() clone: stdout then stderr."""
+    done = make_in_clone(project, *args, timeout=timeout)
+    return done.stdout + done.stderr
+
+
+def run_metrics(root: Path, name: str) -> dict:
+    """metrics/<name> of a run in a clone."""
+    import json
+
+    return json.loads((root / "metrics" / name).read_text())

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 import fetch_model
-from conftest import clone_project, make_in_clone, ran_stages
+from conftest import clone_project, ran_stages
+from conftest import make_output as make
 from ortune import config
 from ortune.errors import OrtuneError
 
@@ -207,11 +208,6 @@ def project(tmp_path_factory):
     need_gemma()
     # params.yaml composed afresh for this model: the run reads conf/ as committed, not a stale params.yaml
     return clone_project(tmp_path_factory, "gemma", tiny=False, params=("model=gemma3-270m",), WANDB_MODE="disabled")
-
-
-def make(project, *args: str) -> str:
-    done = make_in_clone(project, *args, timeout=3600)
-    return done.stdout + done.stderr
 
 
 def stage(project, script: str, *overrides: str) -> None:

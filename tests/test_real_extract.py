@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from conftest import clone_project, make_in_clone, ran_stages
+from conftest import clone_project, ran_stages
+from conftest import make_output as make
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -17,11 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 def project(tmp_path_factory):
     # params.yaml composed in the clone (the workspace's may hold another run's settings)
     return clone_project(tmp_path_factory, "real-extract", tiny=False, params=("data=extract",), WANDB_MODE="disabled")
-
-
-def make(project, *args: str) -> str:
-    done = make_in_clone(project, *args, timeout=3600)
-    return done.stdout + done.stderr
 
 
 def test_the_extraction_dataset_fine_tunes_the_real_model_into_json(project):

@@ -5,11 +5,11 @@ Slow (about 10 minutes on 2 cores); CI runs it in `make test-slow`.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import clone_project, make_in_clone, ran_stages
+from conftest import clone_project, ran_stages
+from conftest import make_output as make
+from conftest import run_metrics as metrics
 
 # the default run takes ~10 min on 2 quiet cores; the global 30 min limit is too tight for a busy machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -18,15 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return clone_project(tmp_path_factory, "real", tiny=False, WANDB_MODE="disabled")
-
-
-def make(project, *args: str) -> str:
-    done = make_in_clone(project, *args, timeout=3600)
-    return done.stdout + done.stderr
-
-
-def metrics(root, name: str) -> dict:
-    return json.loads((root / "metrics" / name).read_text())
 
 
 def test_default_make_all_fine_tunes_the_real_model_and_ships_what_keeps_its_labels(project):

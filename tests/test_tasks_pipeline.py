@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from conftest import clone_project, make_in_clone, ran_stages
+from conftest import clone_project, make_output, ran_stages
+from conftest import run_metrics as metrics
 
 pytestmark = pytest.mark.slow
 EVERY_STAGE = {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
@@ -67,15 +68,6 @@ def project(tmp_path_factory):
     return root, env
 
 
-def make(project, *args: str) -> str:
-    done = make_in_clone(project, *args, timeout=1500)
-    return done.stdout + done.stderr
-
-
-def metrics(root, name: str) -> dict:
-    return json.loads((root / "metrics" / name).read_text())
-
-
 def test_free_text_answers_train_ship_through_the_gate_and_print_as_text(project):
     root, _ = project
     # trained through the int4 grid (train.method=qat) and built int4 with float activations: the shipped
@@ -85,7 +77,7 @@ def test_free_text_answers_train_ship_through_the_gate_and_print_as_text(project
         "data.output_column=answer data.template.prompt='Q: {question}\\nA: ' train.method=qat lora.dropout=0 "
         "onnx.block_size=32 onnx.accuracy_level=1 train.num_train_epochs=12"
     )
-    assert ran_stages(make(project, "all", args)) == EVERY_STAGE
+    assert ran_stages(make_output(project, "all", args)) == EVERY_STAGE
     data, evaluation, onnx = metrics(root, "data.json"), metrics(root, "eval.json"), metrics(root, "onnx.json")
     assert data["task"] == "generation" and data["rows_read"] == 90
     for key in ("exact_match", "token_f1", "chrf", "rouge_l", "bleu", "json_valid", "json_field_f1"):
@@ -99,10 +91,10 @@ def test_free_text_answers_train_ship_through_the_gate_and_print_as_text(project
     lines = [json.loads(line) for line in (root / "metrics/eval_predictions.jsonl").read_text().splitlines()]
     assert len(lines) == evaluation["n"] and {"prompt", "reference", "generations", "scores"} <= set(lines[0])
     assert lines[0]["prompt"].startswith("Q: What is") and "\nA: " in lines[0]["prompt"]  # \n typed in ARGS
-    answer = make(project, "predict", "TEXT=What is the answer to question 3?")
+    answer = make_output(project, "predict", "TEXT=What is the answer to question 3?")
     task = json.loads((root / "models/onnx/ortune.json").read_text())
     assert task["task"] == "generation" and answer.strip() and answer.strip() != "?"
-    make(project, "plots")  # the report ends with the rows, worst first
+    make_output(project, "plots")  # the report ends with the rows, worst first
     assert "Per-row predictions (free text): all" in (root / "dvc_plots/index.html").read_text(encoding="utf-8")
 
 
@@ -114,7 +106,7 @@ def test_alpaca_rows_with_empty_inputs_run_end_to_end(project):
         "### Response:\\n' data.template.prompt_no_input='### Instruction:\\n{instruction}\\n### Response:\\n' "
         "data.template.completion='{output}' precision=fp32"
     )
-    make(project, "all", args)
+    make_output(project, "all", args)
     lines = [json.loads(line) for line in (root / "metrics/eval_predictions.jsonl").read_text().splitlines()]
     with_input = [line for line in lines if "### Input:" in line["prompt"]]
     assert with_input and len(with_input) < len(lines)  # both templates reached the eval
@@ -125,7 +117,9 @@ def test_alpaca_rows_with_empty_inputs_run_end_to_end(project):
 
 def test_multi_turn_conversations_train_every_assistant_turn(project):
     root, _ = project
-    make(project, "all", "ARGS=data.path=data/raw/chats.jsonl data.task=generation data.format=messages precision=fp32")
+    make_output(
+        project, "all", "ARGS=data.path=data/raw/chats.jsonl data.task=generation data.format=messages precision=fp32"
+    )
     data = metrics(root, "data.json")
     assert data["train_rows"] == 2 * data["train_source_rows"]  # two assistant turns per conversation
     lines = [json.loads(line) for line in (root / "metrics/eval_predictions.jsonl").read_text().splitlines()]
