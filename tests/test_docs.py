@@ -182,3 +182,30 @@ def test_a_stale_bench_figure_is_caught():
     assert not holds("| make all | 352.9 s |", "340")
     text = "Timed by `make bench`'s pipeline table: 340 s, eval 66 s. It was 386 s before."
     assert quoted_bench_figures(text) == ["340", "66"]
+
+
+def library_modules() -> set[str]:
+    """src/ortune's modules and packages, as docs name them (`settings/`, `data`)."""
+    root = REPO / "src" / "ortune"
+    modules = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    return modules | {f"{p.name}/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("__")}
+
+
+def test_the_stages_page_names_every_library_module():
+    """docs/stages.md once said `config` held the schema after it moved to settings/, and listed `bench`
+    as a library module: the list of modules is checked against src/ortune itself."""
+    text = (REPO / "docs" / "stages.md").read_text(encoding="utf-8")
+    listed = text.split("Shared code lives in `src/ortune/`", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([\w/]+)`", listed))
+    missing = sorted(library_modules() - named)
+    assert not missing, f"docs/stages.md does not say what these modules do: {missing}"
+    unknown = sorted(n for n in named - library_modules() if re.fullmatch(r"[a-z_]+/?", n) and "/" not in n)
+    assert not unknown, f"docs/stages.md names modules src/ortune does not have: {unknown}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_ortune_module_a_page_names_exists(page):
+    # ortune.json is the file build_onnx writes beside the model, not a module
+    named = set(re.findall(r"\bortune\.(?!json\b)([a-z_]+)", page.read_text(encoding="utf-8")))
+    missing = sorted(n for n in named if n not in library_modules() and f"{n}/" not in library_modules())
+    assert not missing, f"{page_id(page)} names ortune modules that do not exist: {missing}"

@@ -3,8 +3,8 @@
 
 The first bug (onnxruntime-genai 0.18, builders/base.py `has_lm_head`): while walking the model's modules,
 the builder takes ANY Linear layer with `out_features == vocab_size` for the LM head. A Phi-3 whose
-fused gate_up_proj is as wide as the vocabulary (2 * intermediate_size == vocab_size, as in ortune's
-tiny default: 2 * 512 == 1024) gets the MLP projection wired in as a second LM head, and the exported
+fused gate_up_proj is as wide as the vocabulary (2 * intermediate_size == vocab_size, as in a tiny
+Phi-3 of intermediate 512 and vocabulary 1024) gets the MLP projection wired in as a second LM head, and the exported
 logits are wrong by ~0.6 while the build succeeds. The fix accepts a Linear as the LM head only if it
 is (or sits inside, for PEFT's modules_to_save wrapper) the model's output embedding.
 tests/test_export.py checks that the unpatched builder still has the bug, so the patch is dropped
