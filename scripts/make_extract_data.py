@@ -85,7 +85,8 @@ def prose(rng: random.Random, facts: dict, shown: dict) -> str:
     name, product = shown.get("name"), shown.get("product")
     subject = name or rng.choice(["A customer", "Someone", "A buyer", "One client", "A shopper"])
     verb = rng.choice(["bought", "ordered", "purchased", "picked up", "paid for", "got"])
-    thing = f"{'an' if product[0] in 'aeiou' else 'a'} {product}" if product else rng.choice(["an item", "something", "one article", "a gift"])
+    article = "an" if product and product[0] in "aeiou" else "a"
+    thing = f"{article} {product}" if product else rng.choice(["an item", "something", "one article", "a gift"])
     clauses = []
     if "amount" in shown:
         clauses.append(
