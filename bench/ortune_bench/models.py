@@ -76,17 +76,25 @@ class PackagedGguf:
         return hashlib.sha256(f"{self.package} {version} {self.file}".encode()).hexdigest()[:10]
 
     def build(self, out_dir: Path) -> Path:
-        """fetch_model's own conversion (ortune.modeling), into the bench's cache."""
+        """fetch_model's own steps (ortune.modeling): the conf entry's pinned package, found (or assembled from
+        its chunks) and hash-checked, then converted to float32 safetensors, into the bench's cache."""
         if (out_dir / "config.json").is_file():
             return out_dir
-        from types import SimpleNamespace
-
+        from ortune import config
         from ortune.artifacts import atomic_dir
-        from ortune.modeling import convert_gguf, packaged_gguf
+        from ortune.modeling import check_sha256, convert_gguf, packaged_gguf
 
-        gguf, _ = packaged_gguf(SimpleNamespace(name=self.package, file=self.file))
-        with atomic_dir(out_dir) as tmp:
-            convert_gguf(gguf, tmp, f"bench: {self.package} {self.file}")
+        composed = config.compose([f"model={self.conf_model}"], config_dir=ROOT / "conf")
+        package = config.validate(composed, f"conf/model/{self.conf_model}.yaml").model.gguf_package
+        with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as work:
+            gguf, _ = packaged_gguf(package, Path(work))
+            digest = check_sha256(
+                gguf,
+                package.sha256,
+                f"conf/model/{self.conf_model}.yaml: model.gguf_package.sha256",
+                f"the installed {package.name} is not the pinned one: reinstall it with `{package.setup}`",
+            )
+            convert_gguf(gguf, tmp, f"bench: {package.name} {package.file}", digest)
         return out_dir
 
     def describe(self, model: dict) -> str:
