@@ -51,3 +51,15 @@ def test_a_clone_holds_the_working_tree_committed_isolated_and_on_the_chosen_mod
     assert not any((clone / output).exists() for output in ("metrics", "plots", "dvc_plots")), "run outputs left out"
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, env=env, capture_output=True, text=True)
     assert status.stdout == "", "everything the clone holds is committed"
+
+
+def test_a_clone_of_a_detached_checkout_is_on_branch_main(tmp_path):
+    """The docs' sharing flow (tests/test_pipeline.py) pushes `main`: run from a detached worktree (or any other
+    branch), the clone followed the source's HEAD and that push failed with "src refspec main"."""
+    source = tmp_path / "source"
+    _workspace(source)
+    subprocess.run(["git", "checkout", "-q", "--detach"], cwd=source, check=True)
+    clone = tmp_path / "ortune"
+    env = clone_workspace(source, clone, tmp_path / "home")
+    branch = subprocess.run(["git", "branch", "--show-current"], cwd=clone, env=env, capture_output=True, text=True)
+    assert branch.stdout.strip() == "main"

@@ -78,5 +78,8 @@ def clone_workspace(
             capture_output=True,
         )
     subprocess.run(["git", "add", "-A"], cwd=dest, env=environment, check=True)
+    # on branch main whatever the source is on (a detached worktree, a feature branch): the docs' commands
+    # the tests replay push `main`
+    subprocess.run(["git", "checkout", "-q", "-B", "main"], cwd=dest, env=environment, check=True)
     subprocess.run(["git", "commit", "-qm", "working tree", "--allow-empty"], cwd=dest, env=environment, check=True)
     return environment
