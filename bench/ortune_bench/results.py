@@ -195,7 +195,7 @@ def _one_pipeline_markdown(pipeline: dict) -> list[str]:
     same = (
         "greedy outputs identical to PyTorch fp32's (validation prompts, build_onnx gate)"
         if pipeline.get("free_text")
-        else "label agreement with PyTorch fp32 (build_onnx parity prompts: the validation split since the three-way split)"
+        else "label agreement with PyTorch fp32 (build_onnx parity: validation prompts since the three-way split)"
     )
     target = "≥ 95 %" if pipeline.get("free_text") else "≥ 98 %"
     command = f'`make all ARGS="{pipeline["overrides"]}"`' if pipeline.get("overrides") else "`make all`"
