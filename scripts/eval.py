@@ -81,6 +81,7 @@ def judge_free_text(
     cfg: DictConfig, rows: list[dict], prompts: list[str], results: dict, validation: list[dict]
 ) -> dict:
     e = cfg.eval
+    results = freetext.answers_as_read(results)  # a base model's text baseline ends at its first blank line
     metrics, per_row = freetext.summarize(
         rows, results, freetext.new_tokens(cfg), validation, e.bootstrap_resamples, e.bootstrap_seed
     )

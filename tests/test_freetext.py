@@ -278,3 +278,21 @@ def test_the_default_baseline_question_names_nothing_the_data_does_not(make_cfg)
     # a question set on the command line or by a data config wins
     assert make_cfg(*GENERATION, "eval.baseline_prompt='Answer: {input}'").eval.baseline_prompt == "Answer: {input}"
     assert "tone" not in make_cfg("data=extract").eval.baseline_prompt
+
+
+def test_a_text_baseline_is_read_up_to_its_first_blank_line_and_the_rest_left_alone():
+    """Gemma 3 270M (a base model, no chat template) answered the 1-shot extraction prompt with the right
+    one-line JSON and went on writing the next example until the token limit: scored whole, 0.000 exact
+    match on 120 rows; read up to the blank line that separates the prompt's examples, 0.117."""
+    answer = '{"name":"Tom Murphy","amount":5}'
+    results = {
+        "onnx": {"generations": [f"{answer}\n\nmore"]},
+        "prompted": {"generations": [f" {answer}\n\nExtract the customer's name"], "prompt_format": "text"},
+        "prompted_zero_shot": {"generations": ["\n\nJSON:\n{}\n\nText"], "prompt_format": "text"},
+        "chatted": {"generations": [f"{answer}\n\nmore"], "prompt_format": "chat"},
+    }
+    read = freetext.answers_as_read(results)
+    assert read["prompted"]["generations"] == [answer] and read["prompted"]["read_until"] == "\n\n"
+    assert read["prompted_zero_shot"]["generations"] == ["JSON:\n{}"]
+    assert read["onnx"] == results["onnx"] and read["chatted"] == results["chatted"]  # fine-tuned, chat: as generated
+    assert results["prompted"]["generations"] == [f" {answer}\n\nExtract the customer's name"]  # not mutated

@@ -87,6 +87,27 @@ def prompted_prompts(
     return [f"{examples}{ask(r)}\nAnswer:" for r in rows], "text"
 
 
+# A text-format prompt separates its examples with a blank line, so an answer ends at the first one: a base
+# model without a chat template has no end token to stop at and goes on to write the next example, which
+# scored as part of its answer would sink it (lm-eval-harness's generation tasks stop at "\n\n" alike).
+SHOT_SEPARATOR = "\n\n"
+
+
+def answers_as_read(results: dict[str, dict]) -> dict[str, dict]:
+    """Each runtime's results with a text-format baseline's generations read up to the first blank line
+    (`read_until` says so); chat-format baselines and the fine-tuned runtimes are left as they are."""
+    return {
+        kind: {
+            **result,
+            "generations": [g.lstrip().split(SHOT_SEPARATOR, 1)[0] for g in result["generations"]],
+            "read_until": SHOT_SEPARATOR,
+        }
+        if result.get("prompt_format") == "text"
+        else result
+        for kind, result in results.items()
+    }
+
+
 # ---- the summary -----------------------------------------------------------------------------------
 
 
@@ -170,7 +191,7 @@ def summarize(
                 for key in ("model_size_mb", "load_seconds", "eval_seconds")
                 if key in results[kind]
             },
-            **{key: results[kind][key] for key in ("prompt_format", "shots") if key in results[kind]},
+            **{key: results[kind][key] for key in ("prompt_format", "shots", "read_until") if key in results[kind]},
         }
         for kind, (summary, _) in scored.items()
     }
