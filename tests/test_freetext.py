@@ -296,3 +296,39 @@ def test_a_text_baseline_is_read_up_to_its_first_blank_line_and_the_rest_left_al
     assert read["prompted_zero_shot"]["generations"] == ["JSON:\n{}"]
     assert read["onnx"] == results["onnx"] and read["chatted"] == results["chatted"]  # fine-tuned, chat: as generated
     assert results["prompted"]["generations"] == [f" {answer}\n\nExtract the customer's name"]  # not mutated
+
+
+def test_the_eval_stage_reads_a_text_format_baseline_to_its_first_blank_line(
+    make_cfg,
+    tmp_path,
+    base_tokenizer,  # noqa: F811
+    monkeypatch,
+):
+    """A base model asked in plain text (no chat template) answers, then writes the next example: the eval
+    stage scores the answer, not what follows it."""
+    import eval as eval_stage
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, split in {
+        "train": rows(["t0"], "t"),
+        "validation": rows(ANSWERS[:2], "v"),
+        "test": rows(ANSWERS),
+    }.items():
+        (prepared / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
+    (prepared / "labels.json").write_text("[]")
+    monkeypatch.setattr(
+        eval_stage.freetext, "prompted_prompts", lambda cfg, rows_, *a, **k: ([r["prompt"] for r in rows_], "text")
+    )
+
+    def judge(spec):
+        if spec["kind"] == "onnx":
+            return result(ANSWERS, **SPEED, validation_generations=ANSWERS[:2], max_new_tokens=8)
+        return result([f" {a}\n\nText: the next example" for a in ANSWERS], max_new_tokens=8)
+
+    monkeypatch.setattr(eval_stage.evaluation, "judge_in_fresh_process", judge)
+    metrics = eval_stage.run(
+        make_cfg(*GENERATION, "eval.max_new_tokens=8", "eval.compare=[prompted]", "eval.baseline_shots=0")
+    )
+    assert metrics["baselines"]["prompted"]["exact_match"] == 1.0
+    assert metrics["runtimes"]["prompted"]["read_until"] == "\n\n"

@@ -54,6 +54,12 @@ def baseline_input(prompt, spec: DictConfig) -> str:
     return row_input(prompt, spec)
 
 
+# A text-format prompt separates its examples with a blank line, so an answer ends at the first one: a base
+# model without a chat template has no end token to stop at and goes on to write the next example, which
+# scored as part of its answer would sink it (lm-eval-harness's generation tasks stop at "\n\n" alike).
+SHOT_SEPARATOR = "\n\n"
+
+
 def prompted_prompts(
     cfg: DictConfig, rows: list[dict], labels: list[str], train: list[dict], shots: int | None = None
 ) -> tuple[list[str], str]:
@@ -83,14 +89,8 @@ def prompted_prompts(
             )
             for r in rows
         ], "chat"
-    examples = "".join(f"{ask(row)}\nAnswer: {tasks.answer(row)}\n\n" for row in shown)
+    examples = "".join(f"{ask(row)}\nAnswer: {tasks.answer(row)}{SHOT_SEPARATOR}" for row in shown)
     return [f"{examples}{ask(r)}\nAnswer:" for r in rows], "text"
-
-
-# A text-format prompt separates its examples with a blank line, so an answer ends at the first one: a base
-# model without a chat template has no end token to stop at and goes on to write the next example, which
-# scored as part of its answer would sink it (lm-eval-harness's generation tasks stop at "\n\n" alike).
-SHOT_SEPARATOR = "\n\n"
 
 
 def answers_as_read(results: dict[str, dict]) -> dict[str, dict]:
