@@ -147,6 +147,30 @@ def test_judge_in_a_fresh_process_reports_its_own_memory(models):
     assert evaluation.model_megabytes("adapter", spec["dirs"]) > evaluation.model_megabytes("base", spec["dirs"])
 
 
+def test_a_pytorch_judge_counts_neither_this_process_nor_another_judges_memory(models):
+    """PyTorch judges fork from a server that only imported PyTorch's stack: a model the parent (or an earlier
+    judge) loaded must not show in their peak, and each must report the same figure as the first."""
+    from ortune import evaluation
+
+    spec = {
+        "kind": "merged",
+        "dirs": {"merged": str(models / "merged")},
+        "trust_remote_code": False,
+        "prompts": prompts(models, 2),
+        "max_new_tokens": 4,
+        "batch_size": 2,
+        "latency": {"new_tokens": 4, "warmup": 1, "repeats": 2},
+    }
+    held = bytearray(1500 * 2**20)  # 1.5 GB touched here, in the parent, while the judges run
+    held[::4096] = b"x" * len(held[::4096])
+    first = evaluation.judge_in_fresh_process(spec)
+    second = evaluation.judge_in_fresh_process(spec)
+    assert evaluation.peak_memory_mb() > 1500
+    assert 0 < first["peak_memory_mb"] < 1000 and first["generations"] == second["generations"]
+    assert second["peak_memory_mb"] == pytest.approx(first["peak_memory_mb"], rel=0.1)
+    del held
+
+
 def test_missing_compared_model_says_how_to_fix_it(models, tmp_path):
     from ortune import evaluation
     from ortune.errors import OrtuneError

@@ -14,7 +14,7 @@ from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
 # PEFT 0.21 reads a property that transformers 5.23 deprecates: a FutureWarning on every adapter load
-# (training, merge, eval's spawned judges, which all import this module) with nothing for a user to do.
+# (training, merge, eval's judges, which all import this module) with nothing for a user to do.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Phi-3's special tokens and chat template, so the tiny model exercises the same formats as the real one.
