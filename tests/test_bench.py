@@ -686,3 +686,45 @@ def test_the_packaged_model_is_found_hash_checked_and_converted_as_fetch_model_d
         "setup": "make setup",
     }
     assert calls["work_dir"].parent == tmp_path and not calls["work_dir"].exists()  # the work folder is gone
+
+
+def test_each_packaged_bench_model_is_its_conf_entrys_package():
+    """The bench's real models are what `model=<entry>` ships: the same pinned package and file (a bench keyed
+    on another package would time a model ortune never trains), each described by its own name."""
+    from ortune import config
+
+    conf = ortune_bench.ROOT / "conf"
+    packaged = [spec for spec in models.MODELS.values() if isinstance(spec, models.PackagedGguf)]
+    assert {spec.name for spec in packaged} == {"smollm2", "gemma3"}
+    for spec in packaged:
+        entry = config.validate(config.compose([f"model={spec.conf_model}"], conf), "test").model
+        assert (entry.gguf_package.name, entry.gguf_package.file) == (spec.package, spec.file), spec.name
+        shape = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 640, "num_hidden_layers": 18}
+        described = spec.describe({**shape, "vocab_size": 262144, "tie_word_embeddings": True, "parameters": 268e6})
+        assert described.startswith(f"{spec.title} (Gemma3: hidden 640, 18 layers") and "tied embeddings" in described
+
+
+def test_an_optional_model_not_installed_is_left_out_of_a_run_and_refused_by_name(monkeypatch, capsys, tmp_path):
+    import bench as bench_cli  # bench/bench.py
+    from ortune_bench import models as bench_models
+
+    absent = models.PackagedGguf(package="gemma3-not-installed-here", name="gemma3", conf_model="gemma3-270m")
+    assert "make setup-gemma" in absent.missing() and models.SMOLLM2.missing() is None
+    monkeypatch.setitem(bench_models.MODELS, "gemma3", absent)
+    monkeypatch.setattr(bench_cli, "MODELS", bench_models.MODELS)
+    with pytest.raises(SystemExit) as refused:
+        bench_cli.main(["--models", "gemma3", "--no-pipeline"])
+    assert refused.value.code == 2 and "--models gemma3: gemma3-not-installed-here is not installed" in (
+        capsys.readouterr().err
+    )
+    decoded = []
+    monkeypatch.setattr(bench_cli, "run_decode", lambda spec, *args, **kwargs: decoded.append(spec.name) or {})
+    monkeypatch.setattr(bench_cli, "render_markdown", lambda run: "")
+    monkeypatch.setattr(bench_cli, "render_results", lambda *args, **kwargs: "")
+    monkeypatch.setattr(bench_cli, "merge_results", lambda recorded, run: run)
+    monkeypatch.setattr(bench_cli, "machine_info", lambda: {"cpu_family": {"name": "x"}, "cpu_detail": "x"})
+    assert bench_cli.main(["--no-pipeline", "--out", str(tmp_path)]) == 0
+    assert decoded == ["random", "smollm2"]
+    assert "decode benchmark: gemma3 left out: gemma3-not-installed-here is not installed (`make setup-gemma`)" in (
+        capsys.readouterr().out
+    )

