@@ -22,11 +22,13 @@ def project(tmp_path_factory):
 
 def test_the_extraction_dataset_fine_tunes_the_real_model_into_json(project):
     root, _ = project
-    # 30 steps of the one epoch, 48 test rows, 24 parity prompts: minutes, not the full run's ten
+    # 30 steps of the one epoch, 48 test rows, 24 parity prompts, the prompted baseline alone (build_onnx's
+    # parity already compares the merged model's outputs): minutes, not the full run's ten
     output = make(
         project,
         "all",
-        "ARGS=data=extract train.max_steps=30 eval.limit=48 onnx.parity_prompts=24 onnx.require_parity=false",
+        "ARGS=data=extract train.max_steps=30 eval.limit=48 eval.compare=[prompted] onnx.parity_prompts=24 "
+        "onnx.require_parity=false",
     )
     assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
     evaluation = json.loads((root / "metrics/eval.json").read_text())
