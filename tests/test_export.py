@@ -215,6 +215,16 @@ def test_the_builder_silently_ignores_the_deprecated_alias(tiny_model, tmp_path)
                 "block_size": "256",
                 "accuracy_level": "4",
                 "algo_config": "default",
+                "op_types_to_quantize": "MatMul/Gather",
+                "fuse_mlp_gate_up": "true",
+            },
+        ),
+        (
+            ("onnx.quantize_ops=[MatMul]",),
+            {
+                "block_size": "256",
+                "accuracy_level": "4",
+                "algo_config": "default",
                 "op_types_to_quantize": "MatMul",
                 "fuse_mlp_gate_up": "true",
             },
@@ -241,7 +251,7 @@ def test_the_builder_silently_ignores_the_deprecated_alias(tiny_model, tmp_path)
                 "block_size": "256",
                 "accuracy_level": "4",
                 "algo_config": "default",
-                "op_types_to_quantize": "MatMul",
+                "op_types_to_quantize": "MatMul/Gather",
                 "matmul_mixed_precision": "last_matmul:int8",
                 "fuse_mlp_gate_up": "true",
             },
@@ -304,6 +314,27 @@ def test_algorithm_changes_the_quantized_weights(tiny_model, tmp_path):
     common = rtn.keys() & k_quant.keys()
     assert common and any(name.endswith("_Q4G32") for name in common)  # both are algorithm-config quantizations
     assert any(not (rtn[name] == k_quant[name]).all() for name in common)  # that round differently
+
+
+def test_null_quantize_ops_quantize_the_embeddings_wherever_the_builder_can():
+    """The default (null) adds Gather only where the builder quantizes it (int4, algorithm default): an auto
+    candidate list with an int8 fallback, or a k_quant build, is not refused for a setting nobody made."""
+    conf = REPO / "conf"
+    for precision, algorithm, ops in (
+        ("int4", "default", "MatMul/Gather"),
+        ("int4", "k_quant", "MatMul"),
+        ("int8", "default", "MatMul"),
+    ):
+        overrides = ["model=tiny-phi3", f"precision={precision}", f"onnx.algorithm={algorithm}"]
+        cfg = config.validate(config.compose(overrides, config_dir=conf), "t")
+        assert cfg.onnx.quantize_ops is None
+        assert export.builder_options(precision, cfg.onnx)["op_types_to_quantize"] == ops, (precision, algorithm)
+    # an auto candidate list whose fallback is int8 (SmolLM2's, Gemma's) validates with the default
+    config.validate(config.compose(["model=smollm2-135m", "onnx.quantization=auto"], config_dir=conf), "t")
+    with pytest.raises(OrtuneError, match="onnx.keep_float lists embeddings"):
+        config.validate(
+            config.compose(["model=tiny-phi3", "precision=int8", "onnx.keep_float=[embeddings]"], config_dir=conf), "t"
+        )
 
 
 def test_gather_needs_the_default_algorithm():

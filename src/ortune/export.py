@@ -92,21 +92,26 @@ def setting_problems(precision: str, o: DictConfig):
         legacy = LEGACY_ALGORITHMS.get(o.algorithm)
         yield f"{problem} ({o.algorithm} is a deprecated builder alias; use {legacy})" if legacy else problem
     for key, allowed in {"quantize_ops": QUANTIZABLE_OPS, "keep_float": tuple(KEEP_FLOAT_NODES)}.items():
-        unknown = [item for item in o[key] if item not in allowed]
+        unknown = [item for item in o[key] or () if item not in allowed]
         if unknown:
             yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
-    if "Gather" in o.quantize_ops and o.algorithm != "default" and precision in QUANTIZED:
+    # an explicit Gather the builder would ignore is refused; null asks for it only where it is quantized
+    listed = o.quantize_ops or ()
+    if "Gather" in listed and o.algorithm != "default" and precision in QUANTIZED:
         yield (
             f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
-            f"leaves it float with {o.algorithm}: set onnx.algorithm=default or drop Gather"
+            f"leaves it float with {o.algorithm}: set onnx.algorithm=default, drop Gather or set null"
         )
-    if "Gather" in o.quantize_ops and precision == "int8":
+    if "Gather" in listed and precision == "int8":
         yield (
             "onnx.quantize_ops: Gather (the embeddings) quantizes to int4 only; the builder leaves it float at "
-            "int8, drop it"
+            "int8: drop it or set null"
         )
-    if "embeddings" in o.keep_float and "Gather" not in o.quantize_ops:
-        yield "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops; drop it"
+    if "embeddings" in o.keep_float and "Gather" not in quantized_ops(precision, o):
+        yield (
+            "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops (at int4, "
+            "onnx.algorithm=default); drop it"
+        )
     if o.last_matmul_int8 and "lm_head" in o.keep_float:
         yield "onnx.last_matmul_int8=true quantizes lm_head to int8 but onnx.keep_float keeps it float; choose one"
     for name in o.extra_options:
@@ -115,6 +120,15 @@ def setting_problems(precision: str, o: DictConfig):
     for name in o.extra_adapters:
         if not name.isidentifier() or name == PIPELINE_ADAPTER:
             yield f"onnx.extra_adapters.{name}: adapter names are identifiers other than '{PIPELINE_ADAPTER}'"
+
+
+def quantized_ops(precision: str, onnx: DictConfig) -> list[str]:
+    """The op types the builder quantizes: onnx.quantize_ops, or for null MatMul and, where the builder quantizes
+    it (int4, algorithm default), Gather: an untied model's embedding is otherwise its largest float part (a
+    SmolLM2 untied by copying its embedding into lm_head: 57 % of its int4 model, docs/real-models.md)."""
+    if onnx.quantize_ops is not None:
+        return list(onnx.quantize_ops)
+    return ["MatMul", "Gather"] if precision == "int4" and onnx.algorithm == "default" else ["MatMul"]
 
 
 def builder_options(
@@ -133,7 +147,7 @@ def builder_options(
         if onnx.accuracy_level:
             options["accuracy_level"] = str(onnx.accuracy_level)
         options["algo_config"] = onnx.algorithm
-        options["op_types_to_quantize"] = "/".join(onnx.quantize_ops)
+        options["op_types_to_quantize"] = "/".join(quantized_ops(precision, onnx))
         excluded = [KEEP_FLOAT_NODES[name] for name in onnx.keep_float] + list(keep_float_nodes)
         if excluded:
             options["nodes_to_exclude"] = ",".join(excluded)

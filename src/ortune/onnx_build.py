@@ -150,7 +150,7 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
         and options.get("shared_embeddings", "true") != "false"
     )
     target["quant_config"]["weights"]["op_types"] = sorted(
-        set(o.quantize_ops) | ({"MatMul", "Gather"} if shared else set())
+        set(export.quantized_ops(cfg.precision, o)) | ({"MatMul", "Gather"} if shared else set())
     )
     if o.last_matmul_int8:
         target["quant_config"]["weights"]["overrides"].append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})

@@ -44,8 +44,9 @@ class OnnxConfig:
     algorithm: str = setting(
         "int4 rounding: `default` (MLAS round-to-nearest), `rtn`, `k_quant` (builder: `algo_config`)"
     )
-    quantize_ops: list[str] = setting(
-        "op types quantized: `MatMul`, `Gather` (embeddings; int4 only) (builder: `op_types_to_quantize`)"
+    quantize_ops: list[str] | None = setting(
+        "op types quantized: `MatMul`, `Gather` (embeddings; int4 with onnx.algorithm=default only); null: MatMul, "
+        "and Gather where the builder quantizes it (builder: `op_types_to_quantize`)"
     )
     keep_float: list[str] = setting(
         "nodes left float: `lm_head` (`/lm_head/MatMul`), `embeddings` (`/model/embed_tokens/Gather`) "
@@ -154,8 +155,8 @@ def setting_problems(precision: str, o: DictConfig):
             f"onnx.int8_share={o.int8_share} mixes int8 into an int4 model built from the merged model: "
             "set precision=int4 and onnx.adapter=merged, or onnx.int8_share=0"
         )
-    if not o.quantize_ops:
-        yield "onnx.quantize_ops is empty; list MatMul (and Gather to quantize the embeddings too)"
+    if o.quantize_ops is not None and not o.quantize_ops:
+        yield "onnx.quantize_ops is empty; list MatMul (and Gather to quantize the embeddings too), or null"
     if o.extra_adapters and o.adapter != "separate":
         yield "onnx.extra_adapters needs onnx.adapter=separate (adapters switch at run time only on an unmerged base)"
     for check in ONNX_CHECKS:
