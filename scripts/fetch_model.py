@@ -15,8 +15,9 @@ metrics/base.json (parameters, vocabulary, resolved revision).
 - model.gguf_file=/local/model.gguf: any GGUF whose architecture transformers reads and the ONNX
   GenAI builder exports, converted the same way. The GGUF's sha256 (and the package's version) go
   to metrics/base.json, which names the model after the file (its conf entry as `conf_entry`), with
-  the file's own license and base model where it records them.
-- model.path=/local/folder: copied from a local Hugging Face folder, any supported architecture.
+  the file's own license and base model where it records them (never the overridden entry's).
+- model.path=/local/folder: copied from a local Hugging Face folder, any supported architecture; named
+  after the folder, with no license or base model claimed for it.
 
     python scripts/fetch_model.py model.tiny.hidden_size=128
 """
@@ -86,9 +87,10 @@ def run(cfg: DictConfig) -> dict:
             log.info("downloading %s@%s", model_cfg.hub_id, model_cfg.revision)
             info = modeling.fetch_hub_model(model_cfg, out_dir)
         info.setdefault("parameters", _count_parameters(out_dir))
-    # the conf entry's license and origin win over what a file says about itself; a file's own are kept
+    # the conf entry's license and origin win over what its own file says about itself; a model.path or
+    # model.gguf_file that overrides the entry is another model: only what it says about itself is kept
     for key in ("license", "base_model"):
-        if model_cfg.get(key):
+        if model_cfg.get(key) and not (model_cfg.path or model_cfg.gguf_file):
             info[key] = model_cfg[key]
     overridden = {} if name == model_cfg.name else {"conf_entry": model_cfg.name}
     return {"model": name, **overridden, **info}

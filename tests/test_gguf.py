@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def write_tiny_qwen2_gguf(path: Path):
     weights = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     writer = GGUFWriter(str(path), arch="qwen2")
     writer.add_name("tiny qwen2")
-    writer.add_license("apache-2.0")
+    writer.add_license("mit")  # not the default entry's apache-2.0: metrics must take the file's
     writer.add_context_length(128)
     writer.add_embedding_length(64)
     writer.add_block_count(2)
@@ -388,7 +389,9 @@ def test_a_gguf_of_another_architecture_converts_exports_and_names_what_was_load
     original = write_tiny_qwen2_gguf(gguf)
     metrics = fetch_model.run(fetch_cfg(tmp_path, f"model.gguf_file={gguf}"))
     assert metrics["model"] == "tiny-qwen2" and metrics["conf_entry"] == "smollm2-135m"
-    assert metrics["architecture"] == "Qwen2ForCausalLM" and metrics["license"] == "apache-2.0"
+    # the overridden entry's license and origin (SmolLM2's apache-2.0, HuggingFaceTB/...) are not this model's
+    assert metrics["architecture"] == "Qwen2ForCausalLM" and metrics["license"] == "mit"
+    assert metrics.get("base_model") is None
     assert metrics["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert metrics["gguf_file"] == str(gguf) and metrics["gguf_name"] == "tiny qwen2"
     base = tmp_path / "base"
@@ -439,3 +442,19 @@ def test_the_card_names_what_was_loaded_with_its_license_and_base_model():
     assert next(line for line in card.splitlines() if line.startswith("# ")).startswith("# tiny-qwen2 fine-tuned")
     base = next(line for line in card.splitlines() if line.startswith("- Base model:"))
     assert "/data/tiny-qwen2.gguf, dequantized to float32 (Qwen2ForCausalLM)" in base and "cd" * 32 in base
+
+
+def test_a_local_folder_under_an_entry_is_not_given_the_entrys_license_or_origin(tiny_model, tmp_path, monkeypatch):
+    """model.path under the default entry: metrics/base.json (and so the card) names the folder, and claims
+    neither SmolLM2's license nor SmolLM2 as the base model of whatever the folder holds."""
+    monkeypatch.chdir(REPO)
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_model, folder)
+    metrics = fetch_model.run(fetch_cfg(tmp_path, f"model.path={folder}"))
+    assert metrics["model"] == "my-model" and metrics["conf_entry"] == "smollm2-135m"
+    assert "license" not in metrics and "base_model" not in metrics
+    # the entry's own model keeps the entry's license and origin
+    own = fetch_model.run(
+        fetch_cfg(tmp_path / "own", "model=tiny-phi3", "+model.license=mit", "+model.base_model=org/x")
+    )
+    assert "conf_entry" not in own and (own["license"], own["base_model"]) == ("mit", "org/x")

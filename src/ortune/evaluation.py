@@ -25,7 +25,7 @@ from ortune import baselines, data, intervals, tasks
 from ortune.artifacts import folder_megabytes, write_text_atomic
 from ortune.config import EVAL_COMPARABLE
 from ortune.errors import OrtuneError
-from ortune.freetext import new_tokens
+from ortune.freetext import LATENCY_KEYS, new_tokens
 from ortune.metrics import (
     agreement,
     classification_scores,
@@ -39,8 +39,7 @@ from ortune.records import Records, placer, read_records
 
 log = logging.getLogger("ortune")
 
-# Speed numbers of every runtime; the shipped model's are also headline (top-level) numbers.
-LATENCY_KEYS = ("ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb")
+# Speed numbers of every runtime (LATENCY_KEYS) are the shipped model's headline (top-level) numbers too.
 UNTIMED = ("base", "prompted")  # judged on their answers only: their network is the merged model's
 
 

@@ -16,6 +16,7 @@ from ortune import intervals, tasks, textmetrics
 from ortune.errors import OrtuneError
 
 log = logging.getLogger("ortune")
+# speed figures of every timed runtime, labels or free text
 LATENCY_KEYS = ("ttft_ms", "ms_per_token", "tokens_per_second", "peak_memory_mb")
 
 
