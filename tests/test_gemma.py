@@ -290,3 +290,26 @@ def test_build_onnx_fp32_and_int8_pass_parity_on_the_fine_tuned_gemma(project, p
     )
     parity = json.loads((root / f"metrics-{precision}/onnx.json").read_text())["parity"]
     assert parity["passed"], parity
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_eval_judges_every_runtime_on_gemma(project):
+    """After the make all: the eval stage on a few rows with every runtime beside the int4 model (the base asked
+    the fine-tuning prompt, asked in plain text, and by log-likelihood; the adapter on the base; merged)."""
+    root, _ = project
+    stage(
+        project,
+        "eval",
+        "eval.limit=6",
+        "eval.compare=[base,prompted,adapter,merged]",
+        "paths.metrics=metrics-every",
+        "paths.plots=plots-every",
+    )
+    evaluation = json.loads((root / "metrics-every/eval.json").read_text())
+    judged = evaluation["runtimes"]
+    assert set(judged) == {"onnx", "base", "prompted", "adapter", "merged"}, sorted(judged)
+    assert evaluation["n"] == 6 and all(0 <= r["accuracy"] <= 1 for r in judged.values())
+    # the runtimes served as the shipped model could be are timed; the untuned base's answers are only judged
+    assert all(judged[kind]["ms_per_token"] > 0 for kind in ("onnx", "adapter", "merged"))
+    assert {"base", "prompted", "loglik_zero_shot", "loglik_k_shot", "majority"} <= set(evaluation["baselines"])
