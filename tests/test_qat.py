@@ -38,6 +38,23 @@ def test_weights_on_the_grid_round_to_themselves_in_the_builders_quantizer():
     np.testing.assert_array_equal(quantize.fake_quantize(rounded.numpy(), 4, 32), rounded.numpy())
 
 
+def test_an_embedding_on_the_grid_is_what_the_builders_gather_quantizer_stores():
+    """An untied embedding rounded by QAT holds its values through the int4 Gather (GatherBlockQuantized) the
+    builder writes: its numpy quantizer (scale = peak / -8 per block of the hidden axis, a shorter last block)
+    gives codes whose dequantized values are the rounded table itself."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    table = torch.randn(50, 40, generator=torch.Generator().manual_seed(1))  # 40 = two blocks of 16 and one of 8
+    rounded = quantize.round_to_grid(table, 16).numpy()
+    blocks = []
+    for start in range(0, 40, 16):  # quantize_ndarray's loop over the quantized axis, before it packs the codes
+        codes, scale = DefaultWeightOnlyQuantizer.quant_slice_symmetric(rounded[:, start : start + 16, None])
+        blocks.append(codes.astype(np.float32) * scale)
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1)[:, :, 0], rounded)
+    assert not np.array_equal(rounded, table.numpy())
+
+
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
     import fetch_model
@@ -87,7 +104,9 @@ def test_merge_writes_every_linear_weight_on_the_grid(qat_run):
     _, _, _, merged, merge_metrics = qat_run
     tensors = load_file(merged / "model.safetensors")
     linears = [name for name in tensors if name.endswith("proj.weight") or name == "lm_head.weight"]
-    assert len(linears) >= 4
+    assert len(linears) >= 4 and "lm_head.weight" in linears
+    # the tiny Phi-3 is untied: its frozen embedding table is on the grid too, for the int4 Gather
+    linears.append("model.embed_tokens.weight")
     for name in linears:
         weight = tensors[name].numpy()
         np.testing.assert_array_equal(quantize.fake_quantize(weight, 4, 16), weight, err_msg=name)

@@ -233,7 +233,23 @@ def make_quantization_aware(model, block_size: int) -> int:
             with torch.no_grad():
                 module.weight.copy_(round_to_grid(module.weight, block_size))
             rounded.add(id(module.weight))
+    # an untied model's frozen embedding table too: the int4 build quantizes its Gather on the same grid
+    # (onnx.quantize_ops null), so the lookup computes what training saw instead of a rounding of it
+    embedding = _frozen_untied_embedding(model, rounded)
+    if embedding is not None:
+        with torch.no_grad():
+            embedding.copy_(round_to_grid(embedding, block_size))
+        rounded.add(id(embedding))
     return len(adapted) + trainable + len(rounded)
+
+
+def _frozen_untied_embedding(model, rounded: set[int]):
+    """The input embedding's weight when it is frozen and not already rounded as a tied lm_head, else None."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.requires_grad or id(weight) in rounded or weight.dim() != 2:
+        return None
+    return weight
 
 
 def round_merged(model, block_size: int) -> None:
@@ -248,6 +264,9 @@ def round_merged(model, block_size: int) -> None:
                 if id(module.weight) not in seen:
                     module.weight.copy_(round_to_grid(module.weight, block_size))
                     seen.add(id(module.weight))
+        embedding = _frozen_untied_embedding(model, seen)
+        if embedding is not None:  # on the grid already when training rounded it: rounding it again is exact
+            embedding.copy_(round_to_grid(embedding, block_size))
 
 
 def read_grid(folder) -> dict | None:
