@@ -133,15 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(named or ()) - set(MODELS)):
         parser.error(f"--models: no model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     for name in named or ():
-        if why := getattr(MODELS[name], "missing", lambda: None)():
+        if why := MODELS[name].missing():
             parser.error(f"--models {name}: {why}")
-    if args.quick:
-        specs = [QUICK] if not named else [MODELS[name] for name in named]
+    if named:
+        specs = [MODELS[name] for name in named]
+    elif args.quick:
+        specs = [QUICK]
     else:
         # an optional model (Gemma: its own terms, `make setup-gemma`) is benched where it is installed
-        specs = [MODELS[name] for name in named] if named else []
-        for name, spec in ({} if named else MODELS).items():
-            if why := getattr(spec, "missing", lambda: None)():
+        specs = []
+        for name, spec in MODELS.items():
+            if why := spec.missing():
                 print(f"decode benchmark: {name} left out: {why}", flush=True)
             else:
                 specs.append(spec)

