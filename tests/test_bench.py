@@ -637,7 +637,7 @@ def test_the_readme_shows_each_familys_goal_model_and_results_md_every_model():
     assert "SmolLM2-135M-Instruct" in report.render_results(results)
     readme = report.render_results(results, compact=True)
     assert "SmolLM2-135M-Instruct" not in readme and "random Phi-3-shaped model" in readme
-    assert "The real model (SmolLM2), pipeline timings" in readme
+    assert "The real models (SmolLM2, and Gemma 3 where installed), pipeline timings" in readme
 
 
 def test_the_bench_builds_into_its_cache_with_settings_build_onnx_accepts(tmp_path):

@@ -295,7 +295,7 @@ def render_results(results: dict, compact: bool = False) -> str:
         f"≥ {GOALS['percent_of_floor']:.0f} % of the floor for int4) are judged per family on the random bench "
         "model."
         + (
-            " The real model (SmolLM2), pipeline timings, contention and settings: "
+            " The real models (SmolLM2, and Gemma 3 where installed), pipeline timings, contention and settings: "
             "[bench/results.md](bench/results.md)."
             if compact
             else ""
