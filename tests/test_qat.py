@@ -114,6 +114,43 @@ def test_merge_writes_every_linear_weight_on_the_grid(qat_run):
     assert merge_metrics["max_abs_logit_diff"] < 1e-4 and merge_metrics["quantization_aware"]["block_size"] == 16
 
 
+def test_eval_judges_the_adapter_as_it_trained_rounding_each_layer_once(qat_run, monkeypatch):
+    """eval's adapter judge computes what the training forward computes (each LoRA layer through its rounded
+    merged weight), with that weight rounded once at load, not again at every token."""
+    import torch
+    from peft import PeftModel
+
+    from ortune import evaluation, modeling
+
+    root, _, adapter, _, _ = qat_run
+    judged = evaluation.load_generator("adapter", {"base": root / "base_model", "adapter": adapter}).model
+    training = PeftModel.from_pretrained(modeling.load_causal_lm(root / "base_model"), str(adapter)).eval()
+    quantize.make_quantization_aware(training, 16)
+    rounded = quantize.round_to_grid
+    calls = []
+    monkeypatch.setattr(quantize, "round_to_grid", lambda *args, **kwargs: calls.append(1) or rounded(*args, **kwargs))
+    ids = torch.tensor([[1, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        got = judged(ids).logits
+        assert calls == []
+        expected = training(ids).logits
+    assert calls  # the training forward rounds at every call
+    # w + (round(w) - w) against round(w): the straight-through sum's float error only
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(
+        got, PeftModel.from_pretrained(modeling.load_causal_lm(root / "base_model"), str(adapter))(ids).logits
+    )
+
+
+def test_rounding_in_slabs_of_rows_is_rounding_the_whole_weight():
+    import torch
+
+    weight = torch.randn(50, 40, generator=torch.Generator().manual_seed(2))
+    expected = quantize.round_to_grid(weight, 16)
+    quantize.round_in_place(weight, 16, rows=7)  # 7 slabs, the last one short
+    assert torch.equal(weight, expected)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

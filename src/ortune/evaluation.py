@@ -180,7 +180,7 @@ def load_generator(kind: str, dirs: dict, trust_remote_code: bool = False):
         # full-precision base, as merge uses: adapter vs merged then isolates merging, ONNX vs merged quantization
         model = PeftModel.from_pretrained(modeling.load_causal_lm(dirs["base"], trust_remote_code), str(folder))
         if grid := quantize.read_grid(folder):  # trained through the int4 grid: judged as it computes
-            quantize.make_quantization_aware(model, grid["block_size"])
+            quantize.make_quantization_aware(model, grid["block_size"], frozen=True)
     else:
         model = modeling.load_causal_lm(folder, trust_remote_code)
     return TorchGenerator(model, modeling.load_tokenizer(folder, trust_remote_code))

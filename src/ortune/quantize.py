@@ -195,21 +195,42 @@ def _straight_through(weight, block_size: int):
     return weight + (round_to_grid(weight.detach(), block_size) - weight).detach()
 
 
-def make_quantization_aware(model, block_size: int) -> int:
+def round_in_place(weight, block_size: int, rows: int = 8192) -> None:
+    """Put a frozen weight on the grid in place, a slab of rows at a time: rows round independently, and
+    Gemma 3's 262k-row tied embedding rounded whole held ~6 float32 copies of itself (the adapter judge's
+    peak was 5.4 GB, 3.2x the merged model's)."""
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], rows):
+            part = weight[start : start + rows]
+            part.copy_(round_to_grid(part, block_size))
+
+
+def make_quantization_aware(model, block_size: int, frozen: bool = False) -> int:
     """Make a PEFT LoRA model compute as its int4 export will: frozen linear layers rounded in place (once),
     LoRA layers through their rounded merged weight, trainable full layers (modules_to_save) through their
-    rounded weight. Returns how many linear layers are now on the grid."""
+    rounded weight. `frozen` (a model that only infers: eval's adapter judge): each LoRA layer's rounded
+    merged weight is computed once, not at every forward (per token, that made Gemma 3's adapter 2.4x slower
+    than the merged model it computes the same as). Returns how many linear layers are now on the grid."""
     import types
 
     import torch
     from peft.tuners.lora import LoraLayer
 
-    def lora_forward(self, x, *args, **kwargs):
+    def merged_weight(self):
         weight = self.get_base_layer().weight
         for name in self.active_adapters:
             if name in self.lora_A:
                 weight = weight + self.get_delta_weight(name)
-        return torch.nn.functional.linear(x, _straight_through(weight, block_size), self.get_base_layer().bias)
+        return weight
+
+    def lora_forward(self, x, *args, **kwargs):
+        weight = _straight_through(merged_weight(self), block_size)
+        return torch.nn.functional.linear(x, weight, self.get_base_layer().bias)
+
+    def frozen_forward(self, x, *args, **kwargs):
+        return torch.nn.functional.linear(x, self.ortune_grid_weight, self.get_base_layer().bias)
 
     def trainable_forward(self, x):
         return torch.nn.functional.linear(x, _straight_through(self.weight, block_size), self.bias)
@@ -222,7 +243,10 @@ def make_quantization_aware(model, block_size: int) -> int:
     rounded: set[int] = set()
     trainable = 0
     for layer in adapted:
-        layer.forward = types.MethodType(lora_forward, layer)
+        if frozen:
+            with torch.no_grad():
+                layer.ortune_grid_weight = round_to_grid(merged_weight(layer), block_size)
+        layer.forward = types.MethodType(frozen_forward if frozen else lora_forward, layer)
     for module in model.modules():
         if type(module) is not torch.nn.Linear or id(module.weight) in inside:
             continue
@@ -230,15 +254,13 @@ def make_quantization_aware(model, block_size: int) -> int:
             module.forward = types.MethodType(trainable_forward, module)
             trainable += 1
         elif id(module.weight) not in rounded:  # a tied lm_head rounds the embeddings too: the builder shares them
-            with torch.no_grad():
-                module.weight.copy_(round_to_grid(module.weight, block_size))
+            round_in_place(module.weight, block_size)
             rounded.add(id(module.weight))
     # an untied model's frozen embedding table too: the int4 build quantizes its Gather on the same grid
     # (onnx.quantize_ops null), so the lookup computes what training saw instead of a rounding of it
     embedding = _frozen_untied_embedding(model, rounded)
     if embedding is not None:
-        with torch.no_grad():
-            embedding.copy_(round_to_grid(embedding, block_size))
+        round_in_place(embedding, block_size)
         rounded.add(id(embedding))
     return len(adapted) + trainable + len(rounded)
 
@@ -262,7 +284,7 @@ def round_merged(model, block_size: int) -> None:
             if type(module) is torch.nn.Linear:
                 module.__dict__.pop("forward", None)  # a trainable copy's straight-through forward
                 if id(module.weight) not in seen:
-                    module.weight.copy_(round_to_grid(module.weight, block_size))
+                    round_in_place(module.weight, block_size)
                     seen.add(id(module.weight))
 
 
