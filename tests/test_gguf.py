@@ -375,6 +375,33 @@ def test_transformers_and_genai_give_identical_token_ids_for_text_and_chat(smoll
 
 
 @pytest.mark.slow
+def test_conversion_parses_the_gguf_header_once(tmp_path):
+    """transformers reads the file for the config, the tokenizer and the weights, and fetch_model for its
+    metadata: one parse serves all four (Gemma 3's header alone took ~14 s a parse on 2 cores)."""
+    import gguf
+
+    from ortune import modeling
+
+    parsed = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parsed.append(path)
+            super().__init__(path, mode)
+
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_tiny_qwen2_gguf(path)
+    original, gguf.GGUFReader = gguf.GGUFReader, Counting
+    try:
+        metrics = modeling.convert_gguf(path, tmp_path / "base", f"model.gguf_file={path}")
+        assert gguf.GGUFReader is Counting  # put back as it was found
+    finally:
+        gguf.GGUFReader = original
+    assert len(parsed) == 1, parsed
+    assert metrics["gguf_name"] == "tiny qwen2" and metrics["architecture"] == "Qwen2ForCausalLM"
+    assert (tmp_path / "base" / "model.safetensors").is_file()
+
+
 def test_a_gguf_of_another_architecture_converts_exports_and_names_what_was_loaded(tmp_path, monkeypatch):
     """model.gguf_file under the default entry (SmolLM2's, Llama): a Qwen2 GGUF written here goes through
     fetch_model and the builder; metrics name the file, its architecture, digest and license, not the entry."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -261,10 +262,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, setting: str, digest: str | Non
     if not gguf_path.is_file():
         raise OrtuneError(f"{setting}: no such file; point it at a local .gguf model file")
     folder, name = str(gguf_path.resolve().parent), gguf_path.name
-    config = _gguf_config(gguf_path, setting)
-    architecture = _exportable_architecture(config, setting)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+    with _one_gguf_reader():
+        config = _gguf_config(gguf_path, setting)
+        architecture = _exportable_architecture(config, setting)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+        described = gguf_metadata(gguf_path)
     # the weights are plain float32 now, but the GGUF "quantizer" stays attached and save_pretrained
     # refuses to serialize a model quantized with gguf
     if hasattr(model.config, "quantization_config"):
@@ -277,8 +280,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path, setting: str, digest: str | Non
         "vocab_size": len(tokenizer),
         "architecture": architecture,
         "gguf_sha256": digest or file_sha256(gguf_path),
-        **gguf_metadata(gguf_path),
+        **described,
     }
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """Within it, every gguf.GGUFReader of one file is the same reader, parsed once: transformers builds one
+    each for the config, the tokenizer and the weights, and parsing Gemma 3's header (a 262k-token vocabulary,
+    a million string fields) took ~14 s each on 2 cores, most of fetch_model's time."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _gguf_config(gguf_path: Path, setting: str):
