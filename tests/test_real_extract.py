@@ -22,12 +22,12 @@ def project(tmp_path_factory):
 
 def test_the_extraction_dataset_fine_tunes_the_real_model_into_json(project):
     root, _ = project
-    # 30 steps of the one epoch, 48 test rows, 24 parity prompts, the prompted baseline alone (build_onnx's
+    # 30 steps of the one epoch, 32 test rows, 16 parity prompts, the prompted baseline alone (build_onnx's
     # parity already compares the merged model's outputs): minutes, not the full run's ten
     output = make(
         project,
         "all",
-        "ARGS=data=extract train.max_steps=30 eval.limit=48 eval.compare=[prompted] onnx.parity_prompts=24 "
+        "ARGS=data=extract train.max_steps=30 eval.limit=32 eval.compare=[prompted] onnx.parity_prompts=16 "
         "onnx.require_parity=false",
     )
     assert ran_stages(output) == {"fetch_model", "prepare_data", "train_qlora", "merge", "build_onnx", "eval"}
@@ -38,8 +38,8 @@ def test_the_extraction_dataset_fine_tunes_the_real_model_into_json(project):
     assert evaluation["json_valid"] >= 0.8, evaluation["runtimes"]
     assert evaluation["json_field_f1"] > evaluation["runtimes"]["prompted"]["json_field_f1"] + 0.05
     assert evaluation["exact_match"] > 0
-    assert evaluation["n"] == 48 and evaluation["max_new_tokens"] > 40 and evaluation["hit_token_limit"] <= 5
-    assert onnx["parity"]["prompts"] == 24 and "identical_outputs" in onnx["parity"]
+    assert evaluation["n"] == 32 and evaluation["max_new_tokens"] > 40 and evaluation["hit_token_limit"] <= 4
+    assert onnx["parity"]["prompts"] == 16 and "identical_outputs" in onnx["parity"]
     assert "free text" in output[output.rindex("eval (") :]
     answer = make(project, "predict", "TEXT=Anna Berg bought a kettle for $40 in Oslo on March 3, 2024.")
     assert json.loads(answer.strip().splitlines()[-1])["city"] == "Oslo"
