@@ -287,8 +287,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, setting: str, digest: str | Non
 @contextlib.contextmanager
 def _one_gguf_reader():
     """Within it, every gguf.GGUFReader of one file is the same reader, parsed once: transformers builds one
-    each for the config, the tokenizer and the weights, and parsing Gemma 3's header (a 262k-token vocabulary,
-    a million string fields) took ~14 s each on 2 cores, most of fetch_model's time."""
+    each for the config, the tokenizer and the weights, and a 262k-token vocabulary is a million string fields
+    to parse each time: most of Gemma 3's fetch_model (docs/real-models.md)."""
     import gguf
 
     original = gguf.GGUFReader

@@ -196,9 +196,8 @@ def _straight_through(weight, block_size: int):
 
 
 def round_in_place(weight, block_size: int, rows: int = 8192) -> None:
-    """Put a frozen weight on the grid in place, a slab of rows at a time: rows round independently, and
-    Gemma 3's 262k-row tied embedding rounded whole held ~6 float32 copies of itself (the adapter judge's
-    peak was 5.4 GB, 3.2x the merged model's)."""
+    """Put a frozen weight on the grid in place, a slab of rows at a time: rows round independently, and a
+    262k-row tied embedding rounded whole held ~6 float32 copies of itself at once (docs/quantization.md)."""
     import torch
 
     with torch.no_grad():
@@ -211,8 +210,9 @@ def make_quantization_aware(model, block_size: int, frozen: bool = False) -> int
     """Make a PEFT LoRA model compute as its int4 export will: frozen linear layers rounded in place (once),
     LoRA layers through their rounded merged weight, trainable full layers (modules_to_save) through their
     rounded weight. `frozen` (a model that only infers: eval's adapter judge): each LoRA layer's rounded
-    merged weight is computed once, not at every forward (per token, that made Gemma 3's adapter 2.4x slower
-    than the merged model it computes the same as). Returns how many linear layers are now on the grid."""
+    merged weight is computed once, not at every forward: rounding per token made the judge far slower than
+    the merged model it computes the same as (docs/quantization.md). Returns how many linear layers are now
+    on the grid."""
     import types
 
     import torch
