@@ -279,13 +279,12 @@ def round_merged(model, block_size: int) -> None:
     import torch
 
     seen: set[int] = set()
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module) is torch.nn.Linear:
-                module.__dict__.pop("forward", None)  # a trainable copy's straight-through forward
-                if id(module.weight) not in seen:
-                    round_in_place(module.weight, block_size)
-                    seen.add(id(module.weight))
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__dict__.pop("forward", None)  # a trainable copy's straight-through forward
+            if id(module.weight) not in seen:
+                round_in_place(module.weight, block_size)
+                seen.add(id(module.weight))
 
 
 def read_grid(folder) -> dict | None:
