@@ -316,25 +316,31 @@ def test_algorithm_changes_the_quantized_weights(tiny_model, tmp_path):
     assert any(not (rtn[name] == k_quant[name]).all() for name in common)  # that round differently
 
 
-def test_null_quantize_ops_quantize_the_embeddings_wherever_the_builder_can():
-    """The default (null) adds Gather only where the builder quantizes it (int4, algorithm default): an auto
-    candidate list with an int8 fallback, or a k_quant build, is not refused for a setting nobody made."""
+def test_null_quantize_ops_quantize_the_embeddings_wherever_they_can_be():
+    """The default (null) adds Gather where it is quantized: by the builder at int4 with algorithm default, by
+    ortune after the build at int8 (the builder's quantizer takes Gather at 4 bits only, so it is not asked);
+    an auto candidate list with an int8 fallback, or a k_quant build, is not refused for a setting nobody made."""
     conf = REPO / "conf"
-    for precision, algorithm, ops in (
-        ("int4", "default", "MatMul/Gather"),
-        ("int4", "k_quant", "MatMul"),
-        ("int8", "default", "MatMul"),
+    for precision, algorithm, ops, ortune_int8 in (
+        ("int4", "default", "MatMul/Gather", False),
+        ("int4", "k_quant", "MatMul", False),
+        ("int8", "default", "MatMul", True),
+        ("int8", "rtn", "MatMul", True),
     ):
         overrides = ["model=tiny-phi3", f"precision={precision}", f"onnx.algorithm={algorithm}"]
         cfg = config.validate(config.compose(overrides, config_dir=conf), "t")
         assert cfg.onnx.quantize_ops is None
         assert export.builder_options(precision, cfg.onnx)["op_types_to_quantize"] == ops, (precision, algorithm)
+        assert export.quantizes_int8_embedding(precision, cfg.onnx) is ortune_int8
     # an auto candidate list whose fallback is int8 (SmolLM2's, Gemma's) validates with the default
     config.validate(config.compose(["model=smollm2-135m", "onnx.quantization=auto"], config_dir=conf), "t")
+    # int8 embeddings kept float on request, or by leaving Gather out
+    for keep in (["onnx.keep_float=[embeddings]"], ["onnx.quantize_ops=[MatMul]"]):
+        cfg = config.validate(config.compose(["model=tiny-phi3", "precision=int8", *keep], config_dir=conf), "t")
+        assert not export.quantizes_int8_embedding("int8", cfg.onnx), keep
     with pytest.raises(OrtuneError, match="onnx.keep_float lists embeddings"):
-        config.validate(
-            config.compose(["model=tiny-phi3", "precision=int8", "onnx.keep_float=[embeddings]"], config_dir=conf), "t"
-        )
+        overrides = ["model=tiny-phi3", "onnx.algorithm=k_quant", "onnx.keep_float=[embeddings]"]
+        config.validate(config.compose(overrides, config_dir=conf), "t")
 
 
 def test_gather_needs_the_default_algorithm():
@@ -346,14 +352,15 @@ def test_gather_needs_the_default_algorithm():
             ),
             "t",
         )
-    with pytest.raises(OrtuneError, match="int4 only"):
-        config.validate(
-            config.compose(
-                ["model=tiny-phi3", "precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=default"],
-                config_dir=REPO / "conf",
-            ),
-            "t",
-        )
+    # at int8 ortune quantizes the embeddings itself, whatever the algorithm
+    cfg = config.validate(
+        config.compose(
+            ["model=tiny-phi3", "precision=int8", "onnx.quantize_ops=[MatMul,Gather]", "onnx.algorithm=k_quant"],
+            config_dir=REPO / "conf",
+        ),
+        "t",
+    )
+    assert export.quantizes_int8_embedding("int8", cfg.onnx)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 import build_onnx
 from export_helpers import REPO, make_project, stage_cfg
-from ortune import data, parity
+from ortune import data, export, parity
 from ortune.errors import OrtuneError
 from ortune.model_card import sha256
 
@@ -99,6 +99,20 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     assert "tiny-phi3" in card and sha256(REPO / "data/raw/tones.jsonl") in card
     assert "| precision | `int4` |" in card and "algo_config=default" in card and "| model | 8 |" in card
     assert not list(project.glob(".onnx-int4*"))  # no scratch or builder cache left beside the output
+
+
+def test_an_int8_build_quantizes_the_embedding_lookup_too(project):
+    """The builder leaves an int8 model's embedding float32; build_onnx gives it 8-bit blocks of its own (the
+    tiny Phi-3 is untied), and parity is measured on the graph it ships."""
+    import onnx
+
+    metrics = build_onnx.run(stage_cfg(project, "precision=int8", "onnx.parity_prompts=8", onnx_dir="onnx-int8"))
+    assert metrics["int8_embedding"] == "own_blocks" and metrics["parity"]["passed"], metrics
+    graph = onnx.load(str(project / "onnx-int8" / "model.onnx"), load_external_data=False).graph
+    lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert next(a.i for a in lookup.attribute if a.name == "bits") == 8
+    float_table = 600 * 64 * 4 / 1e6  # the tiny Phi-3's vocabulary x hidden, float32
+    assert 0 < export.size_by_part(project / "onnx-int8")["embedding_mb"] < 0.3 * float_table
 
 
 def test_max_new_tokens_fits_the_longest_label_plus_the_end_token(project):

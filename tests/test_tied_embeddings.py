@@ -103,6 +103,26 @@ def test_lora_merge_keeps_the_tie_and_the_merged_export_matches(project):
 
 
 @pytest.mark.slow
+def test_an_int8_build_looks_its_embeddings_up_in_the_heads_int8_weights(project):
+    """The builder's int8 build keeps a tied model's embedding as a float32 copy beside the head's int8 matrix;
+    build_onnx drops the copy and reads the head's weights (one matrix, as in the int4 build)."""
+    from ortune import export
+
+    built = build_onnx.run(
+        stage_cfg(
+            project,
+            "precision=int8",
+            "onnx.parity_prompts=8",
+            f"paths.merged={project / 'base_model'}",
+            onnx_dir="onnx-int8",
+        )
+    )
+    assert built["int8_embedding"] == "shared_with_head" and built["parity"]["passed"], built
+    parts = export.size_by_part(project / "onnx-int8")
+    assert parts["embedding_shared_with_head"] and parts["embedding_mb"] == 0
+
+
+@pytest.mark.slow
 def test_adapters_saving_lm_head_and_embeddings_switch_on_a_tied_base(project):
     """The builder shares one matrix between a tied base's embeddings and lm_head; an adapter replacing
     one of them used to replace both (logits off by ~1-3 in fp32)."""

@@ -97,20 +97,15 @@ def setting_problems(precision: str, o: DictConfig):
             yield f"onnx.{key}: {', '.join(unknown)} unknown; list any of {', '.join(allowed)}"
     # an explicit Gather the builder would ignore is refused; null asks for it only where it is quantized
     listed = o.quantize_ops or ()
-    if "Gather" in listed and o.algorithm != "default" and precision in QUANTIZED:
+    if "Gather" in listed and o.algorithm != "default" and precision == "int4":
         yield (
-            f"onnx.quantize_ops: Gather (the embeddings) is quantized only by onnx.algorithm=default; the builder "
-            f"leaves it float with {o.algorithm}: set onnx.algorithm=default, drop Gather or set null"
-        )
-    if "Gather" in listed and precision == "int8":
-        yield (
-            "onnx.quantize_ops: Gather (the embeddings) quantizes to int4 only; the builder leaves it float at "
-            "int8: drop it or set null"
+            f"onnx.quantize_ops: Gather (the embeddings) is quantized to int4 only by onnx.algorithm=default; the "
+            f"builder leaves it float with {o.algorithm}: set onnx.algorithm=default, drop Gather or set null"
         )
     if "embeddings" in o.keep_float and "Gather" not in quantized_ops(precision, o):
         yield (
-            "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops (at int4, "
-            "onnx.algorithm=default); drop it"
+            "onnx.keep_float lists embeddings, which are only quantized with Gather in onnx.quantize_ops (at int8, "
+            "or int4 with onnx.algorithm=default); drop it"
         )
     if o.last_matmul_int8 and "lm_head" in o.keep_float:
         yield "onnx.last_matmul_int8=true quantizes lm_head to int8 but onnx.keep_float keeps it float; choose one"
@@ -123,12 +118,24 @@ def setting_problems(precision: str, o: DictConfig):
 
 
 def quantized_ops(precision: str, onnx: DictConfig) -> list[str]:
-    """The op types the builder quantizes: onnx.quantize_ops, or for null MatMul and, where the builder quantizes
-    it (int4, algorithm default), Gather: an untied model's embedding is otherwise its largest float part (a
-    SmolLM2 untied by copying its embedding into lm_head: 57 % of its int4 model, docs/real-models.md)."""
+    """The op types quantized: onnx.quantize_ops, or for null MatMul and, where it can be, Gather (int4 by the
+    builder with algorithm default; int8 by ortune.embedding_int8 after the build): an untied model's embedding
+    is otherwise its largest float part (a SmolLM2 untied by copying its embedding into lm_head: 57 % of its
+    int4 model, docs/real-models.md), and a tied int8 model keeps a float copy of its head."""
     if onnx.quantize_ops is not None:
         return list(onnx.quantize_ops)
-    return ["MatMul", "Gather"] if precision == "int4" and onnx.algorithm == "default" else ["MatMul"]
+    gather = precision == "int8" or (precision == "int4" and onnx.algorithm == "default")
+    return ["MatMul", "Gather"] if gather else ["MatMul"]
+
+
+def builder_ops(precision: str, onnx: DictConfig) -> list[str]:
+    """The op types the builder is asked to quantize: at int8 its quantizer cannot take Gather (ortune does)."""
+    return [op for op in quantized_ops(precision, onnx) if not (op == "Gather" and precision == "int8")]
+
+
+def quantizes_int8_embedding(precision: str, onnx: DictConfig) -> bool:
+    """Whether build_onnx replaces the builder's float embedding lookup by an int8 one (ortune.embedding_int8)."""
+    return precision == "int8" and "Gather" in quantized_ops(precision, onnx) and "embeddings" not in onnx.keep_float
 
 
 def builder_options(
@@ -147,7 +154,7 @@ def builder_options(
         if onnx.accuracy_level:
             options["accuracy_level"] = str(onnx.accuracy_level)
         options["algo_config"] = onnx.algorithm
-        options["op_types_to_quantize"] = "/".join(quantized_ops(precision, onnx))
+        options["op_types_to_quantize"] = "/".join(builder_ops(precision, onnx))
         excluded = [KEEP_FLOAT_NODES[name] for name in onnx.keep_float] + list(keep_float_nodes)
         if excluded:
             options["nodes_to_exclude"] = ",".join(excluded)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ortune import data, export, model_card, onnx_adapters, parity, quantize
+from ortune import data, embedding_int8, export, model_card, modeling, onnx_adapters, parity, quantize
 from ortune.artifacts import read_json
 from ortune.errors import OrtuneError
 
@@ -25,13 +25,18 @@ def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tupl
     rows = data.read_jsonl(prepared / "validation.jsonl")
     labels = json.loads((prepared / "labels.json").read_text(encoding="utf-8"))
     options, adapter_files, target = build(cfg, out, scratch, logs)
+    embedding = None
+    if export.quantizes_int8_embedding(cfg.precision, o):
+        embedding = embedding_int8.quantize_embedding(out, o.block_size)
     graph = export.check_graph(out)
     threads = export.tune_genai_config(out, o.intra_op_num_threads)
     texts = [
         dict(prompt_text=data.prompt_text(r["prompt"], cfg.paths.merged), completion_text=_content(r["completion"]))
         for r in rows + _rows_if_any(prepared / "train.jsonl")
     ]
-    task = export.task_spec(cfg.data, labels, _max_new_tokens(cfg, texts), adapter_files)
+    tokenizer = modeling.load_tokenizer(cfg.paths.merged, cfg.model.trust_remote_code)
+    answer_tokens = export.max_new_tokens(texts, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
+    task = export.task_spec(cfg.data, labels, answer_tokens, adapter_files)
     (out / export.TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
     metrics = {
         "precision": cfg.precision,
@@ -43,11 +48,14 @@ def build_checked(cfg: DictConfig, out: Path, scratch: Path, logs: Path) -> tupl
         "builder_options": export.describe_options(options),
         "logits_dtype": graph["logits_dtype"],
     }
+    if embedding:
+        metrics["int8_embedding"] = embedding
     if target:
         metrics["int8_nodes"] = [
             o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"] if o.get("type") == "int8"
         ]
-    metrics.update(check_parity(cfg, out, [t["prompt_text"] for t in texts[: len(rows)]], labels, task, adapter_files))
+    prompts = [t["prompt_text"] for t in texts[: len(rows)]]
+    metrics.update(check_parity(cfg, out, prompts, labels, task, adapter_files, tokenizer))
     return metrics, options, task
 
 
@@ -124,8 +132,6 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
     """Builder target options keeping the onnx.int8_share most sensitive units of the merged model int8."""
     import torch
 
-    from ortune import modeling
-
     o, merged = cfg.onnx, Path(cfg.paths.merged)
     model = modeling.load_causal_lm(merged, cfg.model.trust_remote_code).eval()
     tokenizer = modeling.load_tokenizer(merged, cfg.model.trust_remote_code)
@@ -150,7 +156,7 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
         and options.get("shared_embeddings", "true") != "false"
     )
     target["quant_config"]["weights"]["op_types"] = sorted(
-        set(export.quantized_ops(cfg.precision, o)) | ({"MatMul", "Gather"} if shared else set())
+        set(export.builder_ops(cfg.precision, o)) | ({"MatMul", "Gather"} if shared else set())
     )
     if o.last_matmul_int8:
         target["quant_config"]["weights"]["overrides"].append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
@@ -158,8 +164,10 @@ def mixed_precision(cfg: DictConfig, options: dict) -> dict:
 
 
 def check_parity(
-    cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict
+    cfg: DictConfig, out: Path, prompts: list[str], labels: list[str], task: dict, adapter_files: dict, tokenizer
 ) -> dict:
+    """The built model against PyTorch on `prompts`: the merged model (`tokenizer` is its), or for separate
+    adapters the base with each adapter and without one."""
     if cfg.onnx.parity_prompts:
         prompts = prompts[: cfg.onnx.parity_prompts]
     if why := parity.runnable_on_cpu(out):
@@ -192,9 +200,9 @@ def check_parity(
     for name, (model_dir, adapter_dir) in references.items():
         if name is not None:
             generator.use_adapter(name or None)
-        result = parity.compare_task(
-            cfg, parity.TorchReference(model_dir, adapter_dir, trust), generator, prompts, labels, n
-        )
+        merged = model_dir == Path(cfg.paths.merged)
+        reference = parity.TorchReference(model_dir, adapter_dir, trust, tokenizer if merged else None)
+        result = parity.compare_task(cfg, reference, generator, prompts, labels, n)
         log.info(
             "parity %s: max |logit diff| %.2e (%.2e of the logits' spread), label agreement %.3f (%s: %s)",
             "model" if name is None else name or "no adapter",
@@ -210,13 +218,6 @@ def check_parity(
     base_result = results.pop("")
     base_result["passed"] = None  # the bare base is reported, not judged: it was never trained for the task
     return {"parity": results.pop(export.PIPELINE_ADAPTER), "adapter_parity": {**results, "(no adapter)": base_result}}
-
-
-def _max_new_tokens(cfg: DictConfig, texts: list[dict]) -> int:
-    from ortune.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.paths.merged, cfg.model.trust_remote_code)
-    return export.max_new_tokens(texts, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
 
 
 def _rows_if_any(path: Path) -> list[dict]:

@@ -41,7 +41,10 @@ FP32_REL_TOLERANCE = 1e-3
 class TorchReference:
     """Last-token logits and greedy labels of a PyTorch model (merged, base, or base + an adapter)."""
 
-    def __init__(self, model_dir: Path, adapter_dir: Path | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self, model_dir: Path, adapter_dir: Path | None = None, trust_remote_code: bool = False, tokenizer=None
+    ):
+        """`tokenizer`: model_dir's, where the caller has it already (Gemma 3's 262k-word one takes 3 s to load)."""
         from ortune import modeling
 
         model = modeling.load_causal_lm(model_dir, trust_remote_code)
@@ -50,7 +53,7 @@ class TorchReference:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
-        self.tokenizer = modeling.load_tokenizer(model_dir, trust_remote_code)
+        self.tokenizer = tokenizer or modeling.load_tokenizer(model_dir, trust_remote_code)
         # only the last position through lm_head: the vocabulary projection of every other position was a
         # tenth of build_onnx's time on SmolLM2 (49k words); remote code may not know the argument
         forward = inspect.signature(model.get_base_model().forward if adapter_dir else model.forward).parameters

@@ -45,8 +45,8 @@ class OnnxConfig:
         "int4 rounding: `default` (MLAS round-to-nearest), `rtn`, `k_quant` (builder: `algo_config`)"
     )
     quantize_ops: list[str] | None = setting(
-        "op types quantized: `MatMul`, `Gather` (embeddings; int4 with onnx.algorithm=default only); null: MatMul, "
-        "and Gather where the builder quantizes it (builder: `op_types_to_quantize`)"
+        "op types quantized: `MatMul`, `Gather` (embeddings: int4 by the builder with onnx.algorithm=default, int8 "
+        "by ortune after the build); null: MatMul, and Gather where it is quantized (builder: `op_types_to_quantize`)"
     )
     keep_float: list[str] = setting(
         "nodes left float: `lm_head` (`/lm_head/MatMul`), `embeddings` (`/model/embed_tokens/Gather`) "
