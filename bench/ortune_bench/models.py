@@ -169,6 +169,8 @@ def default_engines(variants: list[str] = ()) -> list[Engine]:
 BUILD_SOURCES = (
     "scripts/build_onnx.py",
     "src/ortune/export.py",
+    "src/ortune/onnx_build.py",
+    "src/ortune/embedding_int8.py",
     "src/ortune/builder_shim.py",
     "src/ortune/builder_spec.py",
 )
