@@ -83,9 +83,8 @@ def write_graph(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
     folder.mkdir()
-    onnx.save(
-        model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0
-    )
+    # a data file named otherwise than the rewrite's model.onnx.data: none may be left behind
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
     (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
     return folder
 
@@ -128,6 +127,7 @@ def test_a_tied_lookup_reads_the_heads_int8_weights_and_drops_the_float_table(tm
     names = initializers(folder)
     assert "model.embed_tokens.weight" not in names and not any("embed_tokens.weight_Q8" in n for n in names)
     assert (folder / "model.onnx.data").stat().st_size < 2 * codes.nbytes  # no float copy of the table left
+    assert sorted(f.name for f in folder.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data"]
 
 
 def test_an_untied_table_is_quantized_in_its_own_blocks(tmp_path):

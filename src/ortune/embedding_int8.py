@@ -36,18 +36,20 @@ def quantize_embedding(model_dir: Path, block_size: int) -> str | None:
     or "own_blocks" for what it did, None where there is no float table to quantize (already quantized, or an
     adapter input of a separate build)."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import external_data_helper, numpy_helper
 
     from ortune.export import model_file
 
     path = model_file(model_dir)
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    data_files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     gather = next((n for n in graph.node if n.name == GATHER and n.op_type == "Gather"), None)
     if gather is None or gather.input[0] not in inits:
         return None
     table_name = gather.input[0]
+    external_data_helper.load_external_data_for_model(model, str(path.parent))
     table = numpy_helper.to_array(inits[table_name])
     if table.dtype != np.float32 or table.ndim != 2:
         return None
@@ -61,7 +63,8 @@ def quantize_embedding(model_dir: Path, block_size: int) -> str | None:
         graph.initializer.remove(inits[table_name])
     graph.initializer.extend(new_inits)
     data_name = f"{path.name}.data"
-    (path.parent / data_name).unlink(missing_ok=True)  # onnx.save appends to an existing data file
+    for name in data_files | {data_name}:  # onnx.save appends to an existing data file; the old one is all in memory
+        (path.parent / name).unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
     how = "shared_with_head" if head else "own_blocks"
     log.info("embedding %s: int8, %s", "x".join(map(str, table.shape)), "the head's weights" if head else "own blocks")
