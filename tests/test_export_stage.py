@@ -113,6 +113,7 @@ def test_an_int8_build_quantizes_the_embedding_lookup_too(project):
     assert next(a.i for a in lookup.attribute if a.name == "bits") == 8
     float_table = 600 * 64 * 4 / 1e6  # the tiny Phi-3's vocabulary x hidden, float32
     assert 0 < export.size_by_part(project / "onnx-int8")["embedding_mb"] < 0.3 * float_table
+    assert "int8 blocks of its own" in (project / "onnx-int8" / "README.md").read_text()  # the card says so
 
 
 def test_max_new_tokens_fits_the_longest_label_plus_the_end_token(project):

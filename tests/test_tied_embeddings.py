@@ -120,6 +120,7 @@ def test_an_int8_build_looks_its_embeddings_up_in_the_heads_int8_weights(project
     assert built["int8_embedding"] == "shared_with_head" and built["parity"]["passed"], built
     parts = export.size_by_part(project / "onnx-int8")
     assert parts["embedding_shared_with_head"] and parts["embedding_mb"] == 0
+    assert "reading the LM head's int8 weights" in (project / "onnx-int8" / "README.md").read_text()
 
 
 @pytest.mark.slow

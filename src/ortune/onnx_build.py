@@ -229,6 +229,13 @@ def _content(completion) -> str:
     return completion if isinstance(completion, str) else completion[0]["content"]
 
 
+# metrics["int8_embedding"] (ortune.embedding_int8) -> the model card's words for it
+EMBEDDING_LOOKUPS = {
+    "shared_with_head": "int8, reading the LM head's int8 weights (GatherBlockQuantized; quantized by ortune)",
+    "own_blocks": "int8 blocks of its own (GatherBlockQuantized; quantized by ortune)",
+}
+
+
 def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
     prepared = Path(cfg.paths.prepared)
     base_info = read_json(Path(cfg.paths.metrics) / "base.json", {})
@@ -246,6 +253,8 @@ def card(cfg: DictConfig, metrics: dict, task: dict, options: dict) -> str:
         "max new tokens": task["max_new_tokens"],
         "adapters": ", ".join(metrics["adapters"]) or "none (merged)",
     }
+    if embedding := metrics.get("int8_embedding"):
+        settings["embedding lookup"] = EMBEDDING_LOOKUPS[embedding]
     if grid := quantize.read_grid(cfg.paths.merged if o.adapter == "merged" else cfg.paths.adapter):
         settings["training"] = (
             f"quantization-aware: the adapter trained through this int4 grid (block "
