@@ -101,12 +101,17 @@ def test_int4_build_ships_task_file_runtime_settings_and_model_card(project):
     assert not list(project.glob(".onnx-int4*"))  # no scratch or builder cache left beside the output
 
 
-def test_an_int8_build_quantizes_the_embedding_lookup_too(project):
+def test_an_int8_build_quantizes_the_embedding_lookup_too(project, monkeypatch):
     """The builder leaves an int8 model's embedding float32; build_onnx gives it 8-bit blocks of its own (the
     tiny Phi-3 is untied), and parity is measured on the graph it ships."""
     import onnx
 
+    from ortune import modeling
+
+    loaded, load = [], modeling.load_tokenizer
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda path, *a: loaded.append(str(path)) or load(path, *a))
     metrics = build_onnx.run(stage_cfg(project, "precision=int8", "onnx.parity_prompts=8", onnx_dir="onnx-int8"))
+    assert loaded == [str(project / "merged")]  # once for the answer length and the parity reference (3 s on Gemma)
     assert metrics["int8_embedding"] == "own_blocks" and metrics["parity"]["passed"], metrics
     graph = onnx.load(str(project / "onnx-int8" / "model.onnx"), load_external_data=False).graph
     lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
