@@ -144,6 +144,29 @@ def test_quantized_separate_build_keeps_adapter_tensors_float(project):
     assert "MatMulNBits" in ops.values()  # the base projections are int4
 
 
+@pytest.mark.slow
+def test_an_int8_separate_build_quantizes_the_embedding_after_the_adapters_are_made_switchable(project):
+    """The int8 embedding rewrite runs on the switchable graph: the lm_head the adapter saves stays an adapter
+    input, and every adapter (and none) still matches PyTorch."""
+    import onnx
+
+    metrics = build_onnx.run(
+        stage_cfg(
+            project,
+            "precision=int8",
+            "onnx.adapter=separate",
+            f"+onnx.extra_adapters.small={project / 'adapter_b'}",
+            "onnx.parity_prompts=8",
+            onnx_dir="onnx-separate-int8",
+        )
+    )
+    assert metrics["int8_embedding"] == "own_blocks" and metrics["parity"]["passed"], metrics
+    assert all(r["label_agreement"] == 1.0 for r in metrics["adapter_parity"].values()), metrics["adapter_parity"]
+    graph = onnx.load(str(project / "onnx-separate-int8" / "model.onnx"), load_external_data=False).graph
+    assert "lm_head.MatMul.weight" in {i.name for i in graph.input}
+    assert {n.op_type for n in graph.node if n.name.startswith("/model/embed_tokens/")} == {"GatherBlockQuantized"}
+
+
 def test_an_adapter_on_other_modules_cannot_share_the_base(project, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
