@@ -334,8 +334,8 @@ def test_null_quantize_ops_quantize_the_embeddings_wherever_they_can_be():
         assert export.quantizes_int8_embedding(precision, cfg.onnx) is ortune_int8
     # an auto candidate list whose fallback is int8 (SmolLM2's, Gemma's) validates with the default
     config.validate(config.compose(["model=smollm2-135m", "onnx.quantization=auto"], config_dir=conf), "t")
-    # int8 embeddings kept float on request, or by leaving Gather out
-    for keep in (["onnx.keep_float=[embeddings]"], ["onnx.quantize_ops=[MatMul]"]):
+    # int8 embeddings kept float on request, by leaving Gather out, or on a provider whose kernel is unchecked
+    for keep in (["onnx.keep_float=[embeddings]"], ["onnx.quantize_ops=[MatMul]"], ["onnx.execution_provider=cuda"]):
         cfg = config.validate(config.compose(["model=tiny-phi3", "precision=int8", *keep], config_dir=conf), "t")
         assert not export.quantizes_int8_embedding("int8", cfg.onnx), keep
     with pytest.raises(OrtuneError, match="onnx.keep_float lists embeddings"):

@@ -134,8 +134,15 @@ def builder_ops(precision: str, onnx: DictConfig) -> list[str]:
 
 
 def quantizes_int8_embedding(precision: str, onnx: DictConfig) -> bool:
-    """Whether build_onnx replaces the builder's float embedding lookup by an int8 one (ortune.embedding_int8)."""
-    return precision == "int8" and "Gather" in quantized_ops(precision, onnx) and "embeddings" not in onnx.keep_float
+    """Whether build_onnx replaces the builder's float embedding lookup by an int8 one (ortune.embedding_int8):
+    for the CPU provider, whose 8-bit GatherBlockQuantized kernel ortune has run; another provider's graph
+    keeps the builder's float table (no GPU here to check its kernels)."""
+    return (
+        precision == "int8"
+        and onnx.execution_provider == "cpu"
+        and "Gather" in quantized_ops(precision, onnx)
+        and "embeddings" not in onnx.keep_float
+    )
 
 
 def builder_options(
