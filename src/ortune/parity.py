@@ -53,7 +53,7 @@ class TorchReference:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
-        self.tokenizer = tokenizer or modeling.load_tokenizer(model_dir, trust_remote_code)
+        self.tokenizer = tokenizer if tokenizer is not None else modeling.load_tokenizer(model_dir, trust_remote_code)
         # only the last position through lm_head: the vocabulary projection of every other position was a
         # tenth of build_onnx's time on SmolLM2 (49k words); remote code may not know the argument
         forward = inspect.signature(model.get_base_model().forward if adapter_dir else model.forward).parameters
