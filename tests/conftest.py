@@ -26,6 +26,25 @@ def in_repo(monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
 
 
+@pytest.fixture
+def zombie():
+    """The pid of an ended process nobody has reaped yet, as a process group killed with SIGKILL leaves
+    its children where the container's init does not reap: it answers kill(pid, 0) like a live one."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        yield child.pid
+    finally:
+        child.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_texts):
     """A random 2-layer Phi-3 folder (export_helpers.TINY, seed 3) with a tokenizer trained on tiny_texts."""

@@ -4,6 +4,7 @@ pass; a killed run's locks go with it; params.yaml cannot change under a running
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -166,3 +167,45 @@ def test_make_best_does_not_apply_an_experiment_under_a_running_pipeline(checkou
         assert best.main(["--apply"]) == 2
     assert not applied and f"params.yaml is being written by another run (pid {run.pid}" in capsys.readouterr().err
     assert best.main(["--apply"]) == 0 and applied == [["dvc", "exp", "apply", "--", "exp-a"]]
+
+
+def test_dvc_locks_of_a_killed_run_left_as_a_zombie_are_released_and_a_live_runs_kept(tmp_path, zombie):
+    """DVC counts a zombie as alive (psutil.pid_exists): a killed `make all` blocked every later run
+    ("is busy, it is being blocked by") until .dvc/tmp/rwlock was deleted by hand."""
+    from dvc.fs import localfs
+    from dvc.lock import LockError
+    from dvc.rwlock import rwlock
+
+    tmp = tmp_path / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp_path / ".dvc" / "config").write_text("")
+    killed = {"pid": zombie, "cmd": "dvc exp run"}
+    live = {"pid": os.getpid(), "cmd": "dvc repro"}
+    written, read, shared, busy = (str(tmp_path / name) for name in ("base.json", "model", "data", "other"))
+    (tmp / "rwlock").write_text(
+        json.dumps({"write": {written: killed, busy: live}, "read": {read: [killed], shared: [killed, live]}})
+    )
+
+    def take(path: str) -> None:
+        with rwlock(str(tmp), localfs, "make all", [], [path], False):
+            pass
+
+    with pytest.raises(LockError, match="is being blocked by"):
+        take(written)  # what CI hit: DVC alone never frees it
+
+    assert locks.release_dead_dvc_locks(tmp_path) == sorted([written, read, shared])
+    take(written)
+    take(read)
+    with pytest.raises(LockError, match="dvc repro"):
+        take(shared)  # the live reader stays
+    with pytest.raises(LockError, match="dvc repro"):
+        take(busy)
+    assert locks.release_dead_dvc_locks(tmp_path) == []
+
+
+def test_no_dvc_lock_file_or_a_corrupt_one_is_left_for_dvc_to_report(tmp_path):
+    assert locks.release_dead_dvc_locks(tmp_path) == []
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / ".dvc" / "tmp" / "rwlock").write_text("{not json")
+    assert locks.release_dead_dvc_locks(tmp_path) == []
+    assert (tmp_path / ".dvc" / "tmp" / "rwlock").read_text() == "{not json"

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ortune.artifacts import HOST
+from ortune.artifacts import HOST, pid_alive
 from ortune.errors import OrtuneError
 
 LOCK_DIR = Path(".dvc/tmp/ortune/locks")
@@ -155,6 +155,55 @@ def pipeline_outputs(params: dict, dvc_yaml: Path) -> list[str]:
 
     stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
     return [path for stage in stages for path in stage_outputs(stage, params, dvc_yaml)]
+
+
+def _dead(info) -> bool:
+    try:
+        return not pid_alive(int(info["pid"]))
+    except (TypeError, KeyError, ValueError):
+        return False  # not DVC's format: DVC judges it (and names the file) itself
+
+
+def release_dead_dvc_locks(root: str | Path) -> list[str]:
+    """Drop the entries of DVC's own lock file (.dvc/tmp/rwlock) whose process is gone; the paths freed.
+
+    DVC judges an owner by psutil.pid_exists, which is true of a zombie: a `dvc exp run` killed with its
+    process group where the container's init does not reap leaves one, and every later run is refused
+    ("is busy, it is being blocked by") until someone deletes the file by hand. An entry is dropped only
+    when its process has ended (a zombie never runs again), so a live DVC run keeps every lock it holds.
+    """
+    lock_dir = Path(root) / ".dvc" / "tmp"
+    try:
+        recorded = json.loads((lock_dir / "rwlock").read_text(encoding="utf-8"))
+        infos = [*recorded.get("write", {}).values(), *(i for v in recorded.get("read", {}).values() for i in v)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []  # none, or not readable as DVC writes it: DVC's own error names it
+    if not any(_dead(info) for info in infos):
+        return []  # the common case, without importing DVC
+    from dvc.config import Config
+    from dvc.exceptions import DvcException
+    from dvc.fs import localfs
+    from dvc.rwlock import _edit_rwlock  # under DVC's own guard: a DVC run starting now waits for this edit
+
+    freed: set[str] = set()
+    try:
+        hardlink = Config(dvc_dir=str(lock_dir.parent))["core"].get("hardlink_lock", False)
+        with _edit_rwlock(str(lock_dir), localfs, hardlink) as lock:
+            for path, info in list(lock["write"].items()):
+                if _dead(info):
+                    del lock["write"][path]
+                    freed.add(path)
+            for path, readers in list(lock["read"].items()):
+                alive = [info for info in readers if not _dead(info)]
+                if len(alive) < len(readers):
+                    freed.add(path)
+                    if alive:
+                        lock["read"][path] = alive
+                    else:
+                        del lock["read"][path]
+    except DvcException:
+        return []  # DVC reports the same problem itself when it runs
+    return sorted(freed)
 
 
 def workspace_paths(root: Path) -> list[str]:

@@ -212,6 +212,13 @@ def run_command(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def release_dead_dvc_locks(space: Workspace) -> None:
+    if freed := locks.release_dead_dvc_locks(space.root):
+        # repr's escapes: a path is printed, never obeyed by the terminal
+        shown = ", ".join(repr(os.path.relpath(path, space.root))[1:-1] for path in freed)
+        print(f"released DVC's locks on {shown}: the run that held them was killed", file=sys.stderr)
+
+
 def failed_experiments() -> set[str]:
     """The queued experiments DVC records as failed (names, or stash revisions for unnamed ones)."""
     from dvc.repo import Repo
@@ -247,6 +254,7 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
             except OrtuneError as exc:
                 raise OrtuneError(f"SWEEP: the run {' '.join(combination)}: {exc}") from None
         lastgood.recover(space.root)
+        release_dead_dvc_locks(space)
         # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
         with locks.hold([space.params], what, space.root):
             status = run_command(["dvc", "exp", "run", "--queue", *(f"-S{o}" for o in sweep)])
@@ -270,6 +278,7 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
         if recovered := kept.recover_if_killed():
             print(recovered, file=sys.stderr, flush=True)
             paths = _pipeline_paths(space, [target, space.current() or ""])
+        release_dead_dvc_locks(space)
         # kept before anything is written (the action writes params.yaml or ortune's compose record)
         kept.save(paths, what)
         try:
