@@ -146,6 +146,20 @@ def test_an_untied_table_is_quantized_in_its_own_blocks(tmp_path):
     assert names["model.embed_tokens.weight_Q8"] == (VOCAB, BLOCKS * BLOCK)  # padded to whole blocks, sliced back
 
 
+def test_own_blocks_quantized_a_slab_of_rows_at_a_time_equal_the_whole_table_at_once(tmp_path, monkeypatch):
+    """Bounded memory must not change a code: slabs of 7 rows end mid-vocabulary (40 rows) and tie-check too."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(VOCAB, HIDDEN)).astype(np.float32)
+    head = rng.normal(size=(VOCAB, HIDDEN)).astype(np.float32)
+    whole = write_graph(tmp_path / "whole", table, head)
+    assert embedding_int8.quantize_embedding(whole, BLOCK) == "own_blocks"
+    monkeypatch.setattr(embedding_int8, "SLAB_ROWS", 7)
+    slabs = write_graph(tmp_path / "slabs", table, head)
+    assert embedding_int8.quantize_embedding(slabs, BLOCK) == "own_blocks"
+    np.testing.assert_array_equal(run(slabs)[0], run(whole)[0])
+    assert (slabs / "model.onnx.data").read_bytes() == (whole / "model.onnx.data").read_bytes()
+
+
 def test_a_table_that_is_a_graph_input_is_left_as_it_is(tmp_path):
     """An adapter=separate build whose adapter saves the embeddings feeds them as an input: nothing to quantize."""
     table = np.ones((VOCAB, HIDDEN), np.float32)

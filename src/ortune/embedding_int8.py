@@ -27,7 +27,7 @@ log = logging.getLogger("ortune")
 
 GATHER = "/model/embed_tokens/Gather"
 PREFIX = "/model/embed_tokens/"
-# the rows of the table dequantized at once while checking that the head rounds it (bounded memory)
+# the rows of the table dequantized (tie check) or quantized (own blocks) at once: bounded memory
 SLAB_ROWS = 8192
 
 
@@ -156,16 +156,22 @@ def _own_lookup(gather, table: np.ndarray, block: int) -> tuple[list, list]:
     while block > hidden and block > 16:  # a block wider than a row would only quantize padding
         block //= 2
     blocks = -(-hidden // block)
-    padded = np.zeros((vocab, blocks * block), dtype=np.float32)
-    padded[:, :hidden] = table
-    padded = padded.reshape(vocab, blocks, block)
-    scales = np.abs(padded).max(axis=2) / 127
-    scales[scales == 0] = 1  # an all-zero block: any scale reproduces it
-    codes = np.clip(np.rint(padded / scales[..., None]), -127, 127) + 128
+    codes = np.empty((vocab, blocks * block), dtype=np.uint8)
+    scales = np.empty((vocab, blocks), dtype=np.float32)
+    # a slab of rows at a time: whole-table temporaries were ~4 float copies of it (2 GB for a 545 MB table)
+    for start in range(0, vocab, SLAB_ROWS):
+        rows = slice(start, start + SLAB_ROWS)
+        padded = np.zeros((len(table[rows]), blocks * block), dtype=np.float32)
+        padded[:, :hidden] = table[rows]
+        padded = padded.reshape(-1, blocks, block)
+        step = np.abs(padded).max(axis=2) / 127
+        step[step == 0] = 1  # an all-zero block: any scale reproduces it
+        codes[rows] = (np.clip(np.rint(padded / step[..., None]), -127, 127) + 128).reshape(-1, blocks * block)
+        scales[rows] = step
     weight, scale_name = f"{gather.input[0]}_Q8", f"{gather.input[0]}_scales"
     inits = [
-        numpy_helper.from_array(codes.astype(np.uint8).reshape(vocab, blocks * block), weight),
-        numpy_helper.from_array(scales.astype(np.float32), scale_name),
+        numpy_helper.from_array(codes, weight),
+        numpy_helper.from_array(scales, scale_name),
     ]
     nodes = _lookup([weight, gather.input[1], scale_name], gather.output[0], block, blocks * block, hidden, inits)
     return nodes, inits
