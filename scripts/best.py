@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
     metric = args.metric if "." in args.metric else f"eval.{args.metric}"
     try:
         lastgood.recover(Path.cwd())
+        locks.forget_dead_workspace_run(Path.cwd())  # a killed run is not listed as running
         limits = {(k if "." in k else f"eval.{k}"): v for k, v in parse_limits(args.max).items()}
         found = experiments.load(unfinished=True) if args.table else experiments.load()
         experiments.check_metric(found, metric)

@@ -228,6 +228,8 @@ def test_a_kill_9_during_eval_is_restored_before_predict_reads_the_model(project
         assert "was killed before it finished" in predicted.stderr
         assert predicted.stdout.strip()
         assert state(root) == before
+        table = make(project, "compare").stdout
+        assert "running" not in table.lower(), table
         # the killed `dvc exp run` is a zombie still holding DVC's locks: the next run must not be refused
         again = make(project, "all")
     assert "released DVC's locks" in again.stderr

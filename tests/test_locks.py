@@ -209,3 +209,14 @@ def test_no_dvc_lock_file_or_a_corrupt_one_is_left_for_dvc_to_report(tmp_path):
     (tmp_path / ".dvc" / "tmp" / "rwlock").write_text("{not json")
     assert locks.release_dead_dvc_locks(tmp_path) == []
     assert (tmp_path / ".dvc" / "tmp" / "rwlock").read_text() == "{not json"
+
+
+def test_dvc_s_record_of_a_killed_workspace_run_is_forgotten_and_a_live_ones_kept(tmp_path, zombie):
+    """DVC shows the workspace experiment as running while the pid in this record exists (a zombie's does)."""
+    record = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "workspace" / "workspace.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"pid": os.getpid(), "stdin": None, "stdout": None, "stderr": None}))
+    assert not locks.forget_dead_workspace_run(tmp_path) and record.exists()
+    record.write_text(json.dumps({"pid": zombie, "stdin": None, "stdout": None, "stderr": None}))
+    assert locks.forget_dead_workspace_run(tmp_path) and not record.exists()
+    assert not locks.forget_dead_workspace_run(tmp_path)  # none: nothing to do

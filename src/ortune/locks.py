@@ -206,6 +206,21 @@ def release_dead_dvc_locks(root: str | Path) -> list[str]:
     return sorted(freed)
 
 
+def forget_dead_workspace_run(root: str | Path) -> bool:
+    """Remove DVC's record of a `dvc exp run` in the workspace (.dvc/tmp/exps/run/workspace/workspace.json) when
+    its process has ended; whether it did. DVC removes it itself when the pid no longer exists, but a zombie's
+    does, so `make compare` listed a run killed minutes ago as `running`."""
+    record = Path(root) / ".dvc" / "tmp" / "exps" / "run" / "workspace" / "workspace.json"
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or not _dead(info):
+        return False
+    record.unlink(missing_ok=True)
+    return True
+
+
 def workspace_paths(root: Path) -> list[str]:
     """params.yaml and what every stage writes under it: the paths a run of the pipeline holds."""
     import yaml

@@ -213,6 +213,7 @@ def run_command(argv: list[str]) -> int:
 
 
 def release_dead_dvc_locks(space: Workspace) -> None:
+    locks.forget_dead_workspace_run(space.root)
     if freed := locks.release_dead_dvc_locks(space.root):
         # repr's escapes: a path is printed, never obeyed by the terminal
         shown = ", ".join(repr(os.path.relpath(path, space.root))[1:-1] for path in freed)
