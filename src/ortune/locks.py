@@ -10,7 +10,8 @@ under a running pipeline. So every writer takes an exclusive lock per path it wr
 - `make params`, `make best`, `make pull EXP=...`: params.yaml (and the outputs an apply checks out).
 
 Locks are `flock`s on files in .dvc/tmp/ortune/locks/ (one per absolute path), so the kernel drops
-them when their process dies, SIGKILL included: nothing stale to clean. A process's descendants (DVC's
+them when their process dies, SIGKILL included: nothing stale to clean. DVC's own lock file is another
+matter: `release_dead_dvc_locks` drops what a killed DVC left in it. A process's descendants (DVC's
 stages under `make all`, torchrun's workers) may write what it holds: the holders' pids travel in
 ORTUNE_LOCK_OWNERS.
 

@@ -212,7 +212,8 @@ def run_command(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def release_dead_dvc_locks(space: Workspace) -> None:
+def forget_killed_dvc_runs(space: Workspace) -> None:
+    """What a killed DVC left that DVC itself takes for a live run (a zombie's pid): its locks and its record."""
     locks.forget_dead_workspace_run(space.root)
     if freed := locks.release_dead_dvc_locks(space.root):
         # repr's escapes: a path is printed, never obeyed by the terminal
@@ -255,7 +256,7 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
             except OrtuneError as exc:
                 raise OrtuneError(f"SWEEP: the run {' '.join(combination)}: {exc}") from None
         lastgood.recover(space.root)
-        release_dead_dvc_locks(space)
+        forget_killed_dvc_runs(space)
         # queuing composes params.yaml in this checkout; the queued runs happen in copies of it
         with locks.hold([space.params], what, space.root):
             status = run_command(["dvc", "exp", "run", "--queue", *(f"-S{o}" for o in sweep)])
@@ -279,7 +280,7 @@ def run(action: str, overrides: list[str], name: str = "", sweep: list[str] = ()
         if recovered := kept.recover_if_killed():
             print(recovered, file=sys.stderr, flush=True)
             paths = _pipeline_paths(space, [target, space.current() or ""])
-        release_dead_dvc_locks(space)
+        forget_killed_dvc_runs(space)
         # kept before anything is written (the action writes params.yaml or ortune's compose record)
         kept.save(paths, what)
         try:
